@@ -1,0 +1,48 @@
+# t2i — `make help` lists the targets. `make demo` and `make test` install first when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   ?= outputs/demo
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-full lint bench lock clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv from requirements.lock (does nothing when up to date)
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "t2i needs Python >= 3.10"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)  ## run the Shapes chain available so far (data -> text tokenizer -> shards -> inspect)
+	$(BIN)/t2i-data shapes output=$(DEMO)/shapes n_train=2000 n_val=200 n_test=200 n_compositional=200 image_size=64
+	$(BIN)/t2i-data tokenizer input=$(DEMO)/shapes/shapes_train.tsv output=$(DEMO)/tokenizer.json vocab_size=1000
+	$(BIN)/t2i-data convert source=easynlp_tsv input=$(DEMO)/shapes/shapes_train.tsv output=$(DEMO)/shards/train shard_size=500
+	$(BIN)/t2i-data inspect source=wds input='$(DEMO)/shards/train/*.tar' tokenizer=$(DEMO)/tokenizer.json output=$(DEMO)/inspect
+
+test: $(STAMP)  ## fast test suite (< 10 min on 2 CPU cores)
+	$(BIN)/python -m pytest -q
+
+test-full: $(STAMP)  ## every test, including the `slow` ones
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check t2i tests experiments
+
+bench: $(STAMP)  ## data-loading benchmark (writes experiments/data_loading/RESULTS.md)
+	$(BIN)/python experiments/data_loading/bench.py --out experiments/data_loading/RESULTS.md
+
+lock: $(STAMP)  ## re-pin requirements.lock from the current .venv
+	{ echo "# Exact tested set (Python 3.11, 2-core CPU). Regenerate with: make lock"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^#' | grep -v '^-e'; } > requirements.lock
+
+clean:  ## remove caches and outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

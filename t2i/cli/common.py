@@ -1,0 +1,58 @@
+"""Shared pieces of the Hydra entry points: clear errors, config saving, instantiation of groups."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from t2i.errors import T2IError
+
+log = logging.getLogger("t2i")
+
+
+def user_error(exc: BaseException) -> T2IError | None:
+    """The :class:`T2IError` behind ``exc`` (Hydra wraps errors raised inside ``_target_`` calls)."""
+    while exc is not None:
+        if isinstance(exc, T2IError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def clear_errors(fn):
+    """Turn user errors into one line on stderr and exit code 1 instead of a torch-deep traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (T2IError, InstantiationException) as exc:
+            err = user_error(exc)
+            if err is None:
+                raise
+            log.error("%s", err)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Instantiate every entry of a group mapping (callbacks, loggers) that has a ``_target_``."""
+    if not group:
+        return []
+    return [instantiate(conf) for conf in group.values() if isinstance(conf, DictConfig) and "_target_" in conf]
+
+
+def save_config(cfg: DictConfig, output_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the fully resolved config next to the run's outputs."""
+    path = Path(output_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path

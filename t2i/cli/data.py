@@ -1,0 +1,158 @@
+"""t2i-data: build Shapes, convert datasets to shards, train the text tokenizer, inspect a dataset.
+
+    t2i-data shapes output=data/shapes n_train=5000 image_size=64 lang=zh
+    t2i-data convert source=muge input=data/muge split=train output=data/muge_shards/train
+    t2i-data tokenizer input=data/shapes/shapes_train.tsv output=data/shapes/tokenizer.json vocab_size=1000
+    t2i-data inspect source=wds input='data/muge_shards/train/*.tar' tokenizer=data/tok.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from t2i.cli.common import clear_errors
+from t2i.data.skips import DataError, SkipLog
+
+log = logging.getLogger("t2i.data")
+COMMANDS = ("shapes", "convert", "tokenizer", "inspect")
+
+
+def need(cfg: DictConfig, key: str):
+    if cfg.get(key) in (None, ""):
+        raise DataError(f"t2i-data {cfg.command}: `{key}=...` is required")
+    return cfg[key]
+
+
+def reader_kwargs(cfg: DictConfig) -> dict:
+    """Reader options that apply to ``cfg.source`` (only the ones the user set)."""
+    keys = {"muge": ("split",), "coco_cn": ("split", "image_dir", "caption_file")}.get(cfg.source, ())
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
+
+
+def open_input(cfg: DictConfig):
+    from t2i.data.formats import open_source
+
+    return open_source(cfg.source, need(cfg, "input"), key="input", **reader_kwargs(cfg))
+
+
+def cmd_shapes(cfg: DictConfig) -> dict:
+    from t2i.data.shapes import write_shapes
+
+    paths = write_shapes(
+        need(cfg, "output"), n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+        n_compositional=cfg.n_compositional, image_size=cfg.image_size, lang=cfg.lang,
+        seed=cfg.seed, progress=cfg.progress,
+    )
+    print(f"shapes: wrote {cfg.output} ({cfg.n_train}/{cfg.n_val}/{cfg.n_test}/{cfg.n_compositional} "
+          f"train/val/test/compositional at {cfg.image_size}px, lang={cfg.lang})")
+    return {"paths": paths}
+
+
+def cmd_convert(cfg: DictConfig) -> dict:
+    from t2i.data.shards import convert
+
+    summary = convert(open_input(cfg), need(cfg, "output"), shard_size=cfg.shard_size, prefix=cfg.prefix,
+                      progress=cfg.progress, max_bad_fraction=cfg.max_bad_fraction)
+    return summary
+
+
+def cmd_tokenizer(cfg: DictConfig) -> dict:
+    from t2i.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(need(cfg, "input"), need(cfg, "output"), vocab_size=cfg.vocab_size,
+                          model=cfg.tokenizer_model, text_column=cfg.text_column, min_frequency=cfg.min_frequency)
+    return {"tokenizer": tok}
+
+
+def cmd_inspect(cfg: DictConfig) -> dict:
+    """Index a dataset, decode a preview, report skips, caption lengths and truncation at ``text_len``."""
+    from t2i.data.tokenizer import TextTokenizer
+
+    source = open_input(cfg)
+    slog = SkipLog(cfg.max_bad_fraction, name=f"{cfg.source} {cfg.input}")
+    records = source.records(slog)
+    n_caps = [len(r.captions) for r in records]
+    chars = [len(c) for r in records for c in r.captions]
+    stats = {
+        "images": len(records),
+        "captions": sum(n_caps),
+        "captions_per_image": round(sum(n_caps) / max(len(records), 1), 3),
+        "caption_chars_median": statistics.median(chars) if chars else 0,
+        "caption_chars_max": max(chars, default=0),
+    }
+    if cfg.tokenizer:
+        tok = TextTokenizer.from_file(cfg.tokenizer, key="tokenizer")
+        caps = [c for r in records for c in r.captions]
+        lengths = tok.lengths(caps)
+        stats["tokens_median"] = statistics.median(lengths) if lengths else 0
+        stats["tokens_max"] = max(lengths, default=0)
+        stats[f"truncated_at_text_len_{cfg.text_len}"] = sum(n > cfg.text_len for n in lengths)
+    preview = []
+    for rec in records[: cfg.n_preview]:
+        try:
+            preview.append((rec, source.load(rec)))
+            slog.ok()
+        except Exception as e:  # BadSample: counted like any other bad row
+            if not hasattr(e, "reason"):
+                raise
+            slog.skip(e.reason, e.where)
+    stats["skipped_while_indexing"] = dict(slog.by_reason)
+    if cfg.output and preview:
+        stats["preview"] = str(write_preview(preview, Path(cfg.output), size=cfg.image_size))
+    print(slog.summary())
+    print(json.dumps(stats, ensure_ascii=False, indent=2))
+    return stats
+
+
+def write_preview(preview, out: Path, size: int = 64, cols: int = 8) -> Path:
+    """A grid PNG of the first images plus ``captions.txt`` (row, column, key, caption)."""
+    from PIL import Image
+
+    from t2i.data.transforms import ImageTransform, to_pil
+
+    out.mkdir(parents=True, exist_ok=True)
+    tf = ImageTransform(size)
+    rows = (len(preview) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * size, rows * size), (0, 0, 0))
+    lines = []
+    for i, (rec, img) in enumerate(preview):
+        r, c = divmod(i, cols)
+        grid.paste(to_pil(tf(img)), (c * size, r * size))
+        lines.append(f"{r}\t{c}\t{rec.key}\t{rec.captions[0]}")
+    grid.save(out / "preview.png")
+    (out / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "preview.png"
+
+
+def run(cfg: DictConfig) -> dict:
+    if cfg.command not in COMMANDS:
+        raise DataError(f"t2i-data: unknown command {cfg.command!r}; use one of {', '.join(COMMANDS)}")
+    return globals()[f"cmd_{cfg.command}"](cfg)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="data")
+@clear_errors
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """``t2i-data <command> key=value ...``: the first bare word becomes ``command=<word>``."""
+    args = sys.argv[1:]
+    if args and "=" not in args[0] and not args[0].startswith("-"):
+        sys.argv = [sys.argv[0], f"command={args[0]}", *args[1:]]
+    elif not any(a.startswith("command=") for a in args) and not any(a in ("-h", "--help", "--hydra-help") for a in args):
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Commands whose stage has not landed yet. They say so plainly and exit non-zero; no fake output."""
+
+import sys
+
+PENDING = {
+    "t2i-tokenize": "image tokenization (needs the image-tokenizer stage, issue #3)",
+    "t2i-generate": "sampling and reranking (needs the transformer stage, issue #4)",
+    "t2i-eval": "benchmark evaluation (needs the evaluation stage, issue #6)",
+}
+
+
+def _pending(name: str) -> None:
+    print(f"{name}: not yet available - {PENDING[name]}. Nothing was run.", file=sys.stderr)
+    sys.exit(2)
+
+
+def tokenize() -> None:
+    _pending("t2i-tokenize")
+
+
+def generate() -> None:
+    _pending("t2i-generate")
+
+
+def evaluate() -> None:
+    _pending("t2i-eval")
