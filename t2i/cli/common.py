@@ -36,7 +36,6 @@ def clear_errors(fn):
             err = user_error(exc)
             if err is None:
                 raise
-            log.error("%s", err)
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
 

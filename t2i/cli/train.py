@@ -36,9 +36,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     save_config(cfg, out)
 
     log.info("data: %s", cfg.data._target_)
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data, _convert_="all")
     log.info("model: %s", cfg.model._target_)
-    model: pl.LightningModule = instantiate(cfg.model)
+    model: pl.LightningModule = instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_group(cfg.get("callbacks")) + [ConfigSaver(resolved)]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -1,0 +1,1 @@
+"""Data layer: readers for the benchmark formats, shards, the text tokenizer, Shapes."""

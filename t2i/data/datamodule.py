@@ -1,0 +1,282 @@
+"""ImageTextDataModule: any supported format (or webdataset shards) -> batches of images and token ids.
+
+A batch is a dict: ``image`` float [B, 3, S, S] in [-1, 1], ``text`` long [B, text_len] (when a
+tokenizer is configured), ``caption`` list[str], ``key`` list[str]. Training draws one random
+caption per image; evaluation yields every (image, caption) pair. Samples that fail to decode
+are dropped from the batch and counted in ``self.logs[stage]`` (see :class:`t2i.data.skips.SkipLog`);
+the :class:`t2i.callbacks.data_report.DataReport` callback prints and checks them every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from t2i.data.formats import Record, Source, decode_wds_sample, open_source
+from t2i.data.skips import BadSample, DataError, SkipLog
+from t2i.data.tokenizer import TextTokenizer, check_same
+from t2i.data.transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+STAGES = ("train", "val", "test")
+
+
+class CaptionedImages(Dataset):
+    """Map-style dataset over indexed records: decodes lazily, returns a ``bad`` marker on failure."""
+
+    def __init__(self, source: Source, records: list[Record], transform, every_caption: bool):
+        self.source, self.records, self.transform = source, records, transform
+        if every_caption:
+            self.items = [(i, c) for i, r in enumerate(records) for c in range(len(r.captions))]
+        else:
+            self.items = [(i, -1) for i in range(len(records))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> dict:
+        i, c = self.items[idx]
+        rec = self.records[i]
+        try:
+            image = self.source.load(rec)
+        except BadSample as e:
+            return {"bad": (e.reason, e.where)}
+        if c < 0:
+            c = int(torch.randint(len(rec.captions), ()).item())
+        return {"image": self.transform(image), "caption": rec.captions[c], "key": rec.key}
+
+
+class StreamingPairs(IterableDataset):
+    """Webdataset shards streamed in order; shards are split by node (DDP rank) and by worker."""
+
+    def __init__(self, urls, transform, every_caption: bool, shuffle: int = 0, epoch_length: int | None = None):
+        self.urls, self.transform = urls, transform
+        self.every_caption, self.shuffle, self.epoch_length = every_caption, shuffle, epoch_length
+
+    def _pipeline(self):
+        import webdataset as wds
+
+        ds = wds.WebDataset(
+            self.urls,
+            shardshuffle=100 if self.shuffle else False,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            empty_check=False,
+        )
+        return ds.shuffle(self.shuffle) if self.shuffle else ds
+
+    def __iter__(self):
+        n = 0
+        for sample in self._pipeline():
+            where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+            try:
+                key, image, captions = decode_wds_sample(sample, where)
+            except BadSample as e:
+                yield {"bad": (e.reason, e.where)}
+                continue
+            image = self.transform(image)
+            chosen = captions if self.every_caption else [captions[int(torch.randint(len(captions), ()))]]
+            for caption in chosen:
+                yield {"image": image, "caption": caption, "key": key}
+                n += 1
+                if self.epoch_length and n >= self.epoch_length:
+                    return
+
+
+class Collate:
+    """Stack good samples, tokenize captions, carry skipped markers and truncation counts along."""
+
+    def __init__(self, tokenizer: TextTokenizer | None, text_len: int):
+        # a private copy: its truncation counter is read per batch, the main process keeps the totals
+        self.tokenizer = TextTokenizer.from_str(tokenizer.to_str()) if tokenizer is not None else None
+        self.text_len = text_len
+
+    def __call__(self, items: list[dict]) -> dict:
+        good = [x for x in items if "bad" not in x]
+        batch = {
+            "skipped": [x["bad"] for x in items if "bad" in x],
+            "caption": [x["caption"] for x in good],
+            "key": [x["key"] for x in good],
+        }
+        if good:
+            batch["image"] = torch.stack([x["image"] for x in good])
+        if self.tokenizer is not None and good:
+            before = self.tokenizer.n_truncated
+            batch["text"] = self.tokenizer.encode(batch["caption"], self.text_len)
+            batch["n_truncated"] = self.tokenizer.n_truncated - before
+        return batch
+
+
+class ImageTextDataModule(pl.LightningDataModule):
+    """Images + captions from ``source`` (easynlp_tsv, muge, coco_cn, folder, wds) for train/val/test.
+
+    ``train``/``val``/``test`` are reader arguments: a path string, or a dict of keyword arguments
+    (e.g. ``{root: data/muge, split: valid}``). ``val_fraction`` carves a validation split out of
+    ``train`` when ``val`` is not given. ``streaming=true`` (wds only) streams shards instead of
+    indexing them. ``shapes`` (a dict of :func:`t2i.data.shapes.write_shapes` arguments plus
+    ``vocab_size``) builds the synthetic Shapes benchmark and its tokenizer on first use.
+    """
+
+    def __init__(
+        self,
+        source: str = "easynlp_tsv",
+        train=None,
+        val=None,
+        test=None,
+        tokenizer: str | None = None,
+        image_size: int = 256,
+        text_len: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        persistent_workers: bool = True,
+        pin_memory: bool = True,
+        random_crop: bool = False,
+        max_bad_fraction: float = 0.01,
+        val_fraction: float = 0.0,
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
+        epoch_length: int | None = None,
+        shapes: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.source_name, self.splits = source, {"train": train, "val": val, "test": test}
+        self.tokenizer = TextTokenizer.from_file(tokenizer, key="data.tokenizer") if tokenizer and not shapes else None
+        self.logs = {s: SkipLog(max_bad_fraction, name=f"{s} data") for s in STAGES}
+        self.index_logs: dict[str, SkipLog] = {}
+        self.datasets: dict[str, Dataset] = {}
+
+    # -- building -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Build the Shapes benchmark (and its tokenizer) if configured and not yet on disk."""
+        cfg = self.hparams.shapes
+        if not cfg:
+            return
+        from t2i.data.shapes import write_shapes
+        from t2i.data.tokenizer import train_tokenizer
+
+        cfg = dict(cfg)
+        out = Path(cfg.pop("output"))
+        vocab_size = cfg.pop("vocab_size", 1000)
+        if not (out / "meta.json").exists():
+            log.info("building the Shapes benchmark in %s", out)
+            write_shapes(out, **cfg)
+        if self.hparams.tokenizer and not Path(self.hparams.tokenizer).exists():
+            train_tokenizer(out / "shapes_train.tsv", self.hparams.tokenizer, vocab_size=vocab_size)
+
+    def _open(self, stage: str) -> Source:
+        spec = self.splits[stage]
+        key = f"data.{stage}"
+        if isinstance(spec, (str, Path)):
+            return open_source(self.source_name, spec, key=key)
+        return open_source(self.source_name, **dict(spec), key=key)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None and self.hparams.tokenizer:
+            self.tokenizer = TextTokenizer.from_file(self.hparams.tokenizer, key="data.tokenizer")
+        transform_train = ImageTransform(self.hparams.image_size, self.hparams.random_crop)
+        transform_eval = ImageTransform(self.hparams.image_size, False)
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: STAGES}[stage]
+        if "val" in wanted and self.splits["val"] is None and self.hparams.val_fraction > 0:
+            wanted = tuple(dict.fromkeys(("train",) + wanted))
+        records = {}
+        for split in wanted:
+            if split in self.datasets or self.splits[split] is None:
+                continue
+            every = split != "train"
+            transform = transform_train if split == "train" else transform_eval
+            if self.hparams.streaming:
+                shuffle = self.hparams.shuffle_buffer if split == "train" else 0
+                urls = self.splits[split]
+                urls = urls if isinstance(urls, (str, list)) else list(urls)
+                self.datasets[split] = StreamingPairs(urls, transform, every, shuffle, self.hparams.epoch_length)
+                continue
+            src = self._open(split)
+            ilog = SkipLog(self.hparams.max_bad_fraction, name=f"{split} index ({src.name})")
+            records[split] = (src, src.records(ilog), every, transform)
+            self.index_logs[split] = ilog
+            if ilog.n_bad:
+                log.warning(ilog.summary())
+            ilog.ok(len(records[split][1]))
+            ilog.check()
+            if not records[split][1]:
+                raise DataError(f"data.{split}: no usable samples in {self.splits[split]}")
+        if "train" in records and self.splits["val"] is None and self.hparams.val_fraction > 0:
+            src, recs, _, _ = records["train"]
+            g = torch.Generator().manual_seed(self.hparams.seed)
+            perm = torch.randperm(len(recs), generator=g).tolist()
+            n_val = max(1, int(len(recs) * self.hparams.val_fraction))
+            records["val"] = (src, [recs[i] for i in sorted(perm[:n_val])], True, transform_eval)
+            records["train"] = (src, [recs[i] for i in sorted(perm[n_val:])], False, transform_train)
+        for split, (src, recs, every, transform) in records.items():
+            self.datasets[split] = CaptionedImages(src, recs, transform, every)
+
+    # -- loaders ----------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise DataError(f"data.{split} is not set: give the {split} split's path with `data.{split}=...`")
+        ds = self.datasets[split]
+        workers = self.hparams.num_workers
+        bs = self.hparams.batch_size if split == "train" else (self.hparams.eval_batch_size or self.hparams.batch_size)
+        return DataLoader(
+            ds,
+            batch_size=bs,
+            shuffle=shuffle and not isinstance(ds, IterableDataset),
+            num_workers=workers,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            collate_fn=Collate(self.tokenizer, self.hparams.text_len),
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    # -- accounting (runs in the main process, after workers) --------------------------------
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        skipped = batch.pop("skipped", [])
+        n_truncated = batch.pop("n_truncated", 0)
+        split = self._current_split()
+        if split is not None:
+            slog = self.logs[split]
+            for reason, where in skipped:
+                slog.skip(reason, where)
+            slog.ok(len(batch["key"]))
+            if self.tokenizer is not None:
+                self.tokenizer.n_truncated += int(n_truncated)
+                self.tokenizer.n_encoded += len(batch["key"])
+        return batch
+
+    def _current_split(self) -> str | None:
+        trainer = self.trainer
+        if trainer is None or trainer.sanity_checking:
+            return None
+        if trainer.training:
+            return "train"
+        if trainer.validating:
+            return "val"
+        if trainer.testing:
+            return "test"
+        return None
+
+    # -- checkpoint: the tokenizer travels with it -------------------------------------------
+    def state_dict(self) -> dict:
+        if self.tokenizer is None:
+            return {}
+        return {"tokenizer": self.tokenizer.to_str(), "tokenizer_fingerprint": self.tokenizer.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "tokenizer" in state and self.tokenizer is not None:
+            check_same(TextTokenizer.from_str(state["tokenizer"]), self.tokenizer, where="being resumed")
