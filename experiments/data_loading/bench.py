@@ -72,6 +72,8 @@ def time_datamodule(tsv: Path, tokenizer: Path, workers: int, batch_size: int, e
     t = time.perf_counter()
     for _ in range(epochs):
         for batch in loader:
+            batch = dm.on_after_batch_transfer(batch, 0)  # what the Trainer does: uint8 -> [-1, 1] float
+            assert batch["image"].dtype == torch.float32
             n += batch["image"].shape[0]
     return time.perf_counter() - t, n
 
