@@ -49,7 +49,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_metrics = dict(trainer.callback_metrics)
 
-    if cfg.get("test"):
+    has_test = getattr(datamodule, "has_split", lambda split: True)("test")
+    if cfg.get("test") and not has_test:
+        log.warning("test=true but the data has no test split (data.test): skipping the test")
+    if cfg.get("test") and has_test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint kept (no monitor?): testing the current weights")

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from t2i.data.formats import Record, Source, decode_wds_sample, open_source
+from t2i.data.formats import Record, Source, decode_wds_sample, expand_urls, open_source
 from t2i.data.skips import BadSample, DataError, SkipLog
 from t2i.data.tokenizer import TextTokenizer, check_same
 from t2i.data.transforms import ImageTransform, normalize
@@ -194,8 +194,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             transform = transform_train if split == "train" else transform_eval
             if self.hparams.streaming:
                 shuffle = self.hparams.shuffle_buffer if split == "train" else 0
-                urls = self.splits[split]
-                urls = urls if isinstance(urls, (str, list)) else list(urls)
+                urls = [str(u) for u in expand_urls(self.splits[split], key=f"data.{split}")]
                 self.datasets[split] = StreamingPairs(urls, transform, every, shuffle, self.hparams.epoch_length)
                 continue
             src = self._open(split)
@@ -239,8 +238,14 @@ class ImageTextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.splits["val"] is None and "val" not in self.datasets:
+            log.warning("no validation split (data.val unset and data.val_fraction=0): skipping validation")
+            return []
         return self._loader("val", shuffle=False)
+
+    def has_split(self, split: str) -> bool:
+        return self.splits[split] is not None or split in self.datasets
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

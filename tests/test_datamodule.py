@@ -1,0 +1,210 @@
+"""ImageTextDataModule: batches, captions per split, skipped-sample accounting, streaming shard splitting."""
+
+import base64
+import io
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from t2i.callbacks.data_report import DataReport
+from t2i.data.datamodule import ImageTextDataModule
+from t2i.data.shards import convert
+from t2i.data.formats import open_source
+from t2i.data.skips import DataError
+from t2i.data.tokenizer import TextTokenizer
+from t2i.data.transforms import ImageTransform, to_pil, to_tensor
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+
+
+def png(colour, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tok_path(tmp_path):
+    path = tmp_path / "tok.json"
+    TextTokenizer.train(["红色 方块", "绿色 方块", "蓝色 方块", "red square", "第一 第二"], vocab_size=100).save(path)
+    return path
+
+
+def write_tsv(path, n, bad_rows=()):
+    lines = []
+    for i in range(n):
+        lines.append(f"{i}\t红色 方块 {i}\t{base64.b64encode(png(COLOURS[i % 6])).decode()}")
+    for text in bad_rows:
+        lines.append(text)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_transform_resize_crop_range():
+    img = Image.new("RGB", (80, 40), (255, 0, 0))
+    x = ImageTransform(32)(img)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(x[0], torch.ones(32, 32)) and torch.allclose(x[1], -torch.ones(32, 32))
+    u = ImageTransform(32, uint8=True)(img)
+    assert u.dtype == torch.uint8 and int(u[0, 0, 0]) == 255
+    assert to_pil(to_tensor(img)).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_batches_from_easynlp_tsv(tmp_path, tok_path):
+    tsv = write_tsv(tmp_path / "train.tsv", 10)
+    dm = ImageTextDataModule(source="easynlp_tsv", train=str(tsv), val=str(tsv), tokenizer=str(tok_path),
+                             image_size=16, text_len=6, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert batch["text"].shape == (4, 6) and batch["text"].dtype == torch.long
+    assert "skipped" not in batch and len(batch["caption"]) == 4
+    assert dm.tokenizer.decode(batch["text"][0]).startswith("红色方块")
+    assert len(dm.datasets["train"]) == 10 and len(dm.datasets["val"]) == 10
+
+
+def test_train_one_caption_eval_every_caption(tmp_path, tok_path):
+    """MUGE: several text rows per image id -> training sees each image once, evaluation every pair."""
+    root = tmp_path / "muge"
+    root.mkdir()
+    (root / "T2I_train.text.tsv").write_text("a\t红色\na\t红色 方块\nb\t绿色\n", encoding="utf-8")
+    imgs = "".join(f"{k}\t{base64.b64encode(png(c)).decode()}\n" for k, c in [("a", COLOURS[0]), ("b", COLOURS[1])])
+    (root / "T2I_train.img.tsv").write_text(imgs)
+    spec = {"root": str(root), "split": "train"}
+    dm = ImageTextDataModule(source="muge", train=spec, val=spec, tokenizer=str(tok_path), image_size=8,
+                             text_len=4, batch_size=8, num_workers=0)
+    dm.setup("fit")
+    train = next(iter(dm.train_dataloader()))
+    val = next(iter(dm.val_dataloader()))
+    assert sorted(train["key"]) == ["a", "b"]
+    assert sorted(zip(val["key"], val["caption"])) == [("a", "红色"), ("a", "红色 方块"), ("b", "绿色")]
+
+
+def test_val_fraction_carves_disjoint_split(tmp_path, tok_path):
+    tsv = write_tsv(tmp_path / "train.tsv", 20)
+    dm = ImageTextDataModule(source="easynlp_tsv", train=str(tsv), tokenizer=str(tok_path), image_size=8,
+                             val_fraction=0.25, num_workers=0)
+    dm.setup("fit")
+    train_keys = {r.key for r in dm.datasets["train"].records}
+    val_keys = {r.key for r in dm.datasets["val"].records}
+    assert len(val_keys) == 5 and len(train_keys) == 15 and not train_keys & val_keys
+
+
+def test_missing_split_and_bad_index_are_clear(tmp_path, tok_path):
+    with pytest.raises(DataError, match=r"data.train=.*nope.tsv"):
+        ImageTextDataModule(source="easynlp_tsv", train=str(tmp_path / "nope.tsv"),
+                            tokenizer=str(tok_path)).setup("fit")
+    tsv = write_tsv(tmp_path / "t.tsv", 4, bad_rows=["only-one-column", "x\t\tAAAA"])
+    with pytest.raises(DataError, match=r"2 of 6 samples were bad.*worst file: .*t.tsv"):
+        ImageTextDataModule(source="easynlp_tsv", train=str(tsv), tokenizer=str(tok_path)).setup("fit")
+    dm = ImageTextDataModule(source="easynlp_tsv", train=str(write_tsv(tmp_path / "ok.tsv", 4)),
+                             tokenizer=str(tok_path), num_workers=0)
+    dm.setup("fit")
+    assert dm.val_dataloader() == [] and not dm.has_split("val")
+    with pytest.raises(DataError, match="data.test is not set"):
+        dm.test_dataloader()
+
+
+class Mean(pl.LightningModule):
+    """Minimal real module: learns the mean image colour."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+    def step(self, batch):
+        if "image" not in batch:
+            return None
+        return ((batch["image"].mean((2, 3)) - self.w) ** 2).mean()
+
+    def training_step(self, batch, i):
+        return self.step(batch)
+
+    def validation_step(self, batch, i):
+        self.log("val/loss", self.step(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(dm, tmp_path, epochs=1):
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[DataReport()], default_root_dir=tmp_path, num_sanity_val_steps=0,
+                         enable_model_summary=False)
+    trainer.fit(Mean(), datamodule=dm)
+    return trainer
+
+
+def corrupt_tsv(tmp_path, n_good, n_truncated):
+    """Rows that index fine but fail to decode (truncated PNG): found by the loader workers."""
+    path = write_tsv(tmp_path / "train.tsv", n_good)
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(n_truncated):
+            f.write(f"bad{i}\tcap\t{base64.b64encode(png(COLOURS[0])[:50]).decode()}\n")
+    return path
+
+
+def test_decode_failures_are_counted_across_workers(tmp_path, tok_path, caplog):
+    tsv = corrupt_tsv(tmp_path, 99, 1)
+    dm = ImageTextDataModule(source="easynlp_tsv", train=str(tsv), val=str(tsv), tokenizer=str(tok_path),
+                             image_size=8, batch_size=16, num_workers=2, max_bad_fraction=0.05)
+    logs = {}
+    orig = dm.logs["train"].reset
+    dm.logs["train"].reset = lambda: (logs.update(dm.logs["train"].to_dict()), orig())
+    with caplog.at_level("WARNING"):
+        trainer = fit(dm, tmp_path)
+    assert logs["n_ok"] == 99 and logs["by_reason"] == {"bad_image": 1}
+    assert logs["examples"]["bad_image"] == [f"{tsv}:100"]
+    assert "train data: 99 ok, 1 skipped (1.00%)" in caplog.text
+    assert trainer.callback_metrics["train/skipped"] == 1
+
+
+def test_too_many_decode_failures_stop_the_run(tmp_path, tok_path):
+    tsv = corrupt_tsv(tmp_path, 20, 5)
+    dm = ImageTextDataModule(source="easynlp_tsv", train=str(tsv), tokenizer=str(tok_path), image_size=8,
+                             batch_size=8, num_workers=0, max_bad_fraction=0.1)
+    with pytest.raises(DataError, match=r"train data: 5 of 25 samples were bad .*worst file: .*train.tsv"):
+        fit(dm, tmp_path)
+
+
+def test_checkpoint_carries_tokenizer(tmp_path, tok_path):
+    tsv = write_tsv(tmp_path / "train.tsv", 4)
+    dm = ImageTextDataModule(source="easynlp_tsv", train=str(tsv), tokenizer=str(tok_path))
+    state = dm.state_dict()
+    assert TextTokenizer.from_str(state["tokenizer"]).fingerprint == dm.tokenizer.fingerprint
+    dm.load_state_dict(state)  # same tokenizer: fine
+    other = TextTokenizer.train(["完全 不同"], vocab_size=30)
+    with pytest.raises(DataError, match="different text tokenizer"):
+        dm.load_state_dict({"tokenizer": other.to_str()})
+
+
+@pytest.fixture
+def shards(tmp_path):
+    tsv = write_tsv(tmp_path / "src.tsv", 24)
+    summary = convert(open_source("easynlp_tsv", str(tsv)), tmp_path / "shards", shard_size=6, progress=False)
+    assert len(summary["shards"]) == 4
+    return str(tmp_path / "shards" / "*.tar")
+
+
+def stream_keys(shards, tok_path, workers):
+    dm = ImageTextDataModule(source="wds", streaming=True, train=shards, val=shards, tokenizer=str(tok_path),
+                             image_size=8, batch_size=5, num_workers=workers, shuffle_buffer=0)
+    dm.setup("fit")
+    keys = [k for b in dm.val_dataloader() for k in b["key"]]
+    return keys
+
+
+def test_streaming_splits_shards_by_worker_and_rank(shards, tok_path, monkeypatch):
+    everything = stream_keys(shards, tok_path, 0)
+    assert len(everything) == 24 and len(set(everything)) == 24
+    assert sorted(stream_keys(shards, tok_path, 2)) == sorted(everything)  # workers: disjoint, complete
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        per_rank.append(stream_keys(shards, tok_path, 2))
+    assert len(per_rank[0]) == len(per_rank[1]) == 12
+    assert not set(per_rank[0]) & set(per_rank[1]) and set(per_rank[0]) | set(per_rank[1]) == set(everything)

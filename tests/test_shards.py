@@ -1,0 +1,146 @@
+"""Shard conversion: round trip through the WebDataset reader, keys, json, bad-row limit, overwrite."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from t2i.data.formats import EasyNLPTSV, ImageFolder, WebDataset, decode_wds_sample
+from t2i.data.shards import ShardWriter, convert, sanitize_key
+from t2i.data.skips import DataError
+from tests.fixtures import b64, encode, jpeg, make_image, png, same_pixels, truncated_jpeg, write_lines
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    files = {
+        "a.png": png(1),
+        "a.txt": "猫\n狗\n",
+        "b.jpg": jpeg(2),
+        "b.txt": "鸟",
+        "c.bmp": encode(make_image(3), "BMP"),
+        "c.txt": "位图",
+        "sub/d.png": png(4),
+        "sub/d.txt": "子目录",
+        "e.png": png(5),  # no caption
+        "f.jpg": truncated_jpeg(6),
+        "f.txt": "截断",
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    return root
+
+
+def test_round_trip(folder, tmp_path, capsys):
+    out = tmp_path / "shards"
+    summary = convert(ImageFolder(folder), out, shard_size=2, progress=False, max_bad_fraction=0.5)
+    assert summary["written"] == 4
+    assert summary["skipped"] == {"missing_caption": 1, "bad_image": 1}
+    assert summary["shards"] == [str(out / "shard-000000.tar"), str(out / "shard-000001.tar")]
+    assert summary["log"].n_ok == 4
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    printed = capsys.readouterr().out
+    assert "folder: 4 ok, 2 skipped (33.33%)" in printed and "wrote 4 samples to 2 shard(s)" in printed
+
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert tar.getnames() == ["a.png", "a.txt", "a.json", "b.jpg", "b.txt", "b.json"]
+        assert tar.extractfile("b.jpg").read() == jpeg(2)  # JPEG/PNG bytes are kept as they are
+        meta = json.loads(tar.extractfile("a.json").read())
+    assert meta == {
+        "key": "a",
+        "captions": ["猫", "狗"],
+        "width": 12,
+        "height": 8,
+        "source_where": str(folder / "a.png"),
+        "source_key": "a",
+    }
+
+    src = WebDataset(out)
+    got = {key: (image, caps) for key, image, caps in src}
+    assert list(got) == ["a", "b", "c", "sub_d"]
+    assert got["a"][1] == ["猫", "狗"] and got["sub_d"][1] == ["子目录"]
+    assert same_pixels(got["a"][0], make_image(1)) and same_pixels(got["sub_d"][0], make_image(4))
+    original_b = next(im for k, im, _ in ImageFolder(folder) if k == "b")
+    assert same_pixels(got["b"][0], original_b)
+    assert got["c"][0].size == (12, 8)  # BMP is re-encoded as JPEG
+    assert src.log.n_ok == 4 and src.log.n_bad == 0
+
+    # the webdataset library reads the shards too
+    samples = list(wds.WebDataset(summary["shards"], shardshuffle=False))
+    decoded = [decode_wds_sample(s) for s in samples]
+    assert [k for k, _, _ in decoded] == ["a", "b", "c", "sub_d"]
+    assert [s.keys() >= {"json", "txt"} for s in samples] == [True] * 4
+
+
+def test_reencode_and_quality(folder, tmp_path):
+    out = tmp_path / "re"
+    convert(ImageFolder(folder), out, progress=False, max_bad_fraction=1, reencode=True, quality=80)
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    assert [n for n in names if not n.endswith((".txt", ".json"))] == ["a.jpg", "b.jpg", "c.jpg", "sub_d.jpg"]
+
+
+def test_keys_are_sanitised_and_unique(tmp_path):
+    path = write_lines(
+        tmp_path / "k.tsv",
+        [
+            f"a.b\t一\t{b64(png(1))}",
+            f"a_b\t二\t{b64(png(2))}",
+            f"a/b\t三\t{b64(png(3))}",
+            f"c\t四\t{b64(png(4))}",
+        ],
+    )
+    out = tmp_path / "out"
+    convert(EasyNLPTSV(path), out, progress=False)
+    got = [(k, caps) for k, _, caps in WebDataset(out)]
+    assert got == [("a_b", ["一"]), ("a_b_1", ["二"]), ("a_b_2", ["三"]), ("c", ["四"])]
+    assert sanitize_key("x.y/z\\w") == "x_y_z_w"
+
+
+def test_too_many_bad_rows_raises_after_writing_the_good_ones(tmp_path, capsys):
+    path = write_lines(
+        tmp_path / "bad.tsv",
+        [f"1\t好\t{b64(png(1))}", "2\t坏\t###", f"3\t截断\t{b64(truncated_jpeg(3))}", "4\tno image"],
+    )
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as e:
+        convert(EasyNLPTSV(path), out, progress=False, max_bad_fraction=0.5)
+    assert f"worst file: {path} (3 bad)" in str(e.value)
+    assert (
+        "bad_base64=1" in str(e.value) and "bad_image=1" in str(e.value) and "bad_columns=1" in str(e.value)
+    )
+    assert "easynlp_tsv: 1 ok, 3 skipped (75.00%)" in capsys.readouterr().out
+    assert [k for k, _, _ in WebDataset(out)] == ["1"]
+
+    summary = convert(EasyNLPTSV(path), tmp_path / "out2", progress=False, max_bad_fraction=0.8)
+    assert summary["written"] == 1
+    assert summary["skipped"] == {"bad_base64": 1, "bad_image": 1, "bad_columns": 1}
+
+
+def test_existing_shards_need_overwrite(folder, tmp_path):
+    out = tmp_path / "out"
+    src = ImageFolder(folder)
+    assert len(convert(src, out, shard_size=1, progress=False, max_bad_fraction=1)["shards"]) == 4
+    (out / "keep-000000.tar").write_bytes(b"")  # another prefix is left alone
+    with pytest.raises(DataError) as e:
+        convert(src, out, progress=False, max_bad_fraction=1)
+    assert "overwrite=True" in str(e.value) and "4 shard(s)" in str(e.value)
+    summary = convert(src, out, shard_size=10, progress=True, max_bad_fraction=1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep-000000.tar", "shard-000000.tar"]
+    assert summary["written"] == 4
+
+
+def test_writer_direct(tmp_path):
+    with pytest.raises(DataError):
+        ShardWriter(tmp_path, shard_size=0)
+    with ShardWriter(tmp_path / "w", prefix="x", shard_size=2) as w:
+        for i in range(5):
+            w.write(f"k{i}", make_image(i), [f"c{i}"], f"src:{i}")
+    assert [p.name for p in w.shards] == ["x-000000.tar", "x-000001.tar", "x-000002.tar"]
+    assert [k for k, _, _ in WebDataset(tmp_path / "w")] == [f"k{i}" for i in range(5)]
+    assert not list((tmp_path / "w").glob("*.tmp"))
