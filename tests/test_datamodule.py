@@ -14,7 +14,7 @@ from t2i.data.shards import convert
 from t2i.data.formats import open_source
 from t2i.data.skips import DataError
 from t2i.data.tokenizer import TextTokenizer
-from t2i.data.transforms import ImageTransform, to_pil, to_tensor
+from t2i.data.transforms import ImageTransform, from_raw, to_pil, to_tensor
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
 
@@ -47,8 +47,9 @@ def test_transform_resize_crop_range():
     x = ImageTransform(32)(img)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert torch.allclose(x[0], torch.ones(32, 32)) and torch.allclose(x[1], -torch.ones(32, 32))
-    u = ImageTransform(32, uint8=True)(img)
-    assert u.dtype == torch.uint8 and int(u[0, 0, 0]) == 255
+    u = ImageTransform(32, raw=True)(img)
+    assert u.shape == (32, 32, 3) and u.dtype == torch.uint8 and u[0, 0].tolist() == [255, 0, 0]
+    assert torch.equal(from_raw(u[None])[0], x)
     assert to_pil(to_tensor(img)).getpixel((0, 0)) == (255, 0, 0)
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from t2i.data.formats import Record, Source, decode_wds_sample, expand_urls, open_source
 from t2i.data.skips import BadSample, DataError, SkipLog
 from t2i.data.tokenizer import TextTokenizer, check_same
-from t2i.data.transforms import ImageTransform, normalize
+from t2i.data.transforms import ImageTransform, from_raw
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -180,9 +180,9 @@ class ImageTextDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None and self.hparams.tokenizer:
             self.tokenizer = TextTokenizer.from_file(self.hparams.tokenizer, key="data.tokenizer")
-        # uint8 through the loader; normalised to [-1, 1] after the transfer (on_after_batch_transfer)
-        transform_train = ImageTransform(self.hparams.image_size, self.hparams.random_crop, uint8=True)
-        transform_eval = ImageTransform(self.hparams.image_size, False, uint8=True)
+        # raw uint8 pixels through the loader; to [-1, 1] floats after the transfer (on_after_batch_transfer)
+        transform_train = ImageTransform(self.hparams.image_size, self.hparams.random_crop, raw=True)
+        transform_eval = ImageTransform(self.hparams.image_size, False, raw=True)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: STAGES}[stage]
         if "val" in wanted and self.splits["val"] is None and self.hparams.val_fraction > 0:
             wanted = tuple(dict.fromkeys(("train",) + wanted))
@@ -253,7 +253,7 @@ class ImageTextDataModule(pl.LightningDataModule):
     # -- accounting (runs in the main process, after workers) --------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if "image" in batch and batch["image"].dtype == torch.uint8:
-            batch["image"] = normalize(batch["image"])
+            batch["image"] = from_raw(batch["image"])  # uint8 [B, S, S, 3] -> float [B, 3, S, S] in [-1, 1]
         skipped = batch.pop("skipped", [])
         n_truncated = batch.pop("n_truncated", 0)
         split = self._current_split()

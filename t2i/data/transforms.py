@@ -18,19 +18,19 @@ def resize_shorter(img: Image.Image, size: int) -> Image.Image:
     return img.resize(new, Image.BICUBIC, reducing_gap=3.0)
 
 
-def to_uint8(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> uint8 tensor [3, H, W] (contiguous)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+def to_raw(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 tensor [H, W, 3], the image's own memory layout (no copy but the array's)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float in [-1, 1] (on whatever device ``x`` is)."""
-    return x.float().div_(127.5).sub_(1.0)
+def from_raw(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1], on whatever device ``x`` is."""
+    return x.movedim(-1, -3).float().div_(127.5).sub_(1.0)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> float tensor [3, H, W] in [-1, 1]."""
-    return normalize(to_uint8(img))
+    return from_raw(to_raw(img))
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -42,14 +42,14 @@ def to_pil(x: torch.Tensor) -> Image.Image:
 class ImageTransform:
     """Resize the shorter side to ``image_size`` then crop a square (centre, or random in training).
 
-    Returns a float tensor in [-1, 1], or with ``uint8=True`` the raw uint8 tensor: 4x less to pass
-    between loader processes and to the GPU; :func:`normalize` then runs on the device.
+    Returns a float tensor [3, S, S] in [-1, 1], or with ``raw=True`` the uint8 [S, S, 3] pixels:
+    4x less to pass between loader processes and to the GPU; :func:`from_raw` then runs on the device.
     """
 
-    def __init__(self, image_size: int, random_crop: bool = False, uint8: bool = False):
+    def __init__(self, image_size: int, random_crop: bool = False, raw: bool = False):
         self.image_size = int(image_size)
         self.random_crop = random_crop
-        self.uint8 = uint8
+        self.raw = raw
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         s = self.image_size
@@ -60,8 +60,8 @@ class ImageTransform:
             top = int(torch.randint(0, h - s + 1, ()).item())
         else:
             left, top = (w - s) // 2, (h - s) // 2
-        out = to_uint8(img.crop((left, top, left + s, top + s)))
-        return out if self.uint8 else normalize(out)
+        out = to_raw(img.crop((left, top, left + s, top + s)))
+        return out if self.raw else from_raw(out)
 
     def __repr__(self) -> str:
-        return f"ImageTransform(image_size={self.image_size}, random_crop={self.random_crop})"
+        return f"ImageTransform(image_size={self.image_size}, random_crop={self.random_crop}, raw={self.raw})"
