@@ -10,8 +10,8 @@ from PIL import Image
 
 from t2i.callbacks.data_report import DataReport
 from t2i.data.datamodule import ImageTextDataModule
-from t2i.data.shards import convert
 from t2i.data.formats import open_source
+from t2i.data.shards import convert
 from t2i.data.skips import DataError
 from t2i.data.tokenizer import TextTokenizer
 from t2i.data.transforms import ImageTransform, from_raw, to_pil, to_tensor

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from t2i.cli.common import clear_errors
-from t2i.data.skips import DataError, SkipLog
+from t2i.data.skips import BadSample, DataError, SkipLog
 
 log = logging.getLogger("t2i.data")
 COMMANDS = ("shapes", "convert", "tokenizer", "inspect")
@@ -59,7 +59,7 @@ def cmd_convert(cfg: DictConfig) -> dict:
     from t2i.data.shards import convert
 
     summary = convert(open_input(cfg), need(cfg, "output"), shard_size=cfg.shard_size, prefix=cfg.prefix,
-                      progress=cfg.progress, max_bad_fraction=cfg.max_bad_fraction)
+                      progress=cfg.progress, max_bad_fraction=cfg.max_bad_fraction, overwrite=cfg.overwrite)
     return summary
 
 
@@ -94,15 +94,15 @@ def cmd_inspect(cfg: DictConfig) -> dict:
         stats["tokens_median"] = statistics.median(lengths) if lengths else 0
         stats["tokens_max"] = max(lengths, default=0)
         stats[f"truncated_at_text_len_{cfg.text_len}"] = sum(n > cfg.text_len for n in lengths)
-    preview = []
+    slog.ok(len(records))
+    preview, failed = [], []
     for rec in records[: cfg.n_preview]:
         try:
             preview.append((rec, source.load(rec)))
-            slog.ok()
-        except Exception as e:  # BadSample: counted like any other bad row
-            if not hasattr(e, "reason"):
-                raise
-            slog.skip(e.reason, e.where)
+        except BadSample as e:
+            failed.append(f"{e.reason} at {e.where}")
+    if failed:
+        stats["preview_decode_failures"] = failed
     stats["skipped_while_indexing"] = dict(slog.by_reason)
     if cfg.output and preview:
         stats["preview"] = str(write_preview(preview, Path(cfg.output), size=cfg.image_size))

@@ -1,0 +1,98 @@
+"""t2i-data commands: shapes -> tokenizer -> convert -> inspect, and their error messages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+from t2i.cli.data import run
+from t2i.data.formats import open_source
+from t2i.data.oracle import score
+from t2i.data.shapes import ShapeSpec
+from t2i.data.skips import SkipLog
+from t2i.data.tokenizer import TextTokenizer
+
+
+def data_cfg(tmp_path, *overrides):
+    with initialize_config_module("t2i.conf", version_base="1.3"):
+        return compose("data", overrides=[f"paths.log_dir={tmp_path}/logs", "progress=false", *overrides])
+
+
+def test_shapes_tokenizer_convert_inspect_chain(tmp_path, capsys):
+    sh, shards = tmp_path / "sh", tmp_path / "shards"
+    run(data_cfg(tmp_path, "command=shapes", f"output={sh}", "n_train=40", "n_val=8", "n_test=8",
+                 "n_compositional=8", "image_size=32", "lang=en"))
+    assert len((sh / "shapes_train.tsv").read_text().splitlines()) == 40
+    meta = json.loads((sh / "meta.json").read_text())
+    assert meta["lang"] == "en" and meta["image_size"] == 32
+
+    out = run(data_cfg(tmp_path, "command=tokenizer", f"input={sh}/shapes_train.tsv", f"output={sh}/tok.json",
+                       "vocab_size=200"))
+    tok = TextTokenizer.from_file(sh / "tok.json")
+    assert out["tokenizer"].fingerprint == tok.fingerprint
+    assert tok.decode(tok.encode("a large red circle in the top left", 12)[0]) == "a large red circle in the top left"
+
+    summary = run(data_cfg(tmp_path, "command=convert", f"input={sh}/shapes_train.tsv", f"output={shards}",
+                           "shard_size=16"))
+    assert summary["written"] == 40 and len(summary["shards"]) == 3
+    # the shards hold the same images: the oracle reads the specs of the jsonl sidecar back from them
+    specs = {}
+    for line in (sh / "shapes_train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        specs[row["key"]] = ShapeSpec.from_dict(row["spec"])
+    src = open_source("wds", str(shards / "*.tar"))
+    recs = src.records(SkipLog())
+    result = score([src.load(r) for r in recs], [specs[r.key] for r in recs])
+    assert result["all"] == 1.0 and result["n"] == 40
+
+    capsys.readouterr()
+    stats = run(data_cfg(tmp_path, "command=inspect", "source=wds", f"input={shards}/*.tar",
+                         f"tokenizer={sh}/tok.json", "text_len=4", f"output={tmp_path}/insp", "n_preview=10"))
+    assert stats["images"] == 40 and stats["captions"] == 40
+    assert stats["truncated_at_text_len_4"] == 40 and stats["skipped_while_indexing"] == {}
+    assert Image.open(stats["preview"]).size == (8 * 64, 2 * 64)  # tiles at image_size (default 64)
+    assert len((tmp_path / "insp" / "captions.txt").read_text().splitlines()) == 10
+    assert "40 ok, 0 skipped" in capsys.readouterr().out
+
+
+def t2i_data(tmp_path, *args):
+    env = {**os.environ, "T2I_OUTPUTS": str(tmp_path / "logs")}
+    return subprocess.run([sys.executable, "-m", "t2i.cli.data", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    res = t2i_data(tmp_path, "convert", "input=/no/such.tsv", "output=x")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "input=/no/such.tsv" in res.stderr
+    res = t2i_data(tmp_path, "convert", "output=x")
+    assert res.returncode == 1 and "`input=...` is required" in res.stderr
+    res = t2i_data(tmp_path, "convert", "source=parquet", "input=a", "output=x")
+    assert res.returncode == 1 and "unknown data source 'parquet'" in res.stderr
+    res = t2i_data(tmp_path, "frobnicate")
+    assert res.returncode == 1 and "unknown command 'frobnicate'" in res.stderr
+    res = t2i_data(tmp_path)
+    assert res.returncode == 2 and "t2i-data shapes" in res.stderr
+
+
+def test_convert_reports_skips_and_refuses_to_mix_shards(tmp_path, capsys):
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
+    good = base64.b64encode(buf.getvalue()).decode()
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("".join(f"{i}\tred\t{good}\n" for i in range(199)) + "199\tred\tnot*base64\n")
+    summary = run(data_cfg(tmp_path, "command=convert", f"input={tsv}", f"output={tmp_path}/s"))
+    assert summary["written"] == 199 and summary["skipped"] == {"bad_base64": 1}
+    assert f"bad_base64: 1 (e.g. {tsv}:200)" in capsys.readouterr().out
+    res = t2i_data(tmp_path, "convert", f"input={tsv}", f"output={tmp_path}/s")
+    assert res.returncode == 1 and "overwrite" in res.stderr
+    res = t2i_data(tmp_path, "convert", f"input={tsv}", f"output={tmp_path}/s", "overwrite=true")
+    assert res.returncode == 0, res.stderr
+    assert len(list(Path(tmp_path / "s").glob("*.tar"))) == 1
