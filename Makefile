@@ -24,7 +24,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)  ## run the Shapes chain available so far (data -> text tokenizer -> shards -> inspect)
 	$(BIN)/t2i-data shapes output=$(DEMO)/shapes n_train=2000 n_val=200 n_test=200 n_compositional=200 image_size=64
 	$(BIN)/t2i-data tokenizer input=$(DEMO)/shapes/shapes_train.tsv output=$(DEMO)/tokenizer.json vocab_size=1000
-	$(BIN)/t2i-data convert source=easynlp_tsv input=$(DEMO)/shapes/shapes_train.tsv output=$(DEMO)/shards/train shard_size=500
+	$(BIN)/t2i-data convert source=easynlp_tsv input=$(DEMO)/shapes/shapes_train.tsv output=$(DEMO)/shards/train shard_size=500 overwrite=true
 	$(BIN)/t2i-data inspect source=wds input='$(DEMO)/shards/train/*.tar' tokenizer=$(DEMO)/tokenizer.json output=$(DEMO)/inspect
 
 test: $(STAMP)  ## fast test suite (< 10 min on 2 CPU cores)

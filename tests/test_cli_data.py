@@ -24,9 +24,10 @@ def data_cfg(tmp_path, *overrides):
 
 def test_shapes_tokenizer_convert_inspect_chain(tmp_path, capsys):
     sh, shards = tmp_path / "sh", tmp_path / "shards"
-    run(data_cfg(tmp_path, "command=shapes", f"output={sh}", "n_train=40", "n_val=8", "n_test=8",
+    made = run(data_cfg(tmp_path, "command=shapes", f"output={sh}", "n_train=40", "n_val=8", "n_test=8",
                  "n_compositional=8", "image_size=32", "lang=en"))
     assert len((sh / "shapes_train.tsv").read_text().splitlines()) == 40
+    assert made["oracle_test"]["all"] == 1.0 and made["oracle_test"]["n"] == 8
     meta = json.loads((sh / "meta.json").read_text())
     assert meta["lang"] == "en" and meta["image_size"] == 32
 
@@ -54,7 +55,7 @@ def test_shapes_tokenizer_convert_inspect_chain(tmp_path, capsys):
                          f"tokenizer={sh}/tok.json", "text_len=4", f"output={tmp_path}/insp", "n_preview=10"))
     assert stats["images"] == 40 and stats["captions"] == 40
     assert stats["truncated_at_text_len_4"] == 40 and stats["skipped_while_indexing"] == {}
-    assert Image.open(stats["preview"]).size == (8 * 64, 2 * 64)  # tiles at image_size (default 64)
+    assert Image.open(stats["preview"]).size == (8 * 66 - 2, 2 * 66 - 2)  # 64 px tiles, 2 px gaps
     assert len((tmp_path / "insp" / "captions.txt").read_text().splitlines()) == 10
     assert "40 ok, 0 skipped" in capsys.readouterr().out
 

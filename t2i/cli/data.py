@@ -52,7 +52,27 @@ def cmd_shapes(cfg: DictConfig) -> dict:
     )
     print(f"shapes: wrote {cfg.output} ({cfg.n_train}/{cfg.n_val}/{cfg.n_test}/{cfg.n_compositional} "
           f"train/val/test/compositional at {cfg.image_size}px, lang={cfg.lang})")
-    return {"paths": paths}
+    return {"paths": paths, "oracle_test": check_oracle(Path(cfg.output), "test")}
+
+
+def check_oracle(root: Path, split: str) -> dict:
+    """Score the written ground truth with the oracle: the yardstick must read it back (>= 99%)."""
+    from t2i.data.formats import EasyNLPTSV
+    from t2i.data.oracle import score
+    from t2i.data.shapes import ShapeSpec
+
+    specs = {}
+    for line in (root / f"shapes_{split}.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        specs[row["key"]] = ShapeSpec.from_dict(row["spec"])
+    src = EasyNLPTSV(root / f"shapes_{split}.tsv")
+    recs = src.records(SkipLog())
+    if not recs:
+        return {}
+    result = score([src.load(r) for r in recs], [specs[r.key] for r in recs])
+    print(f"oracle on ground-truth {split}: all {result['all']:.3f} (color {result['color']:.3f}, shape "
+          f"{result['shape']:.3f}, position {result['position']:.3f}, size {result['size']:.3f}, n={result['n']})")
+    return result
 
 
 def cmd_convert(cfg: DictConfig) -> dict:
@@ -120,11 +140,12 @@ def write_preview(preview, out: Path, size: int = 64, cols: int = 8) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tf = ImageTransform(size)
     rows = (len(preview) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * size, rows * size), (0, 0, 0))
+    gap = 2  # grey lines between tiles, so white backgrounds stay apart
+    grid = Image.new("RGB", (cols * (size + gap) - gap, rows * (size + gap) - gap), (128, 128, 128))
     lines = []
     for i, (rec, img) in enumerate(preview):
         r, c = divmod(i, cols)
-        grid.paste(to_pil(tf(img)), (c * size, r * size))
+        grid.paste(to_pil(tf(img)), (c * (size + gap), r * (size + gap)))
         lines.append(f"{r}\t{c}\t{rec.key}\t{rec.captions[0]}")
     grid.save(out / "preview.png")
     (out / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
