@@ -16,10 +16,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from t2i.data.formats import Record, Source, decode_wds_sample, expand_urls, open_source
+from t2i.data.base import Record, Source
+from t2i.data.formats import open_source
 from t2i.data.skips import BadSample, DataError, SkipLog
 from t2i.data.tokenizer import TextTokenizer, check_same
 from t2i.data.transforms import ImageTransform, from_raw
+from t2i.data.wds import decode_wds_sample, expand_urls
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")

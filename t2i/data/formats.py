@@ -16,26 +16,29 @@ never raised: ``records`` skips parse-level problems, ``load`` raises :class:`Ba
 
 from __future__ import annotations
 
-import base64
-import binascii
-import glob
 import inspect
-import io
-import logging
 import re
-import tarfile
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from braceexpand import braceexpand
-from PIL import Image
-
+from t2i.data.base import (  # noqa: F401  (re-exported: the readers' public helpers live in base)
+    IMAGE_EXTS,
+    WDS_IMAGE_EXTS,
+    Record,
+    Source,
+    _lines,
+    _need_file,
+    _sibling_key,
+    _utf8,
+    b64decode,
+    captions_from_bytes,
+    clean_captions,
+    decode_image,
+    read_ref,
+    to_rgb,
+)
 from t2i.data.skips import (
-    BAD_BASE64,
     BAD_COLUMNS,
-    BAD_IMAGE,
     BAD_UTF8,
     EMPTY_CAPTION,
     MISSING_CAPTION,
@@ -45,178 +48,7 @@ from t2i.data.skips import (
     SkipLog,
     require_path,
 )
-
-logger = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # preference order when a key has several
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-@dataclass
-class Record:
-    key: str  # sample id
-    captions: list[str]  # >= 1 non-empty, stripped captions
-    ref: object  # where the image bytes are (see the module docstring)
-    where: str  # "file.tsv:LINE" (1-based), "shard.tar:key" or a file path
-
-
-# -- shared helpers --------------------------------------------------------------------------
-
-
-def clean_captions(texts) -> list[str]:
-    """Strip every caption and drop the empty ones."""
-    return [t.strip() for t in texts if t.strip()]
-
-
-def captions_from_bytes(data: bytes | str, where: str) -> list[str]:
-    """A caption file's bytes (one caption a line) -> captions; raises BadSample."""
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise BadSample(BAD_UTF8, where, str(e)) from None
-    captions = clean_captions(data.split("\n"))
-    if not captions:
-        raise BadSample(EMPTY_CAPTION, where, "caption text is blank")
-    return captions
-
-
-def b64decode(data: bytes | str, where: str) -> bytes:
-    """Standard or url-safe base64, '=' padding optional; raises BadSample(BAD_BASE64)."""
-    if isinstance(data, str):
-        data = data.encode("ascii", "replace")  # '?' is not base64, so non-ASCII still fails
-    s = data.strip().replace(b"-", b"+").replace(b"_", b"/")
-    if not s:
-        raise BadSample(BAD_BASE64, where, "image column is empty")
-    s += b"=" * (-len(s) % 4)
-    try:
-        return base64.b64decode(s, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise BadSample(BAD_BASE64, where, str(e)) from None
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB copy; transparent pixels are composited onto white (not black)."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        out = Image.new("RGB", rgba.size, (255, 255, 255))
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out
-    return im.convert("RGB")
-
-
-def decode_image(data: bytes, where: str) -> Image.Image:
-    """Encoded bytes -> fully loaded RGB image; raises BadSample(BAD_IMAGE), never a PIL error."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decode now, so truncated files fail here
-            return to_rgb(im)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-        raise BadSample(BAD_IMAGE, where, f"{type(e).__name__}: {e}") from None
-
-
-def read_ref(ref, where: str) -> bytes:
-    """The encoded image bytes a ``Record.ref`` points at; raises BadSample."""
-    if ref is None:
-        raise BadSample(MISSING_IMAGE, where, "this record has captions only")
-    if isinstance(ref, bytes):
-        return ref
-    try:
-        if isinstance(ref, tuple) and len(ref) == 2:  # TSV line; the image is the last column
-            path, offset = ref
-            with open(path, "rb") as f:
-                f.seek(offset)
-                line = f.readline()
-            return b64decode(line.rstrip(b"\r\n").rsplit(b"\t", 1)[-1], where)
-        if isinstance(ref, tuple) and len(ref) == 3:  # raw bytes inside a tar
-            path, offset, size = ref
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(size)
-            if len(data) != size:
-                raise BadSample(BAD_IMAGE, where, f"file ends after {len(data)} of {size} bytes")
-            return data
-        return Path(ref).read_bytes()
-    except FileNotFoundError as e:
-        raise BadSample(MISSING_IMAGE, where, str(e)) from None
-    except OSError as e:
-        raise BadSample(BAD_IMAGE, where, str(e)) from None
-
-
-def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    """(1-based line number, byte offset, line without EOL/BOM) for every non-blank line."""
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.rstrip(b"\r\n")
-            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            if line.strip():
-                yield lineno, offset, line
-            offset += len(raw)
-
-
-def _utf8(fields: list[bytes]) -> list[str] | None:
-    try:
-        return [f.decode("utf-8") for f in fields]
-    except UnicodeDecodeError:
-        return None
-
-
-def _need_file(path: Path, key: str, value, what: str) -> Path:
-    if not path.is_file():
-        raise DataError(f"{key}={value}: {path} not found ({what})")
-    return path
-
-
-def _sibling_key(key: str, name: str) -> str:
-    """Config key for another setting next to ``key``: ('data.path', 'image_dir') -> 'data.image_dir'."""
-    return key.rsplit(".", 1)[0] + "." + name if "." in key else name
-
-
-# -- base class ------------------------------------------------------------------------------
-
-
-class Source:
-    """A data set in some on-disk format. Subclasses implement :meth:`records`."""
-
-    name = "source"
-
-    def __init__(self, key: str = "input"):
-        self.key = key
-        self.log = SkipLog(name=self.name)
-
-    def records(self, log: SkipLog) -> list[Record]:
-        raise NotImplementedError
-
-    def read_bytes(self, rec: Record) -> bytes:
-        """The encoded image bytes of ``rec``; raises BadSample."""
-        return read_ref(rec.ref, rec.where)
-
-    def load(self, rec: Record) -> Image.Image:
-        """Fully loaded RGB image of ``rec``; raises BadSample(BAD_BASE64 | BAD_IMAGE | MISSING_IMAGE)."""
-        return decode_image(self.read_bytes(rec), rec.where)
-
-    def load_sample(self, rec: Record) -> tuple[bytes, Image.Image]:
-        """(encoded bytes, RGB image) of ``rec``; raises BadSample."""
-        data = self.read_bytes(rec)
-        return data, decode_image(data, rec.where)
-
-    def __iter__(self) -> Iterator[tuple[str, Image.Image, list[str]]]:
-        """Yield (key, image, captions) for every good sample; ``self.log`` is reset, then counts this pass."""
-        log = self.log
-        log.reset()
-        for rec in self.records(log):
-            try:
-                image = self.load(rec)
-            except BadSample as e:
-                log.skip(e.reason, e.where)
-                continue
-            log.ok()
-            yield rec.key, image, rec.captions
-
+from t2i.data.wds import WebDataset, decode_wds_sample, expand_urls, split_member  # noqa: F401
 
 # -- 1. EasyNLP TSV --------------------------------------------------------------------------
 
@@ -495,105 +327,6 @@ class ImageFolder(Source):
                 continue
             stem = rel.with_suffix("").as_posix()
             out.append(Record(stem if stems[stem] == 1 else rel.as_posix(), captions, path, str(path)))
-        return out
-
-
-# -- 5. webdataset shards --------------------------------------------------------------------
-
-
-def expand_urls(urls, key: str = "input") -> list[Path]:
-    """A path, folder (its *.tar), glob, brace pattern or list of them -> existing tar paths."""
-    items = [urls] if isinstance(urls, (str, Path)) else list(urls or [])
-    if not items:
-        require_path(None, key, "tar file, glob or brace pattern")
-    out: list[Path] = []
-    for item in items:
-        for pattern in braceexpand(str(item)):
-            if glob.has_magic(pattern):
-                hits = sorted(glob.glob(str(Path(pattern).expanduser())))
-                if not hits:
-                    raise DataError(f"{key}={item}: no file matches {pattern}")
-                out += [Path(h) for h in hits]
-                continue
-            p = require_path(pattern, key, "tar file")
-            out += sorted(p.glob("*.tar")) if p.is_dir() else [p]
-    if not out:
-        raise DataError(f"{key}={urls}: no .tar files found")
-    return out
-
-
-def split_member(name: str) -> tuple[str, str]:
-    """'dir/abc.seg.png' -> ('dir/abc', 'seg.png'): the key ends at the first dot of the basename."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def decode_wds_sample(sample: dict, where: str | None = None) -> tuple[str, Image.Image, list[str]]:
-    """A webdataset dict ({'__key__', 'jpg', 'txt', ...}) -> (key, RGB image, captions); raises BadSample."""
-    key = sample.get("__key__")
-    where = where or f"{sample.get('__url__', '?')}:{key}"
-    ext = next((e for e in WDS_IMAGE_EXTS if sample.get(e) is not None), None)
-    if ext is None:
-        raise BadSample(MISSING_IMAGE, where, f"no {'/'.join(WDS_IMAGE_EXTS)} entry")
-    if sample.get("txt") is None:
-        raise BadSample(MISSING_CAPTION, where, "no txt entry")
-    captions = captions_from_bytes(sample["txt"], where)
-    data = sample[ext]
-    image = to_rgb(data) if isinstance(data, Image.Image) else decode_image(data, where)
-    return key, image, captions
-
-
-class WebDataset(Source):
-    """Webdataset tars in the img2dataset layout: ``key.jpg|jpeg|png|webp`` + ``key.txt`` [+ ``key.json``].
-
-    ``urls``: path, folder, glob, brace pattern (``data/{00000..00009}.tar``) or a list.
-    Tars must be uncompressed (images are read back by seeking). The txt may hold several
-    captions, one a line. Records follow tar order; where = ``"shard.tar:key"``.
-    """
-
-    name = "wds"
-
-    def __init__(self, urls, key: str = "input"):
-        super().__init__(key)
-        self.paths = expand_urls(urls, key)
-
-    def records(self, log: SkipLog) -> list[Record]:
-        out = []
-        for path in self.paths:
-            try:
-                with tarfile.open(path, "r:") as tar:
-                    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-                    for m in tar:
-                        if m.isfile():
-                            k, ext = split_member(m.name)
-                            groups.setdefault(k, {})[ext] = m
-                    for k, members in groups.items():
-                        where = f"{path}:{k}"
-                        image = next((members[e] for e in WDS_IMAGE_EXTS if e in members), None)
-                        if image is None:
-                            log.skip(MISSING_IMAGE, where)
-                        elif "txt" not in members:
-                            log.skip(MISSING_CAPTION, where)
-                        else:
-                            try:
-                                captions = captions_from_bytes(tar.extractfile(members["txt"]).read(), where)
-                            except BadSample as e:
-                                log.skip(e.reason, e.where)
-                                continue
-                            except tarfile.TarError:  # txt member cut off at the end of the file
-                                log.skip(MISSING_CAPTION, where)
-                                continue
-                            out.append(Record(k, captions, (path, image.offset_data, image.size), where))
-                    with open(path, "rb") as f:  # a cut-off header ends the member list silently
-                        f.seek(tar.offset)
-                        tail = f.read(512)
-                    if 0 < len(tail) < 512 and any(tail):
-                        logger.warning(
-                            "%s is cut off after byte %d: later samples are lost", path, tar.offset
-                        )
-            except (tarfile.TarError, EOFError) as e:
-                raise DataError(f"{self.key}: {path} is not a readable uncompressed tar ({e})") from None
         return out
 
 

@@ -1,4 +1,4 @@
-"""Write any :class:`~t2i.data.formats.Source` as webdataset shards.
+"""Write any :class:`~t2i.data.base.Source` as webdataset shards.
 
 Each sample becomes ``{key}.jpg`` or ``{key}.png``, ``{key}.txt`` (captions, one a line) and
 ``{key}.json`` (``key``, ``captions``, ``width``, ``height``, ``source_where``, ``source_key``).

@@ -1,0 +1,118 @@
+"""Webdataset tar shards (the img2dataset layout) as a :class:`~t2i.data.base.Source`, plus the
+helpers the streaming loader shares: URL expansion and per-sample decoding."""
+
+from __future__ import annotations
+
+import glob
+import tarfile
+from pathlib import Path
+
+from braceexpand import braceexpand
+from PIL import Image
+
+from t2i.data.base import WDS_IMAGE_EXTS, Record, Source, captions_from_bytes, decode_image, logger, to_rgb
+from t2i.data.skips import (
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    BadSample,
+    DataError,
+    SkipLog,
+    require_path,
+)
+
+
+def expand_urls(urls, key: str = "input") -> list[Path]:
+    """A path, folder (its *.tar), glob, brace pattern or list of them -> existing tar paths."""
+    items = [urls] if isinstance(urls, (str, Path)) else list(urls or [])
+    if not items:
+        require_path(None, key, "tar file, glob or brace pattern")
+    out: list[Path] = []
+    for item in items:
+        for pattern in braceexpand(str(item)):
+            if glob.has_magic(pattern):
+                hits = sorted(glob.glob(str(Path(pattern).expanduser())))
+                if not hits:
+                    raise DataError(f"{key}={item}: no file matches {pattern}")
+                out += [Path(h) for h in hits]
+                continue
+            p = require_path(pattern, key, "tar file")
+            out += sorted(p.glob("*.tar")) if p.is_dir() else [p]
+    if not out:
+        raise DataError(f"{key}={urls}: no .tar files found")
+    return out
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """'dir/abc.seg.png' -> ('dir/abc', 'seg.png'): the key ends at the first dot of the basename."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def decode_wds_sample(sample: dict, where: str | None = None) -> tuple[str, Image.Image, list[str]]:
+    """A webdataset dict ({'__key__', 'jpg', 'txt', ...}) -> (key, RGB image, captions); raises BadSample."""
+    key = sample.get("__key__")
+    where = where or f"{sample.get('__url__', '?')}:{key}"
+    ext = next((e for e in WDS_IMAGE_EXTS if sample.get(e) is not None), None)
+    if ext is None:
+        raise BadSample(MISSING_IMAGE, where, f"no {'/'.join(WDS_IMAGE_EXTS)} entry")
+    if sample.get("txt") is None:
+        raise BadSample(MISSING_CAPTION, where, "no txt entry")
+    captions = captions_from_bytes(sample["txt"], where)
+    data = sample[ext]
+    image = to_rgb(data) if isinstance(data, Image.Image) else decode_image(data, where)
+    return key, image, captions
+
+
+class WebDataset(Source):
+    """Webdataset tars in the img2dataset layout: ``key.jpg|jpeg|png|webp`` + ``key.txt`` [+ ``key.json``].
+
+    ``urls``: path, folder, glob, brace pattern (``data/{00000..00009}.tar``) or a list.
+    Tars must be uncompressed (images are read back by seeking). The txt may hold several
+    captions, one a line. Records follow tar order; where = ``"shard.tar:key"``.
+    """
+
+    name = "wds"
+
+    def __init__(self, urls, key: str = "input"):
+        super().__init__(key)
+        self.paths = expand_urls(urls, key)
+
+    def records(self, log: SkipLog) -> list[Record]:
+        out = []
+        for path in self.paths:
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+                    for m in tar:
+                        if m.isfile():
+                            k, ext = split_member(m.name)
+                            groups.setdefault(k, {})[ext] = m
+                    for k, members in groups.items():
+                        where = f"{path}:{k}"
+                        image = next((members[e] for e in WDS_IMAGE_EXTS if e in members), None)
+                        if image is None:
+                            log.skip(MISSING_IMAGE, where)
+                        elif "txt" not in members:
+                            log.skip(MISSING_CAPTION, where)
+                        else:
+                            try:
+                                captions = captions_from_bytes(tar.extractfile(members["txt"]).read(), where)
+                            except BadSample as e:
+                                log.skip(e.reason, e.where)
+                                continue
+                            except tarfile.TarError:  # txt member cut off at the end of the file
+                                log.skip(MISSING_CAPTION, where)
+                                continue
+                            out.append(Record(k, captions, (path, image.offset_data, image.size), where))
+                    with open(path, "rb") as f:  # a cut-off header ends the member list silently
+                        f.seek(tar.offset)
+                        tail = f.read(512)
+                    if 0 < len(tail) < 512 and any(tail):
+                        logger.warning(
+                            "%s is cut off after byte %d: later samples are lost", path, tar.offset
+                        )
+            except (tarfile.TarError, EOFError) as e:
+                raise DataError(f"{self.key}: {path} is not a readable uncompressed tar ({e})") from None
+        return out
+
