@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
 from t2i.cli.train import metric_value, train
+from t2i.data.tokenizer import TextTokenizer
 from t2i.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,7 @@ def test_train_fits_tests_and_saves(tmp_path):
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
     assert ckpt["t2i_config"]["model"]["_target_"] == "tests.tiny_module.TinyModule"
     dm_state = ckpt["ImageTextDataModule"]
+    assert TextTokenizer.from_file(run / "tokenizer.json").fingerprint == dm_state["tokenizer_fingerprint"]
     assert dm_state["tokenizer_fingerprint"] == obj["datamodule"].tokenizer.fingerprint
     # it learned something (colour words -> mean colour) and the test ran on the best checkpoint
     assert metrics["test/loss"] < 0.5 * metrics_first_epoch(run)
@@ -61,8 +63,6 @@ def metrics_first_epoch(run: Path) -> float:
 
 def test_resume_with_other_tokenizer_is_a_clear_error(tmp_path):
     from t2i.data.skips import DataError
-    from t2i.data.tokenizer import TextTokenizer
-
     cfg = compose_train(tmp_path, ["model=tiny", "logger=csv", "trainer.max_epochs=1", "callbacks=none",
                                    "trainer.enable_progress_bar=false", "test=false"])
     _, obj = train(cfg)

@@ -48,6 +48,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("train"):
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_metrics = dict(trainer.callback_metrics)
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is not None:  # beside the checkpoints (it is inside them too)
+        tokenizer.save(out / "tokenizer.json")
 
     has_test = getattr(datamodule, "has_split", lambda split: True)("test")
     if cfg.get("test") and not has_test:
