@@ -190,9 +190,9 @@ def shards(tmp_path):
     return str(tmp_path / "shards" / "*.tar")
 
 
-def stream_keys(shards, tok_path, workers):
+def stream_keys(shards, tok_path, workers, **kwargs):
     dm = ImageTextDataModule(source="wds", streaming=True, train=shards, val=shards, tokenizer=str(tok_path),
-                             image_size=8, batch_size=5, num_workers=workers, shuffle_buffer=0)
+                             image_size=8, batch_size=5, num_workers=workers, shuffle_buffer=0, **kwargs)
     dm.setup("fit")
     keys = [k for b in dm.val_dataloader() for k in b["key"]]
     return keys
@@ -209,3 +209,28 @@ def test_streaming_splits_shards_by_worker_and_rank(shards, tok_path, monkeypatc
         per_rank.append(stream_keys(shards, tok_path, 2))
     assert len(per_rank[0]) == len(per_rank[1]) == 12
     assert not set(per_rank[0]) & set(per_rank[1]) and set(per_rank[0]) | set(per_rank[1]) == set(everything)
+
+
+def test_streaming_corrupt_shard_names_it(shards, tok_path, tmp_path):
+    import glob
+
+    from t2i.cli.common import one_line
+
+    last = sorted(glob.glob(shards))[-1]
+    data = open(last, "rb").read()
+    open(last, "wb").write(data[: len(data) // 2 + 100])  # not whole blocks: caught before streaming
+    with pytest.raises(DataError, match=f"data.train: shard {last} is truncated"):
+        stream_keys(shards, tok_path, 0)
+    cut = len(data) // 2 // 512 * 512
+    open(last, "wb").write(data[:cut])  # whole blocks: tarfile alone would just stop early
+    with pytest.raises(DataError, match=f"shard {last} is cut off after byte {cut}"):
+        stream_keys(shards, tok_path, 0)
+    # without the check, a shard that fails while streaming is still one clear error naming it
+    bad = bytearray(data)
+    bad[: 512] = b"\x07" * 512  # the first header: webdataset raises at once
+    open(last, "wb").write(bytes(bad))
+    for workers in (0, 1):
+        with pytest.raises(DataError) as info:
+            stream_keys(shards, tok_path, workers, verify_shards=False)
+        msg = one_line(info.value)
+        assert msg.startswith(f"{last} cannot be read") and "t2i-data convert" in msg

@@ -22,6 +22,7 @@ from t2i.data.formats import (
     split_member,
 )
 from t2i.data.skips import BadSample, DataError, SkipLog
+from t2i.data.wds import check_tar
 from tests.fixtures import (
     b64,
     encode,
@@ -594,12 +595,19 @@ def test_open_source(folder, easynlp):
     assert "'muge'" in str(e.value) and "root" in str(e.value)
 
 
-def test_wds_cut_off_shard(shards, caplog):
+def test_wds_cut_off_shard(shards):
     _, a, _ = shards
     data = a.read_bytes()
     cut = a.with_name("cut.tar")
     cut.write_bytes(data[: 512 + 512 * ((len(jpeg(1)) + 511) // 512) + 100])  # k1.jpg, then half a header
-    log = SkipLog()
-    assert WebDataset(cut).records(log) == []
-    assert dict(log.by_reason) == {"missing_caption": 1}
-    assert "cut off" in caplog.text and str(cut) in caplog.text
+    with pytest.raises(DataError, match=f"input: shard {cut} is cut off after byte"):
+        WebDataset(cut).records(SkipLog())
+    assert check_tar(cut).startswith("is truncated")
+    assert check_tar(a) is None
+    bad = bytearray(data)
+    second = 512 + 512 * ((len(jpeg(1)) + 511) // 512)  # header of the member after k1.jpg
+    bad[second : second + 100] = b"\x07" * 100
+    cut.write_bytes(bytes(bad))
+    assert check_tar(cut) == f"has a corrupt tar header at byte {second}: the samples after it cannot be read"
+    with pytest.raises(DataError, match="corrupt tar header"):
+        WebDataset(cut).records(SkipLog())

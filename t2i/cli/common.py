@@ -25,6 +25,15 @@ def user_error(exc: BaseException) -> T2IError | None:
     return None
 
 
+def one_line(err: BaseException) -> str:
+    """The message alone; errors re-raised from a DataLoader worker carry the worker's traceback text."""
+    msg = str(err)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
+
+
 def clear_errors(fn):
     """Turn user errors into one line on stderr and exit code 1 instead of a torch-deep traceback."""
 
@@ -36,7 +45,7 @@ def clear_errors(fn):
             err = user_error(exc)
             if err is None:
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

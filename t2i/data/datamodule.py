@@ -10,6 +10,7 @@ the :class:`t2i.callbacks.data_report.DataReport` callback prints and checks the
 from __future__ import annotations
 
 import logging
+import tarfile
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,7 +22,7 @@ from t2i.data.formats import open_source
 from t2i.data.skips import BadSample, DataError, SkipLog
 from t2i.data.tokenizer import TextTokenizer, check_same
 from t2i.data.transforms import ImageTransform, from_raw
-from t2i.data.wds import decode_wds_sample, expand_urls
+from t2i.data.wds import check_tar, decode_wds_sample, expand_urls
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -71,9 +72,24 @@ class StreamingPairs(IterableDataset):
         )
         return ds.shuffle(self.shuffle) if self.shuffle else ds
 
+    def _samples(self):
+        """The pipeline's samples; a shard that cannot be read is one clear error naming it."""
+        it = iter(self._pipeline())
+        while True:
+            try:
+                yield next(it)
+            except StopIteration:
+                return
+            except (tarfile.TarError, OSError, EOFError) as e:
+                shard = next((a for a in e.args[1:] if isinstance(a, str)), "a shard")
+                raise DataError(
+                    f"{shard} cannot be read ({e.args[0] if e.args else e}); rebuild it with `t2i-data convert` "
+                    "or drop it from the data split's shard list"
+                ) from None
+
     def __iter__(self):
         n = 0
-        for sample in self._pipeline():
+        for sample in self._samples():
             where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
             try:
                 key, image, captions = decode_wds_sample(sample, where)
@@ -119,7 +135,8 @@ class ImageTextDataModule(pl.LightningDataModule):
     ``train``/``val``/``test`` are reader arguments: a path string, or a dict of keyword arguments
     (e.g. ``{root: data/muge, split: valid}``). ``val_fraction`` carves a validation split out of
     ``train`` when ``val`` is not given. ``streaming=true`` (wds only) streams shards instead of
-    indexing them. ``shapes`` (a dict of :func:`t2i.data.shapes.write_shapes` arguments plus
+    indexing them, after checking every shard's tar headers and end marker (``verify_shards``), since
+    a cut-off or corrupt tar otherwise just ends early. ``shapes`` (a dict of :func:`t2i.data.shapes.write_shapes` arguments plus
     ``vocab_size``) builds the synthetic Shapes benchmark and its tokenizer on first use.
     """
 
@@ -143,6 +160,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         streaming: bool = False,
         shuffle_buffer: int = 1000,
         epoch_length: int | None = None,
+        verify_shards: bool = True,
         shapes: dict | None = None,
         seed: int = 0,
     ):
@@ -197,6 +215,11 @@ class ImageTextDataModule(pl.LightningDataModule):
             if self.hparams.streaming:
                 shuffle = self.hparams.shuffle_buffer if split == "train" else 0
                 urls = [str(u) for u in expand_urls(self.splits[split], key=f"data.{split}")]
+                for url in urls if self.hparams.verify_shards else ():  # headers only: cheap
+                    problem = check_tar(url)
+                    if problem:
+                        raise DataError(f"data.{split}: shard {url} {problem}; rebuild it with `t2i-data convert` "
+                                        "or drop it from the list (data.verify_shards=false skips this check)")
                 self.datasets[split] = StreamingPairs(urls, transform, every, shuffle, self.hparams.epoch_length)
                 continue
             src = self._open(split)

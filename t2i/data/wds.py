@@ -10,7 +10,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 from PIL import Image
 
-from t2i.data.base import WDS_IMAGE_EXTS, Record, Source, captions_from_bytes, decode_image, logger, to_rgb
+from t2i.data.base import WDS_IMAGE_EXTS, Record, Source, captions_from_bytes, decode_image, to_rgb
 from t2i.data.skips import (
     MISSING_CAPTION,
     MISSING_IMAGE,
@@ -40,6 +40,35 @@ def expand_urls(urls, key: str = "input") -> list[Path]:
     if not out:
         raise DataError(f"{key}={urls}: no .tar files found")
     return out
+
+
+def tail_problem(path: Path, end: int) -> str | None:
+    """What is wrong after the last member ``tarfile`` could read (it stops silently at a cut-off or
+    corrupt header): a whole archive ends there with two zero blocks."""
+    with open(path, "rb") as f:
+        f.seek(end)
+        block = f.read(1024)
+    if len(block) < 1024:
+        return f"is cut off after byte {end} (no end-of-archive marker): the samples after it are lost"
+    if any(block):
+        return f"has a corrupt tar header at byte {end}: the samples after it cannot be read"
+    return None
+
+
+def check_tar(path: Path | str) -> str | None:
+    """None for a whole, readable uncompressed tar; otherwise what is wrong with it (reads headers only)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size % 512:
+        return f"is truncated ({size} bytes is not a whole number of 512-byte tar blocks)"
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for _ in tar:
+                pass
+            end = tar.offset
+    except (tarfile.TarError, EOFError) as e:
+        return f"is not a readable uncompressed tar ({e})"
+    return tail_problem(path, end)
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -105,13 +134,10 @@ class WebDataset(Source):
                                 log.skip(MISSING_CAPTION, where)
                                 continue
                             out.append(Record(k, captions, (path, image.offset_data, image.size), where))
-                    with open(path, "rb") as f:  # a cut-off header ends the member list silently
-                        f.seek(tar.offset)
-                        tail = f.read(512)
-                    if 0 < len(tail) < 512 and any(tail):
-                        logger.warning(
-                            "%s is cut off after byte %d: later samples are lost", path, tar.offset
-                        )
+                    problem = tail_problem(path, tar.offset)
+                    if problem:
+                        raise DataError(f"{self.key}: shard {path} {problem}; rebuild it with `t2i-data convert` "
+                                        "or drop it from the list")
             except (tarfile.TarError, EOFError) as e:
                 raise DataError(f"{self.key}: {path} is not a readable uncompressed tar ({e})") from None
         return out
