@@ -97,3 +97,71 @@ def test_convert_reports_skips_and_refuses_to_mix_shards(tmp_path, capsys):
     res = t2i_data(tmp_path, "convert", f"input={tsv}", f"output={tmp_path}/s", "overwrite=true")
     assert res.returncode == 0, res.stderr
     assert len(list(Path(tmp_path / "s").glob("*.tar"))) == 1
+
+
+def _png_b64(color=(255, 0, 0)) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_require_images_reaches_the_readers(tmp_path, capsys):
+    caps = tmp_path / "caps.tsv"  # EasyNLP's 2-column test form: captions only
+    caps.write_text("a\tred circle\nb\tblue square\n", encoding="utf-8")
+    res = t2i_data(tmp_path, "inspect", f"input={caps}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"input={caps}: no image column" in res.stderr and "`require_images=false`" in res.stderr
+    stats = run(data_cfg(tmp_path, "command=inspect", f"input={caps}", "require_images=false"))
+    assert stats["captions"] == 2 and "preview_decode_failures" not in stats
+
+    muge = tmp_path / "muge"
+    muge.mkdir()
+    (muge / "T2I_test.text.tsv").write_text("1\t连衣裙\n2\t鞋子\n", encoding="utf-8")
+    res = t2i_data(tmp_path, "inspect", "source=muge", f"input={muge}", "split=test")
+    assert res.returncode == 1 and "T2I_test.img.tsv not found" in res.stderr
+    assert "read them with `require_images=false`" in res.stderr
+    stats = run(data_cfg(tmp_path, "command=inspect", "source=muge", f"input={muge}", "split=test",
+                         "require_images=false"))
+    assert stats["images"] == 2 and stats["captions"] == 2
+    assert "2 ok, 0 skipped" in capsys.readouterr().out
+
+
+def test_inspect_fails_past_max_bad_fraction(tmp_path, capsys):
+    tsv = tmp_path / "t.tsv"
+    good = _png_b64()
+    tsv.write_text("".join(f"{i}\tred\t{good}\n" for i in range(9)) + "9\tred\n9b\n", encoding="utf-8")
+    res = t2i_data(tmp_path, "inspect", f"input={tsv}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "2 of 11 samples were bad" in err[0]
+    assert f"worst file: {tsv} (2 bad)" in err[0] and "data.max_bad_fraction" in err[0]
+    assert "9 ok, 2 skipped" in res.stdout  # the stats are printed first
+    stats = run(data_cfg(tmp_path, "command=inspect", f"input={tsv}", "max_bad_fraction=0.2"))
+    assert stats["images"] == 9 and stats["skipped_while_indexing"] == {"bad_columns": 2}
+
+
+def test_check_oracle_warns_below_99_percent_and_counts_unreadable(tmp_path, capsys):
+    from t2i.cli.data import check_oracle
+
+    sh = tmp_path / "sh"
+    run(data_cfg(tmp_path, "command=shapes", f"output={sh}", "n_train=8", "n_val=8", "n_test=8",
+                 "n_compositional=8", "image_size=32"))
+    assert "warning" not in capsys.readouterr().err
+    # one spec no longer matches its image, one image is not base64: warned about, no traceback
+    jsonl = sh / "shapes_test.jsonl"
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    spec = rows[0]["spec"]
+    spec["color"] = next(c for c in ("red", "blue") if c != spec["color"])
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tsv = sh / "shapes_test.tsv"
+    lines = tsv.read_text(encoding="utf-8").splitlines()
+    lines[1] = lines[1].rsplit("\t", 1)[0] + "\t***"
+    tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = check_oracle(sh, "test")
+    assert result["n"] == 7 and result["unreadable"] == 1 and result["all"] == 6 / 7
+    err = capsys.readouterr().err
+    assert f"bad_base64: 1 (e.g. {tsv}:2)" in err
+    assert "warning: the oracle reads only 85.7% of the ground-truth test images" in err and "< 99%" in err

@@ -234,3 +234,110 @@ def test_streaming_corrupt_shard_names_it(shards, tok_path, tmp_path):
             stream_keys(shards, tok_path, workers, verify_shards=False)
         msg = one_line(info.value)
         assert msg.startswith(f"{last} cannot be read") and "t2i-data convert" in msg
+
+
+def test_all_bad_batch_keeps_every_key(tmp_path, tok_path):
+    tsv = corrupt_tsv(tmp_path, 0, 3)
+    dm = ImageTextDataModule(source="easynlp_tsv", train=str(tsv), tokenizer=str(tok_path), image_size=8,
+                             text_len=5, batch_size=3, num_workers=0, max_bad_fraction=1.0)
+    dm.setup("fit")
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["image"].shape == (0, 3, 8, 8) and batch["image"].dtype == torch.float32
+    assert batch["text"].shape == (0, 5) and batch["key"] == [] and batch["caption"] == []
+
+
+def epoch_keys(ds, epochs=1):
+    return [[x["key"] for x in ds] for _ in range(epochs)]
+
+
+def test_streaming_epoch_length_is_exact_per_rank(shards, tok_path):
+    from torch.utils.data import DataLoader
+
+    from t2i.data.streaming import StreamingPairs, worker_share
+    from t2i.data.wds import expand_urls
+
+    assert [worker_share(10, w, 3) for w in range(3)] == [4, 3, 3]
+    urls = [str(u) for u in expand_urls(shards)]
+    tf = ImageTransform(8, raw=True)
+    for workers in (0, 2, 3):
+        for rank in (0, 1):
+            ds = StreamingPairs(urls, tf, False, shuffle=4, epoch_length=17, seed=1, rank=rank, world_size=2)
+            loader = DataLoader(ds, batch_size=None, num_workers=workers)
+            keys = [x["key"] for x in loader]
+            # exactly 17 per rank whatever the worker count (3 workers, 2 shards: one idles), cycling
+            # over the data as often as needed (12 samples per rank per pass)
+            assert len(keys) == 17, (workers, rank)
+            assert len(set(keys)) >= 12
+
+
+def test_streaming_shuffle_is_seeded(shards):
+    from t2i.data.streaming import StreamingPairs
+    from t2i.data.wds import expand_urls
+
+    urls = [str(u) for u in expand_urls(shards)]
+    tf = ImageTransform(8, raw=True)
+    a = epoch_keys(StreamingPairs(urls, tf, False, shuffle=8, seed=3), epochs=2)
+    b = epoch_keys(StreamingPairs(urls, tf, False, shuffle=8, seed=3), epochs=2)
+    c = epoch_keys(StreamingPairs(urls, tf, False, shuffle=8, seed=4), epochs=1)
+    assert a == b  # same seed: same order, epoch after epoch
+    assert a[0] != a[1] and sorted(a[0]) == sorted(a[1])  # a new order each epoch, same samples
+    assert c[0] != a[0]
+    # ranks partition the shards even when shuffled: the shard order is shared
+    r0 = epoch_keys(StreamingPairs(urls, tf, False, shuffle=8, seed=3, rank=0, world_size=2))[0]
+    r1 = epoch_keys(StreamingPairs(urls, tf, False, shuffle=8, seed=3, rank=1, world_size=2))[0]
+    assert not set(r0) & set(r1) and len(r0) + len(r1) == 24
+
+
+def test_streaming_config_errors(shards, tok_path):
+    with pytest.raises(DataError, match="val_fraction needs an indexed source"):
+        ImageTextDataModule(source="wds", streaming=True, train=shards, val_fraction=0.1,
+                            tokenizer=str(tok_path)).setup("fit")
+
+
+def _gather_worker(rank, path):
+    import json
+
+    import torch.distributed as dist
+
+    from t2i.callbacks.data_report import gather
+    from t2i.data.skips import SkipLog
+
+    dist.init_process_group("gloo", init_method=f"file://{path}/rdzv", rank=rank, world_size=2)
+    log = SkipLog(0.01, name="train data")
+    log.ok(10 + rank)
+    log.skip("bad_image", f"shard{rank}.tar:k{rank}")
+    merged = gather(log)
+    (path / f"out{rank}.json").write_text(json.dumps(merged.to_dict()))
+    dist.destroy_process_group()
+
+
+def test_skip_counts_are_merged_over_ranks(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(tmp_path,), nprocs=2)
+    outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in (0, 1)]
+    assert outs[0] == outs[1]
+    assert outs[0]["n_ok"] == 21 and outs[0]["by_reason"] == {"bad_image": 2}
+    assert sorted(outs[0]["examples"]["bad_image"]) == ["shard0.tar:k0", "shard1.tar:k1"]
+
+
+def test_shapes_built_on_first_use_and_rebuilt_when_config_changes(tmp_path):
+    out, tok = tmp_path / "shapes", tmp_path / "shapes" / "tokenizer.json"
+
+    def dm(n_train):
+        shapes = {"output": str(out), "n_train": n_train, "n_val": 4, "n_test": 4, "n_compositional": 4,
+                  "image_size": 16, "lang": "en", "seed": 0, "vocab_size": 100}
+        m = ImageTextDataModule(source="easynlp_tsv", train=str(out / "shapes_train.tsv"), tokenizer=str(tok),
+                                image_size=16, text_len=12, num_workers=0, shapes=shapes)
+        m.prepare_data()
+        m.setup("fit")
+        return m
+
+    first = dm(10)
+    assert len(first.datasets["train"]) == 10 and first.tokenizer.decode(first.tokenizer.encode("a red circle", 12)[0])
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    dm(10)
+    assert (out / "meta.json").stat().st_mtime_ns == stamp  # same config: reused
+    assert len(dm(12).datasets["train"]) == 12  # different config: rebuilt, not silently reused

@@ -8,21 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from t2i.data.formats import (
-    COCOCN,
-    MUGE,
-    SOURCES,
-    EasyNLPTSV,
-    ImageFolder,
-    Record,
-    WebDataset,
-    b64decode,
-    decode_wds_sample,
-    open_source,
-    split_member,
-)
-from t2i.data.skips import BadSample, DataError, SkipLog
-from t2i.data.wds import check_tar
+from t2i.data.base import Record, b64decode
+from t2i.data.formats import COCOCN, MUGE, SOURCES, EasyNLPTSV, ImageFolder, open_source
+from t2i.data.skips import REASONS, BadSample, DataError, SkipLog
+from t2i.data.wds import WebDataset, check_tar, decode_wds_sample, split_member
 from tests.fixtures import (
     b64,
     encode,
@@ -129,12 +118,12 @@ def test_easynlp_iteration_loads_images_and_counts_load_failures(easynlp):
             f"  empty_caption: 1 (e.g. {easynlp}:7)",
         ]
     )
-    # a second pass starts the log afresh
-    run(EasyNLPTSV(easynlp))
+    # a fresh reader counts the same; a second pass over one reader starts its log afresh
+    assert run(EasyNLPTSV(easynlp))[1].to_dict() == log.to_dict()
     src = EasyNLPTSV(easynlp)
     list(src)
     list(src)
-    assert src.log.n_ok == 4 and src.log.n_bad == 6
+    assert src.log.to_dict() == log.to_dict()
 
 
 def test_check_raises_naming_worst_file_only_past_the_limit(easynlp, tmp_path):
@@ -171,10 +160,15 @@ def test_easynlp_two_column_file(tmp_path):
         tmp_path / "test.tsv",
         [b"\xef\xbb\xbfa\tcap a", "b\t  cap b ", "c\t ", "d\tx\ty", "a\tcap a again"],
     )
+    # captions only while images are required: one error about the file, not a row of missing_image
     log = SkipLog()
-    assert EasyNLPTSV(path).records(log) == []
-    assert dict(log.by_reason) == {"missing_image": 3, "empty_caption": 1, "bad_columns": 1}
-    assert log.examples["missing_image"] == [f"{path}:1", f"{path}:2", f"{path}:5"]
+    with pytest.raises(DataError) as e:
+        EasyNLPTSV(path, key="input").records(log)
+    msg = str(e.value)
+    assert f"input={path}: no image column (4 of 5 lines" in msg and "`require_images=false`" in msg
+    assert log.n_bad == 0
+    with pytest.raises(DataError, match="`require_images: false` in the data.test entry"):
+        EasyNLPTSV(path, key="data.test").records(SkipLog())
 
     log = SkipLog()
     src = EasyNLPTSV(path, require_images=False)
@@ -242,6 +236,8 @@ def muge(tmp_path):
             f"107\t{b64(truncated_jpeg(7))}",
             f"108\t{b64(png(108))}",
             "109",
+            f"100\t{b64(png(1))}",  # repeated id: the first line is kept
+            f"105\t{b64(png(2))}",
         ],
     )
     write_lines(d / "T2I_test.text.tsv", ["200\t测试一", "201\t测试二", "201\t测试二之二"])
@@ -264,7 +260,9 @@ def test_muge_join_and_skips(muge):
         "bad_utf8": 1,
         "bad_columns": 2,
         "missing_caption": 1,
+        "duplicate": 2,
     }
+    assert log.examples["duplicate"] == [f"{img}:9", f"{img}:10"]
     assert log.examples["missing_image"] == [f"{text}:3", f"{text}:10"]
     assert log.examples["empty_caption"] == [f"{text}:4"]
     assert log.examples["bad_utf8"] == [f"{text}:5"]
@@ -280,14 +278,16 @@ def test_muge_iteration(muge):
     assert log.n_ok == 2
     assert log.by_reason["bad_base64"] == 1 and log.by_reason["bad_image"] == 1
     assert log.examples["bad_base64"] == [f"{img}:5"] and log.examples["bad_image"] == [f"{img}:6"]
-    assert log.n_bad == 9
+    assert log.n_bad == 11
 
 
 def test_muge_test_split_without_images(muge):
     root, _, _ = muge
     with pytest.raises(DataError) as e:
         MUGE(root, "test").records(SkipLog())
-    assert "T2I_test.img.tsv" in str(e.value) and "require_images=False" in str(e.value)
+    assert "T2I_test.img.tsv" in str(e.value) and "read them with `require_images=false`" in str(e.value)
+    with pytest.raises(DataError, match="`require_images: false` in the data.test entry of the data config"):
+        MUGE(root, "test", key="data.test").records(SkipLog())
     src = MUGE(root, "test", require_images=False)
     recs = src.records(SkipLog())
     assert [(r.key, r.captions, r.ref) for r in recs] == [
@@ -328,6 +328,8 @@ def cococn(tmp_path):
             "COCO_val2014_000000000004",
             "COCO_val2014_000000000005",
             "COCO_val2014_000000000006",
+            "COCO_val2014_000000000001",  # listed twice: the first line is kept
+            "COCO_train2014_000000000002.jpg",  # the same id, with the file suffix
         ],
     )
     caps = write_lines(
@@ -371,7 +373,9 @@ def test_cococn_records_and_skips(cococn):
         "empty_caption": 1,
         "bad_utf8": 1,
         "bad_columns": 1,
+        "duplicate": 2,
     }
+    assert log.examples["duplicate"] == [f"{split}:7", f"{split}:8"]
     assert log.examples["missing_image"] == [f"{split}:3"]
     assert log.examples["missing_caption"] == [f"{split}:4"]
     assert log.examples["empty_caption"] == [f"{caps}:5"]  # other splits' bad rows are not counted
@@ -422,7 +426,9 @@ def folder(tmp_path):
         "x.txt": b"upper-case suffix",
         ".hidden/h.png": png(9),
         ".hidden/h.txt": b"hidden",
-        "notes.txt": b"a caption file without image is ignored",
+        "notes.txt": b"a caption file without image: missing_image",
+        "sub/y.txt": b"no y.png beside it",
+        "sub/b.png.txt": b"stem b.png: no image either",
     }
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -440,13 +446,15 @@ def test_folder_records_and_iteration(folder):
         ("x", ["upper-case suffix"]),
     ]
     assert recs[0].where == str(folder / "a.png") and recs[0].ref == folder / "a.png"
-    assert dict(log.by_reason) == {"missing_caption": 1, "empty_caption": 1, "bad_utf8": 1}
+    assert dict(log.by_reason) == {"missing_caption": 1, "empty_caption": 1, "bad_utf8": 1, "missing_image": 3}
     assert log.examples["missing_caption"] == [str(folder / "c.png")]
+    assert log.examples["missing_image"] == [str(folder / p) for p in ("notes.txt", "sub/b.png.txt", "sub/y.txt")]
     assert log.examples["empty_caption"] == [str(folder / "d.txt")]
     assert log.examples["bad_utf8"] == [str(folder / "e.txt")]
 
     got, log = run(ImageFolder(folder))
     assert list(got) == ["a", "g", "sub/b", "x"]
+    assert log.n_bad == 7  # the 6 above and f.jpg
     assert same_pixels(got["a"][0], make_image(1)) and same_pixels(got["g"][0], make_image(7))
     assert log.n_ok == 4 and log.examples["bad_image"] == [str(folder / "f.jpg")]
 
@@ -552,6 +560,13 @@ def test_wds_url_forms_and_errors(shards, tmp_path):
     with pytest.raises(DataError) as e:
         WebDataset(gz).records(SkipLog())
     assert "not a readable uncompressed tar" in str(e.value) and str(gz) in str(e.value)
+
+
+def test_duplicate_is_a_reason():
+    assert "duplicate" in REASONS
+    log = SkipLog()
+    log.skip("duplicate", "f.tsv:3")
+    assert log.summary().endswith("duplicate: 1 (e.g. f.tsv:3)")
 
 
 def test_split_member():

@@ -156,15 +156,19 @@ def test_oracle_reads_every_spec_unjittered():
     assert oracle.read_spec(images[0]) == ALL_SPECS[0]
 
 
+# The README promises >= 99% after JPEG q75 or a 1 px blur from 48 px up. At 32 px a small shape
+# is a few pixels across and both degradations cost shape reads (JPEG colour reads too): ~91% of
+# 300 read fully right today, held to a weaker, documented bound.
 @pytest.mark.parametrize("degrade", ["jpeg", "blur"])
-def test_oracle_is_robust(degrade):
-    samples = make_split("test", 300, image_size=64)
+@pytest.mark.parametrize("size, bound", [(32, 0.85), (48, 0.99), (64, 0.99), (128, 0.99)])
+def test_oracle_is_robust(degrade, size, bound):
+    samples = make_split("test", 300, image_size=size)
     if degrade == "jpeg":
         images = [_jpeg(s.image, 75) for s in samples]
     else:
         images = [s.image.filter(ImageFilter.GaussianBlur(1)) for s in samples]
     result = oracle.score(images, [s.spec for s in samples])
-    assert result["all"] >= 0.95, result
+    assert result["all"] >= bound, result
 
 
 def _random_blobs(rng, n, size=64):

@@ -8,9 +8,10 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from t2i.data.formats import EasyNLPTSV, ImageFolder, WebDataset, decode_wds_sample
+from t2i.data.formats import EasyNLPTSV, ImageFolder
 from t2i.data.shards import ShardWriter, convert, sanitize_key
 from t2i.data.skips import DataError
+from t2i.data.wds import WebDataset, decode_wds_sample
 from tests.fixtures import b64, encode, jpeg, make_image, png, same_pixels, truncated_jpeg, write_lines
 
 
@@ -144,3 +145,31 @@ def test_writer_direct(tmp_path):
     assert [p.name for p in w.shards] == ["x-000000.tar", "x-000001.tar", "x-000002.tar"]
     assert [k for k, _, _ in WebDataset(tmp_path / "w")] == [f"k{i}" for i in range(5)]
     assert not list((tmp_path / "w").glob("*.tmp"))
+
+
+def test_resharding_in_place_is_refused_before_anything_is_touched(folder, tmp_path):
+    out = tmp_path / "out"
+    convert(ImageFolder(folder), out, shard_size=2, progress=False, max_bad_fraction=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["shard-000000.tar", "shard-000001.tar"]
+    for overwrite in (True, False):
+        with pytest.raises(DataError) as e:
+            convert(WebDataset(out), out, shard_size=10, progress=False, overwrite=overwrite)
+        msg = str(e.value)
+        assert f"output={out} holds the input shards ({out / 'shard-000000.tar'} and 1 more)" in msg
+        assert "write to another folder" in msg
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # input intact, nothing new
+    # one input shard among several, given by path and through a symlinked folder: refused too
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    with pytest.raises(DataError, match="holds the input shards"):
+        convert(WebDataset(out / "shard-000001.tar"), link, progress=False, overwrite=True)
+    # an input TSV named like a shard counts as well
+    tsv = tmp_path / "t" / "shard-000000.tar"
+    write_lines(tsv, [f"1\t一\t{b64(png(1))}"])
+    with pytest.raises(DataError, match="holds the input shards"):
+        convert(EasyNLPTSV(tsv), tsv.parent, progress=False, overwrite=True)
+    # another prefix in the same folder, or another folder, is fine
+    summary = convert(WebDataset(out), out, prefix="re", shard_size=10, progress=False)
+    assert summary["written"] == 4 and (out / "re-000000.tar").is_file()
+    assert convert(WebDataset(out / "shard-*.tar"), tmp_path / "other", progress=False)["written"] == 4

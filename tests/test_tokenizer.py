@@ -212,3 +212,32 @@ def test_train_tokenizer_text_files_and_glob(tmp_path, capsys):
         train_tokenizer(tmp_path / "missing.txt", tmp_path / "t4.json")
     with pytest.raises(DataError, match="matches no files"):
         train_tokenizer(str(tmp_path / "*.nothing"), tmp_path / "t4.json")
+
+
+def test_train_tokenizer_folder_skips_image_tsv_id_lists_and_payloads(tmp_path, capsys):
+    payload = base64.b64encode(b"\x89PNG" + bytes(range(256)) * 8).decode()  # > 1000 chars, no spaces
+    muge = tmp_path / "muge"
+    muge.mkdir()
+    (muge / "T2I_train.text.tsv").write_text("1\t红色圆形\n2\t蓝色方形\n", encoding="utf-8")
+    (muge / "T2I_train.img.tsv").write_text(f"1\t{payload}\n2\t{payload}\n", encoding="utf-8")
+    coco = tmp_path / "coco-cn"
+    coco.mkdir()
+    (coco / "coco-cn_train.txt").write_text("COCO_train2014_000000000009\n", encoding="utf-8")
+    (coco / "imageid.human-written-caption.txt").write_text(
+        "COCO_train2014_000000000009#0\t绿色三角形\n", encoding="utf-8"
+    )
+    # inside a caption file, a base64 payload is no caption either (a lone one, or a stray column)
+    (tmp_path / "extra.txt").write_text(f"a large red circle\n{payload}\n", encoding="utf-8")
+    t = train_tokenizer(tmp_path, tmp_path / "t.json", vocab_size=200)
+    out = capsys.readouterr().out
+    assert "from 4 captions in 3 file(s)" in out
+    assert "0 blank/bad lines skipped, 1 non-caption values skipped (over 1000 chars" in out
+    assert (f"skipped 2 file(s) in the input folder that hold no captions: {coco / 'coco-cn_train.txt'}, "
+            f"{muge / 'T2I_train.img.tsv'}") in out
+    vocab = t.tok.get_vocab()
+    assert all(len(tok) < 40 for tok in vocab) and "coco_train2014_000000000009" not in vocab
+    assert "000000000009" not in "".join(vocab)
+
+    # an img.tsv named explicitly is read, but its base64 column is no caption
+    with pytest.raises(DataError, match="no captions found in 1 file.*, 2 non-caption values skipped"):
+        train_tokenizer(muge / "T2I_train.img.tsv", tmp_path / "t2.json")

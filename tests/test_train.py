@@ -42,6 +42,7 @@ def test_train_fits_tests_and_saves(tmp_path):
     # best + last checkpoints; each carries the resolved config and the text tokenizer
     best = obj["trainer"].checkpoint_callback.best_model_path
     assert best and Path(best).exists() and (run / "checkpoints" / "last.ckpt").exists()
+    assert obj["trainer"].ckpt_path == best  # the test ran on the best checkpoint
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
     assert ckpt["t2i_config"]["model"]["_target_"] == "tests.tiny_module.TinyModule"
     dm_state = ckpt["ImageTextDataModule"]

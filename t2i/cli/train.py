@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from t2i.callbacks.config_saver import ConfigSaver
 from t2i.cli.common import clear_errors, instantiate_group, save_config
@@ -33,7 +34,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    save_config(cfg, out)
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this; one writes
+        save_config(cfg, out)
 
     log.info("data: %s", cfg.data._target_)
     datamodule: pl.LightningDataModule = instantiate(cfg.data, _convert_="all")
@@ -49,7 +51,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_metrics = dict(trainer.callback_metrics)
     tokenizer = getattr(datamodule, "tokenizer", None)
-    if tokenizer is not None:  # beside the checkpoints (it is inside them too)
+    if tokenizer is not None and trainer.is_global_zero:  # beside the checkpoints (it is inside them too)
         tokenizer.save(out / "tokenizer.json")
 
     has_test = getattr(datamodule, "has_split", lambda split: True)("test")

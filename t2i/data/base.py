@@ -151,6 +151,13 @@ def _need_file(path: Path, key: str, value, what: str) -> Path:
     return path
 
 
+def images_off_hint(key: str) -> str:
+    """How to read a captions-only split: the t2i-data option, or the reader option in a data config."""
+    if key == "input":  # t2i-data
+        return "`require_images=false`"
+    return f"`require_images: false` in the {key} entry of the data config"
+
+
 def _sibling_key(key: str, name: str) -> str:
     """Config key for another setting next to ``key``: ('data.path', 'image_dir') -> 'data.image_dir'."""
     return key.rsplit(".", 1)[0] + "." + name if "." in key else name
@@ -170,6 +177,10 @@ class Source:
 
     def records(self, log: SkipLog) -> list[Record]:
         raise NotImplementedError
+
+    def inputs(self) -> list[Path]:
+        """Files whose bytes :meth:`records` / :meth:`read_bytes` read (not image files found by name)."""
+        return []
 
     def read_bytes(self, rec: Record) -> bytes:
         """The encoded image bytes of ``rec``; raises BadSample."""

@@ -1,7 +1,8 @@
 """ImageTextDataModule: any supported format (or webdataset shards) -> batches of images and token ids.
 
 A batch is a dict: ``image`` float [B, 3, S, S] in [-1, 1], ``text`` long [B, text_len] (when a
-tokenizer is configured), ``caption`` list[str], ``key`` list[str]. Training draws one random
+tokenizer is configured), ``caption`` list[str], ``key`` list[str]; B may be 0 when every sample
+of a batch failed to decode (rare: the run stops past ``max_bad_fraction``). Training draws one random
 caption per image; evaluation yields every (image, caption) pair. Samples that fail to decode
 are dropped from the batch and counted in ``self.logs[stage]`` (see :class:`t2i.data.skips.SkipLog`);
 the :class:`t2i.callbacks.data_report.DataReport` callback prints and checks them every epoch.
@@ -9,8 +10,9 @@ the :class:`t2i.callbacks.data_report.DataReport` callback prints and checks the
 
 from __future__ import annotations
 
+import json
 import logging
-import tarfile
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,9 +22,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from t2i.data.base import Record, Source
 from t2i.data.formats import open_source
 from t2i.data.skips import BadSample, DataError, SkipLog
+from t2i.data.streaming import StreamingPairs
 from t2i.data.tokenizer import TextTokenizer, check_same
 from t2i.data.transforms import ImageTransform, from_raw
-from t2i.data.wds import check_tar, decode_wds_sample, expand_urls
+from t2i.data.wds import check_tar, expand_urls
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -53,65 +56,13 @@ class CaptionedImages(Dataset):
         return {"image": self.transform(image), "caption": rec.captions[c], "key": rec.key}
 
 
-class StreamingPairs(IterableDataset):
-    """Webdataset shards streamed in order; shards are split by node (DDP rank) and by worker."""
-
-    def __init__(self, urls, transform, every_caption: bool, shuffle: int = 0, epoch_length: int | None = None):
-        self.urls, self.transform = urls, transform
-        self.every_caption, self.shuffle, self.epoch_length = every_caption, shuffle, epoch_length
-
-    def _pipeline(self):
-        import webdataset as wds
-
-        ds = wds.WebDataset(
-            self.urls,
-            shardshuffle=100 if self.shuffle else False,
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            empty_check=False,
-        )
-        return ds.shuffle(self.shuffle) if self.shuffle else ds
-
-    def _samples(self):
-        """The pipeline's samples; a shard that cannot be read is one clear error naming it."""
-        it = iter(self._pipeline())
-        while True:
-            try:
-                yield next(it)
-            except StopIteration:
-                return
-            except (tarfile.TarError, OSError, EOFError) as e:
-                shard = next((a for a in e.args[1:] if isinstance(a, str)), "a shard")
-                raise DataError(
-                    f"{shard} cannot be read ({e.args[0] if e.args else e}); rebuild it with `t2i-data convert` "
-                    "or drop it from the data split's shard list"
-                ) from None
-
-    def __iter__(self):
-        n = 0
-        for sample in self._samples():
-            where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-            try:
-                key, image, captions = decode_wds_sample(sample, where)
-            except BadSample as e:
-                yield {"bad": (e.reason, e.where)}
-                continue
-            image = self.transform(image)
-            chosen = captions if self.every_caption else [captions[int(torch.randint(len(captions), ()))]]
-            for caption in chosen:
-                yield {"image": image, "caption": caption, "key": key}
-                n += 1
-                if self.epoch_length and n >= self.epoch_length:
-                    return
-
-
 class Collate:
     """Stack good samples, tokenize captions, carry skipped markers and truncation counts along."""
 
-    def __init__(self, tokenizer: TextTokenizer | None, text_len: int):
+    def __init__(self, tokenizer: TextTokenizer | None, text_len: int, image_size: int):
         # a private copy: its truncation counter is read per batch, the main process keeps the totals
         self.tokenizer = TextTokenizer.from_str(tokenizer.to_str()) if tokenizer is not None else None
-        self.text_len = text_len
+        self.text_len, self.image_size = text_len, image_size
 
     def __call__(self, items: list[dict]) -> dict:
         good = [x for x in items if "bad" not in x]
@@ -120,11 +71,12 @@ class Collate:
             "caption": [x["caption"] for x in good],
             "key": [x["key"] for x in good],
         }
-        if good:
-            batch["image"] = torch.stack([x["image"] for x in good])
-        if self.tokenizer is not None and good:
+        s = self.image_size  # a batch whose samples were all bad still has every key, with length 0
+        batch["image"] = torch.stack([x["image"] for x in good]) if good else torch.empty(0, s, s, 3, dtype=torch.uint8)
+        if self.tokenizer is not None:
             before = self.tokenizer.n_truncated
-            batch["text"] = self.tokenizer.encode(batch["caption"], self.text_len)
+            batch["text"] = (self.tokenizer.encode(batch["caption"], self.text_len) if good
+                             else torch.empty(0, self.text_len, dtype=torch.long))
             batch["n_truncated"] = self.tokenizer.n_truncated - before
         return batch
 
@@ -184,9 +136,18 @@ class ImageTextDataModule(pl.LightningDataModule):
         cfg = dict(cfg)
         out = Path(cfg.pop("output"))
         vocab_size = cfg.pop("vocab_size", 1000)
-        if not (out / "meta.json").exists():
-            log.info("building the Shapes benchmark in %s", out)
+        cfg.setdefault("progress", False)
+        meta = out / "meta.json"
+        built = json.loads(meta.read_text()) if meta.exists() else None
+        want = {"counts": {s: cfg.get(f"n_{s}") for s in ("train", "val", "test", "compositional")},
+                "image_size": cfg.get("image_size"), "seed": cfg.get("seed"), "lang": cfg.get("lang")}
+        if built is None or any(built.get(k) != v for k, v in want.items() if v is not None and k != "counts") or any(
+            built["counts"].get(s) != n for s, n in want["counts"].items() if n is not None
+        ):
+            log.info("%s the Shapes benchmark in %s", "rebuilding" if built else "building", out)
             write_shapes(out, **cfg)
+            if self.hparams.tokenizer and Path(self.hparams.tokenizer).exists():
+                Path(self.hparams.tokenizer).unlink()  # made from the old captions
         if self.hparams.tokenizer and not Path(self.hparams.tokenizer).exists():
             train_tokenizer(out / "shapes_train.tsv", self.hparams.tokenizer, vocab_size=vocab_size)
 
@@ -203,7 +164,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         # raw uint8 pixels through the loader; to [-1, 1] floats after the transfer (on_after_batch_transfer)
         transform_train = ImageTransform(self.hparams.image_size, self.hparams.random_crop, raw=True)
         transform_eval = ImageTransform(self.hparams.image_size, False, raw=True)
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: STAGES}[stage]
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",),
+                  None: STAGES}[stage]
+        if self.hparams.streaming and self.splits["val"] is None and self.hparams.val_fraction > 0:
+            raise DataError("data.val_fraction needs an indexed source; with data.streaming=true give "
+                            "validation shards in data.val")
         if "val" in wanted and self.splits["val"] is None and self.hparams.val_fraction > 0:
             wanted = tuple(dict.fromkeys(("train",) + wanted))
         records = {}
@@ -220,7 +185,15 @@ class ImageTextDataModule(pl.LightningDataModule):
                     if problem:
                         raise DataError(f"data.{split}: shard {url} {problem}; rebuild it with `t2i-data convert` "
                                         "or drop it from the list (data.verify_shards=false skips this check)")
-                self.datasets[split] = StreamingPairs(urls, transform, every, shuffle, self.hparams.epoch_length)
+                rank, world = self._rank_world()
+                if len(urls) < world:
+                    raise DataError(f"data.{split}: {len(urls)} shard(s) cannot be split over {world} ranks; "
+                                    "write more, smaller shards (`t2i-data convert shard_size=...`)")
+                if world > 1 and split == "train" and not self.hparams.epoch_length:
+                    log.warning("streaming under DDP without data.epoch_length: ranks may get different numbers "
+                                "of samples and wait on each other; set data.epoch_length (samples per rank)")
+                self.datasets[split] = StreamingPairs(urls, transform, every, shuffle, self.hparams.epoch_length
+                                                      if split == "train" else None, self.hparams.seed, rank, world)
                 continue
             src = self._open(split)
             ilog = SkipLog(self.hparams.max_bad_fraction, name=f"{split} index ({src.name})")
@@ -228,7 +201,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             self.index_logs[split] = ilog
             if ilog.n_bad:
                 log.warning(ilog.summary())
-            ilog.ok(len(records[split][1]))
+            ilog.ok(sum(len(r.captions) for r in records[split][1]))  # readers count bad caption rows
             ilog.check()
             if not records[split][1]:
                 raise DataError(f"data.{split}: no usable samples in {self.splits[split]}")
@@ -241,6 +214,12 @@ class ImageTextDataModule(pl.LightningDataModule):
             records["train"] = (src, [recs[i] for i in sorted(perm[n_val:])], False, transform_train)
         for split, (src, recs, every, transform) in records.items():
             self.datasets[split] = CaptionedImages(src, recs, transform, every)
+
+    def _rank_world(self) -> tuple[int, int]:
+        """This process's DDP rank and the world size: from the trainer, else torchrun's variables."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
     # -- loaders ----------------------------------------------------------------------------
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -256,7 +235,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             num_workers=workers,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            collate_fn=Collate(self.tokenizer, self.hparams.text_len),
+            collate_fn=Collate(self.tokenizer, self.hparams.text_len, self.hparams.image_size),
             drop_last=False,
         )
 

@@ -21,25 +21,21 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from t2i.data.base import (  # noqa: F401  (re-exported: the readers' public helpers live in base)
+from t2i.data.base import (
     IMAGE_EXTS,
-    WDS_IMAGE_EXTS,
     Record,
     Source,
     _lines,
     _need_file,
     _sibling_key,
     _utf8,
-    b64decode,
     captions_from_bytes,
-    clean_captions,
-    decode_image,
-    read_ref,
-    to_rgb,
+    images_off_hint,
 )
 from t2i.data.skips import (
     BAD_COLUMNS,
     BAD_UTF8,
+    DUPLICATE,
     EMPTY_CAPTION,
     MISSING_CAPTION,
     MISSING_IMAGE,
@@ -48,7 +44,7 @@ from t2i.data.skips import (
     SkipLog,
     require_path,
 )
-from t2i.data.wds import WebDataset, decode_wds_sample, expand_urls, split_member  # noqa: F401
+from t2i.data.wds import WebDataset
 
 # -- 1. EasyNLP TSV --------------------------------------------------------------------------
 
@@ -59,8 +55,8 @@ class EasyNLPTSV(Source):
     The file's column count (2 or 3) is the one most of its lines have; other lines are
     ``bad_columns``. Each line is its own record with key ``idx``; an idx used on several
     good lines becomes ``f"{idx}_{line}"`` on each of them. Checks per line, first failing
-    wins: bad_columns, bad_utf8 (idx/text), empty_caption, missing_image (2-column file
-    with ``require_images``).
+    wins: bad_columns, bad_utf8 (idx/text), empty_caption. A 2-column file (captions only)
+    with ``require_images`` is a DataError: it has no image column.
     """
 
     name = "easynlp_tsv"
@@ -70,10 +66,19 @@ class EasyNLPTSV(Source):
         self.path = require_path(path, key, "TSV file")
         self.require_images = require_images
 
+    def inputs(self) -> list[Path]:
+        return [self.path]
+
     def _parse(self, log: SkipLog, require_images: bool) -> list[Record]:
         rows = [(lineno, offset, line.split(b"\t")) for lineno, offset, line in _lines(self.path)]
         counts = Counter(len(fields) for _, _, fields in rows if len(fields) in (2, 3))
         ncols = 2 if counts[2] > counts[3] else 3
+        if ncols == 2 and require_images:
+            raise DataError(
+                f"{self.key}={self.path}: no image column ({counts[2]} of {len(rows)} lines are "
+                f"`idx \\t text`, captions only); give the 3-column `idx \\t text \\t base64` file, "
+                f"or read captions only with {images_off_hint(self.key)}"
+            )
         out = []
         for lineno, offset, fields in rows:
             where = f"{self.path}:{lineno}"
@@ -87,9 +92,6 @@ class EasyNLPTSV(Source):
             idx, text = texts[0].strip() or f"line{lineno}", texts[1].strip()
             if not text:
                 log.skip(EMPTY_CAPTION, where)
-                continue
-            if ncols == 2 and require_images:
-                log.skip(MISSING_IMAGE, where)
                 continue
             out.append(Record(idx, [text], (self.path, offset) if ncols == 3 else None, where))
         used = Counter(r.key for r in out)
@@ -116,7 +118,8 @@ class MUGE(Source):
     ``{split}/`` sub-folder holding them. Several text rows for one id are several captions.
     Each text row of an id without image -> missing_image (text file:line); an image id with no
     text row at all -> missing_caption (img file:line); an image whose text rows were all bad is
-    counted once per bad row only. A repeated image id keeps its first line. Records follow the
+    counted once per bad row only. A repeated image id keeps its first line; each later line is
+    counted as duplicate (img file:line). Records follow the
     img file's order. With ``require_images=False`` ids without image become records with
     ``ref=None`` (after the others) instead, and a missing img.tsv is fine (the test split ships
     without one); with ``require_images`` a missing img.tsv is a DataError.
@@ -139,6 +142,9 @@ class MUGE(Source):
             )
         self.text_path = folder / text_name
         self.img_path = folder / f"T2I_{split}.img.tsv"
+
+    def inputs(self) -> list[Path]:
+        return [self.text_path, self.img_path]
 
     def _parse(self, log: SkipLog, require_images: bool, with_images: bool = True) -> list[Record]:
         caps: dict[str, list[str]] = {}
@@ -167,7 +173,7 @@ class MUGE(Source):
         if not self.img_path.is_file():
             raise DataError(
                 f"{self.key}: {self.img_path} not found; MUGE's {self.split} split has captions only "
-                f"here -- read it with require_images=False / read_captions()"
+                f"here -- read them with {images_off_hint(self.key)}"
             )
         out, found = [], set()
         for lineno, offset, line in _lines(self.img_path):
@@ -178,6 +184,7 @@ class MUGE(Source):
                 continue
             id_ = fields[0].decode("utf-8", "replace").strip()
             if id_ in found:
+                log.skip(DUPLICATE, where)
                 continue
             found.add(id_)
             if id_ in caps:
@@ -214,7 +221,8 @@ class COCOCN(Source):
     Images are looked up as ``image_dir/<id>.jpg``, then ``image_dir/<train2014|val2014>/<id>.jpg``
     after the id's prefix; ``image_dir`` defaults to root. Bad caption rows are counted only
     for ids of this split (and always when the id cannot be read); an id of the split with no
-    caption row at all -> missing_caption, with no image file -> missing_image (split file:line).
+    caption row at all -> missing_caption, with no image file -> missing_image, listed again in the
+    split -> duplicate (split file:line; the first line is kept).
     """
 
     name = "coco_cn"
@@ -234,6 +242,9 @@ class COCOCN(Source):
         self.image_dir = require_path(
             root if image_dir is None else image_dir, _sibling_key(key, "image_dir"), "image folder"
         )
+
+    def inputs(self) -> list[Path]:
+        return [self.split_path, self.caption_path]
 
     def _image_file(self, id_: str) -> Path | None:
         m = re.match(r"COCO_([a-z]+\d+)_", id_)
@@ -272,6 +283,7 @@ class COCOCN(Source):
                 log.skip(BAD_UTF8, where)
                 continue
             if id_ in done:
+                log.skip(DUPLICATE, where)
                 continue
             done.add(id_)
             for reason, w in bad.get(id_, []):
@@ -295,7 +307,8 @@ class ImageFolder(Source):
     """Images anywhere under ``root`` (recursive, sorted), captions in the same-stem ``.txt``.
 
     Key = path relative to root without suffix (with suffix if two images share a stem).
-    Hidden files and folders (name starting with '.') are ignored, so are .txt files with no image.
+    Hidden files and folders (name starting with '.') are ignored. An image without .txt is
+    missing_caption (image path); a .txt whose stem has no image is missing_image (.txt path).
     """
 
     name = "folder"
@@ -306,13 +319,17 @@ class ImageFolder(Source):
         self.exts = {"." + e.lower().lstrip(".") for e in exts}
 
     def records(self, log: SkipLog) -> list[Record]:
-        images = sorted(
+        files = sorted(
             p.relative_to(self.root)
             for p in self.root.rglob("*")
-            if p.suffix.lower() in self.exts and p.is_file()
+            if p.suffix.lower() in (*self.exts, ".txt") and p.is_file()
         )
-        images = [p for p in images if not any(part.startswith(".") for part in p.parts)]
+        files = [p for p in files if not any(part.startswith(".") for part in p.parts)]
+        images = [p for p in files if p.suffix.lower() in self.exts]
         stems = Counter(p.with_suffix("").as_posix() for p in images)
+        for rel in files:
+            if rel.suffix == ".txt" and rel.with_suffix("").as_posix() not in stems:
+                log.skip(MISSING_IMAGE, str(self.root / rel))
         out = []
         for rel in images:
             path = self.root / rel

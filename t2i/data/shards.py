@@ -19,7 +19,7 @@ from PIL import Image
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from t2i.data.formats import Source
+from t2i.data.base import Source
 from t2i.data.skips import BadSample, DataError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -116,11 +116,31 @@ class ShardWriter:
         self.close()
 
 
+def _shard_name(prefix: str) -> re.Pattern:
+    return re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?")
+
+
 def existing_shards(output, prefix: str = "shard") -> list[Path]:
     """Shards named like ours already in ``output``."""
     out = Path(output)
-    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?")
+    pattern = _shard_name(prefix)
     return sorted(p for p in out.glob(f"{prefix}-*") if pattern.fullmatch(p.name)) if out.is_dir() else []
+
+
+def check_not_input(source: Source, output, prefix: str = "shard") -> None:
+    """Raise DataError if ``source`` reads a file that writing ``{prefix}-NNNNNN.tar`` shards to
+    ``output`` would delete or overwrite (re-sharding a folder in place)."""
+    out = Path(output).expanduser()
+    if not out.is_dir():
+        return
+    out, pattern = out.resolve(), _shard_name(prefix)
+    hit = [p for p in source.inputs() if pattern.fullmatch(Path(p).name) and Path(p).resolve().parent == out]
+    if hit:
+        more = f" and {len(hit) - 1} more" if len(hit) > 1 else ""
+        raise DataError(
+            f"output={output} holds the input shards ({hit[0]}{more}) that writing {prefix}-*.tar there "
+            f"would replace; write to another folder"
+        )
 
 
 def convert(
@@ -138,9 +158,11 @@ def convert(
 
     Prints the skip summary, then raises DataError (after the shards are complete) if the bad
     fraction passes ``max_bad_fraction`` (default: the source log's own). Refuses to mix with
-    ``{prefix}-*.tar`` shards already in ``output`` unless ``overwrite`` (which deletes them).
+    ``{prefix}-*.tar`` shards already in ``output`` unless ``overwrite`` (which deletes them), and
+    always refuses to write over the shards ``source`` reads from.
     Returns {"written", "skipped": {reason: n}, "shards": [paths], "log"}.
     """
+    check_not_input(source, output, prefix)
     old = existing_shards(output, prefix)
     if old and not overwrite:
         raise DataError(

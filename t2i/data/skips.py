@@ -20,7 +20,10 @@ MISSING_CAPTION = "missing_caption"  # image without any caption
 BAD_COLUMNS = "bad_columns"  # TSV row with the wrong number of columns
 EMPTY_CAPTION = "empty_caption"  # caption column present but blank
 BAD_UTF8 = "bad_utf8"  # row or caption file is not valid UTF-8
-REASONS = (BAD_BASE64, BAD_IMAGE, MISSING_IMAGE, MISSING_CAPTION, BAD_COLUMNS, EMPTY_CAPTION, BAD_UTF8)
+DUPLICATE = "duplicate"  # a repeated id whose first occurrence is kept
+REASONS = (
+    BAD_BASE64, BAD_IMAGE, MISSING_IMAGE, MISSING_CAPTION, BAD_COLUMNS, EMPTY_CAPTION, BAD_UTF8, DUPLICATE
+)
 
 
 class DataError(T2IError):

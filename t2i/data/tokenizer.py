@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -268,7 +269,25 @@ def check_same(expected: TextTokenizer, got: TextTokenizer, where: str) -> None:
 
 
 # -- training from caption files (`t2i-data tokenizer ...`) --------------------------------
-def _expand(input) -> list[Path]:
+# Files a folder input leaves out: they sit next to caption files but hold no captions.
+NOT_CAPTION_FILES = (
+    re.compile(r".*\.img\.tsv"),  # MUGE images: id \t base64
+    re.compile(r"coco-cn_[^/]*\.txt"),  # COCO-CN split lists: one image id a line
+)
+MAX_WORD_CHARS = 1000  # a "caption" this long without whitespace is a payload (base64), not text
+
+
+def _not_caption_file(p: Path) -> bool:
+    return any(rx.fullmatch(p.name) for rx in NOT_CAPTION_FILES)
+
+
+def _looks_like_payload(text: str) -> bool:
+    return len(text) > MAX_WORD_CHARS and not any(c.isspace() for c in text)
+
+
+def _expand(input, ignored: list[Path] | None = None) -> list[Path]:
+    """Caption files named by ``input``; a folder's .txt/.tsv files minus :data:`NOT_CAPTION_FILES`
+    (those are appended to ``ignored``)."""
     items = [input] if isinstance(input, (str, os.PathLike)) else list(input)
     files: list[Path] = []
     for item in items:
@@ -280,7 +299,13 @@ def _expand(input) -> list[Path]:
             files += [Path(h) for h in hits if Path(h).is_file()]
         else:
             p = require_path(s, "input", kind="caption file")
-            files += sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".tsv")) if p.is_dir() else [p]
+            if not p.is_dir():
+                files.append(p)
+                continue
+            found = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".tsv") and q.is_file())
+            files += [q for q in found if not _not_caption_file(q)]
+            if ignored is not None:
+                ignored += [q for q in found if _not_caption_file(q)]
     if not files:
         raise DataError(f"input={input}: no caption files (.txt / .tsv) found")
     return files
@@ -313,6 +338,9 @@ def _captions(files: list[Path], text_column, stats: dict) -> Iterator[str]:
                 if not text:
                     stats["bad"] += 1
                     continue
+                if _looks_like_payload(text):
+                    stats["not_caption"] += 1
+                    continue
                 stats["n"] += 1
                 stats["cjk"].update(c for c in text if is_cjk(c))
                 yield text
@@ -324,17 +352,26 @@ def train_tokenizer(
     """Train on caption text / TSV file(s), save ``output`` (tokenizer.json), print a summary."""
     if output is None or str(output) == "":
         raise DataError("output is not set: give the tokenizer.json to write with `output=...`")
-    files = _expand(input)
-    stats: dict = {"n": 0, "bad": 0, "cjk": set()}
+    ignored: list[Path] = []
+    files = _expand(input, ignored)
+    stats: dict = {"n": 0, "bad": 0, "not_caption": 0, "cjk": set()}
     tok = TextTokenizer.train(_captions(files, text_column, stats), vocab_size, min_frequency, model)
+    skipped = f"{stats['bad']} blank/bad lines skipped"
+    if stats["not_caption"]:
+        skipped += (f", {stats['not_caption']} non-caption values skipped (over {MAX_WORD_CHARS} chars "
+                    "without whitespace: base64?)")
     if stats["n"] == 0:
-        raise DataError(f"input={input}: no captions found in {len(files)} file(s)")
+        raise DataError(f"input={input}: no captions found in {len(files)} file(s) ({skipped}); "
+                        "give caption text / TSV files")
     tok.save(output)
     vocab = tok.tok.get_vocab()
     covered = sum(c in vocab for c in stats["cjk"])
     cover = f"{covered}/{len(stats['cjk'])} CJK chars in vocab" if stats["cjk"] else "no CJK chars"
     print(
         f"tokenizer: {model} vocab {tok.vocab_size} from {stats['n']} captions in {len(files)} file(s)"
-        f" ({stats['bad']} blank/bad lines skipped); {cover}; fingerprint {tok.fingerprint} -> {output}"
+        f" ({skipped}); {cover}; fingerprint {tok.fingerprint} -> {output}"
     )
+    if ignored:
+        names = ", ".join(str(p) for p in ignored[:3]) + (f" and {len(ignored) - 3} more" if len(ignored) > 3 else "")
+        print(f"tokenizer: skipped {len(ignored)} file(s) in the input folder that hold no captions: {names}")
     return tok

@@ -107,6 +107,9 @@ class WebDataset(Source):
         super().__init__(key)
         self.paths = expand_urls(urls, key)
 
+    def inputs(self) -> list[Path]:
+        return list(self.paths)
+
     def records(self, log: SkipLog) -> list[Record]:
         out = []
         for path in self.paths:
