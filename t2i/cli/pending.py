@@ -3,7 +3,6 @@
 import sys
 
 PENDING = {
-    "t2i-tokenize": "image tokenization (needs the image-tokenizer stage, issue #3)",
     "t2i-generate": "sampling and reranking (needs the transformer stage, issue #4)",
     "t2i-eval": "benchmark evaluation (needs the evaluation stage, issue #6)",
 }
@@ -12,10 +11,6 @@ PENDING = {
 def _pending(name: str) -> None:
     print(f"{name}: not yet available - {PENDING[name]}. Nothing was run.", file=sys.stderr)
     sys.exit(2)
-
-
-def tokenize() -> None:
-    _pending("t2i-tokenize")
 
 
 def generate() -> None:

@@ -1,0 +1,47 @@
+"""One callback for every module's ``log_images(batch) -> dict[str, Tensor]``: PNG grids on disk
+(``<run>/images/``) and, when a W&B logger is attached, ``wandb.Image`` panels. Rank zero only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torchvision.utils import make_grid, save_image
+
+
+class ImageLogger(pl.Callback):
+    def __init__(self, every_n_epochs: int = 1, max_images: int = 16, dirname: str = "images"):
+        self.every_n_epochs, self.max_images, self.dirname = every_n_epochs, max_images, dirname
+        self._batch = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and not trainer.sanity_checking and isinstance(batch, dict):
+            self._batch = {k: v[: self.max_images] if hasattr(v, "__getitem__") else v for k, v in batch.items()}
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        batch, self._batch = self._batch, None
+        if batch is None or not hasattr(pl_module, "log_images"):
+            return
+        if trainer.current_epoch % self.every_n_epochs or not trainer.is_global_zero:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            images = pl_module.log_images(batch)
+        pl_module.train(was_training)
+        self.save(trainer, images, f"val_epoch{trainer.current_epoch:03d}")
+
+    def save(self, trainer, images: dict, stem: str) -> dict[str, Path]:
+        out = Path(trainer.default_root_dir) / self.dirname
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, x in images.items():
+            grid = make_grid(((x.detach().float().cpu().clamp(-1, 1) + 1) / 2), nrow=min(8, len(x)))
+            paths[name] = out / f"{stem}_{name}.png"
+            save_image(grid, paths[name])
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image(key="images", images=[str(p) for p in paths.values()],
+                                 caption=list(paths), step=trainer.global_step)
+        return paths

@@ -1,0 +1,485 @@
+"""t2i-tokenize: encode a dataset's images with a trained image tokenizer into code shards (stage 1 -> 2).
+
+    t2i-tokenize tokenizer_ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt data=shapes output=data/codes/shapes
+    t2i-tokenize tokenizer_ckpt=vqgan.ckpt data=muge output=data/codes/muge split=train batch_size=128
+    torchrun --nproc_per_node=8 -m t2i.cli.tokenize tokenizer_ckpt=vqgan.ckpt data=muge output=data/codes/muge
+
+``data=`` is the same config group as ``t2i-train`` (so ``data.image_size=...`` etc. work); images
+get the evaluation transform (resize + centre crop, no random crop), each image is encoded once and
+its shard record carries all of its captions. Output layout, sharding and the manifest: see
+:mod:`t2i.data.codes`.
+
+Resuming: a rerun with the same settings skips every finished shard (``resume=false`` re-encodes this
+rank's shards). An output written with another tokenizer, image size, world size, shard size or a
+changed data set is refused unless ``overwrite=true``, which first deletes the code shards and
+manifests there.
+
+Several processes: rank and world size come from ``RANK``/``WORLD_SIZE`` (default 0/1); rank ``r``
+encodes records ``r::WORLD_SIZE`` into its own shards and state file ``manifest.rank{r}.json``.
+``manifest.json`` is merged from the rank files by whichever rank finishes a split last (so ranks may
+also run one after another, e.g. as a job array). Under ``torchrun`` (``MASTER_ADDR`` set) the ranks
+also synchronise: rank 0 builds the data set first (Shapes) and merges the manifest after all ranks.
+Without ``torchrun``, build a synthetic data set once before starting ranks concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from t2i.cli.common import clear_errors
+from t2i.data.codes import (
+    HEADER_KEYS,
+    MANIFEST,
+    SHARD_RE,
+    VERSION,
+    CodeShardWriter,
+    code_dtype,
+    code_files,
+    describe,
+    file_sha256,
+    merge_manifests,
+    rank_file,
+    rank_files,
+    read_json,
+    shard_name,
+    write_json,
+)
+from t2i.data.skips import BadSample, DataError, SkipLog
+from t2i.data.transforms import ImageTransform, from_raw
+from t2i.errors import ConfigError
+
+log = logging.getLogger("t2i.tokenize")
+SPLITS = ("train", "val", "test")
+KINDS = ("t2i", "taming", "openai_dvae")
+
+
+# -- setup ----------------------------------------------------------------------------------------
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes, from RANK / WORLD_SIZE (torchrun sets both)."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ConfigError(f"RANK={os.environ.get('RANK')} WORLD_SIZE={os.environ.get('WORLD_SIZE')}: "
+                          "must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} WORLD_SIZE={world}: need WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
+    return rank, world
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name}: not a torch device; use auto, cpu, cuda or cuda:N") from None
+
+
+def load_image_tokenizer(cfg: DictConfig) -> tuple[nn.Module, Path]:
+    """The image tokenizer ``tokenizer_kind`` names, and the file that identifies it (hashed into the manifest).
+
+    ``t2i``: our own checkpoint (:func:`t2i.models.load_tokenizer`). ``taming`` / ``openai_dvae``: public
+    weights through :mod:`t2i.pretrained` (``tokenizer_config``: the taming YAML; ``tokenizer_decoder``:
+    the dVAE's decoder.pkl, with ``tokenizer_ckpt`` its encoder.pkl).
+    """
+    kind, ckpt = cfg.tokenizer_kind, cfg.tokenizer_ckpt
+    if kind not in KINDS:
+        raise ConfigError(f"tokenizer_kind={kind}: unknown; use one of {', '.join(KINDS)}")
+    if not ckpt:
+        raise ConfigError("t2i-tokenize: `tokenizer_ckpt=...` is required (a .ckpt from "
+                          "`t2i-train experiment=*_vqgan` or *_dvae)")
+    path = Path(str(ckpt)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"tokenizer_ckpt={ckpt}: no such file (give a .ckpt from `t2i-train experiment=*_vqgan` "
+                          "or *_dvae)")
+    if kind == "t2i":
+        from t2i.models import load_tokenizer
+
+        model = load_tokenizer(path)
+    else:
+        try:
+            from t2i import pretrained
+        except ImportError:
+            raise ConfigError(f"tokenizer_kind={kind}: the public-checkpoint importers (t2i.pretrained) are not "
+                              "part of this version yet; use a t2i checkpoint (tokenizer_kind=t2i)") from None
+        if kind == "taming":
+            model = pretrained.load_taming_vqgan(str(path), cfg.get("tokenizer_config"))
+        else:
+            model = pretrained.load_openai_dvae(str(path), cfg.get("tokenizer_decoder"))
+    for attr in ("codebook_size", "downsample"):
+        if not isinstance(getattr(model, attr, None), int):
+            raise ConfigError(f"tokenizer_ckpt={ckpt}: {type(model).__name__} has no integer `{attr}`; it does not "
+                              "follow the image-tokenizer contract (t2i.models)")
+    return model.eval(), path
+
+
+def build_datamodule(cfg: DictConfig, wanted: tuple[str, ...]):
+    """The configured ImageTextDataModule indexing only ``wanted`` splits (plus train when val is carved
+    out of it, so both keep the split training used); no text tokenizer, never streaming."""
+    data = cfg.data
+    carve = data.get("val") is None and float(data.get("val_fraction") or 0) > 0
+    keep = set(wanted) | ({"train"} if carve and ("val" in wanted or "train" in wanted) else set())
+    drop = {s: None for s in SPLITS if s not in keep}
+    dm = instantiate(data, tokenizer=None, streaming=False, _convert_="all", **drop)
+    for attr in ("prepare_data", "setup", "datasets"):
+        if not hasattr(dm, attr):
+            raise ConfigError(f"data._target_={data.get('_target_')}: t2i-tokenize needs an ImageTextDataModule")
+    return dm
+
+
+# -- output folder --------------------------------------------------------------------------------
+
+
+def clear_output(out: Path, rank: int, world: int) -> None:
+    """overwrite=true: delete this rank's shards and state (rank 0: also the manifest and the files of
+    ranks this run does not have)."""
+    for p in code_files(out):
+        r = int(SHARD_RE.fullmatch(p.name)["rank"])
+        if r == rank or (rank == 0 and r >= world):
+            p.unlink(missing_ok=True)
+    for r, p in rank_files(out).items():
+        if r == rank or (rank == 0 and r >= world):
+            p.unlink(missing_ok=True)
+    if rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)
+
+
+def check_output(out: Path, header: dict) -> None:
+    """Refuse an output folder written with another tokenizer or other settings (overwrite=true replaces)."""
+    others = [(p, read_json(p)) for p in rank_files(out).values()]
+    if (out / MANIFEST).exists():
+        others.append((out / MANIFEST, read_json(out / MANIFEST)))
+    for path, other in others:
+        if other.get("tokenizer_sha256") != header["tokenizer_sha256"]:
+            raise DataError(
+                f"output={out} holds code shards from another image tokenizer ({path.name}: {describe(other)}); "
+                f"this run uses {header['tokenizer_ckpt']} (sha256 {header['tokenizer_sha256'][:12]}). Choose "
+                f"another output, or pass overwrite=true to replace them"
+            )
+        diff = [k for k in HEADER_KEYS if other.get(k) != header[k]]
+        if diff:
+            was = ", ".join(f"{k}={other.get(k)}" for k in diff)
+            now = ", ".join(f"{k}={header[k]}" for k in diff)
+            raise DataError(f"output={out} holds code shards made with {was} ({path.name}); this run has {now}. "
+                            f"Choose another output, or pass overwrite=true to replace them")
+    if not others and code_files(out):
+        raise DataError(f"output={out} holds codes-*.tar shards but no manifest or rank state; choose another "
+                        f"output, or pass overwrite=true to replace them")
+
+
+class RankState:
+    """This rank's ``manifest.rank{r}.json``: the header plus, per split, the finished shards."""
+
+    def __init__(self, out: Path, rank: int, header: dict):
+        self.path = rank_file(out, rank)
+        old = read_json(self.path) if self.path.exists() else {}
+        self.data = {**header, "rank": rank, "splits": old.get("splits", {})}
+
+    @property
+    def splits(self) -> dict:
+        return self.data["splits"]
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+
+# -- encoding -------------------------------------------------------------------------------------
+
+
+class ShardImages(Dataset):
+    """Loads and transforms the images at ``positions`` of ``records``; a failed load is a ``bad`` marker."""
+
+    def __init__(self, source, records, positions: list[int], transform):
+        self.source, self.records, self.positions, self.transform = source, records, positions, transform
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict:
+        pos = self.positions[i]
+        try:
+            return {"pos": pos, "image": self.transform(self.source.load(self.records[pos]))}
+        except BadSample as e:
+            return {"pos": pos, "bad": (e.reason, e.where)}
+
+
+def collate(items: list[dict]) -> dict:
+    good = [x["image"] for x in items if "bad" not in x]
+    return {"pos": [x["pos"] for x in items], "bad": [x.get("bad") for x in items],
+            "image": torch.stack(good) if good else None}
+
+
+class Encoder:
+    """Runs the tokenizer on uint8 batches and checks its output; keeps the time spent in it."""
+
+    def __init__(self, tokenizer: nn.Module, device: torch.device, grid: list[int], codebook_size: int, dtype: str):
+        self.tokenizer, self.device, self.grid = tokenizer.to(device), device, grid
+        self.codebook_size, self.dtype = codebook_size, np.dtype(dtype)
+        self.seconds, self.images = 0.0, 0
+
+    @torch.inference_mode()
+    def __call__(self, raw: torch.Tensor) -> np.ndarray:
+        t0 = time.perf_counter()
+        codes = self.tokenizer.encode(from_raw(raw.to(self.device, non_blocking=True))).cpu()
+        self.seconds += time.perf_counter() - t0
+        self.images += len(raw)
+        if list(codes.shape[1:]) != self.grid:
+            raise ConfigError(f"the image tokenizer returned codes of shape {list(codes.shape)} for "
+                              f"{raw.shape[1]} px images; its downsample={self.tokenizer.downsample} promises "
+                              f"[B, {self.grid[0]}, {self.grid[1]}]")
+        if codes.dtype.is_floating_point or int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size:
+            raise ConfigError(f"the image tokenizer returned codes outside [0, {self.codebook_size}) "
+                              f"(min {codes.min().item()}, max {codes.max().item()}, dtype {codes.dtype})")
+        return codes.numpy().astype(self.dtype)
+
+
+def encode_split(split: str, ds, encoder: Encoder, state: RankState, out: Path, cfg: DictConfig,
+                 rank: int, world: int, bar: Progress, max_bad_fraction: float) -> dict:
+    """Encode this rank's share of one split into its shards, skipping the finished ones."""
+    records = ds.records[rank::world]
+    size = int(cfg.shard_size)
+    n_shards = math.ceil(len(records) / size)
+    params = {"world_size": world, "shard_size": size, "records": len(ds.records)}
+    for r, p in rank_files(out).items():  # every rank's entry of this split must agree with this run
+        entry = (state.data if r == rank else read_json(p)).get("splits", {}).get(split)
+        clash = [k for k, v in params.items() if entry and entry.get(k) != v]
+        if clash:
+            was = ", ".join(f"{k}={entry[k]}" for k in clash)
+            now = ", ".join(f"{k}={params[k]}" for k in clash)
+            raise DataError(f"output={out}: its {split} split was written with {was} ({p.name}); this run has {now} "
+                            f"(records = the split's size: did the data change?). Rerun with the same settings "
+                            f"(WORLD_SIZE, shard_size), or pass overwrite=true to start again")
+    entry = state.splits.get(split)
+    if entry is None or not cfg.resume:
+        for p in code_files(out):
+            m = SHARD_RE.fullmatch(p.name)
+            if m["split"] == split and int(m["rank"]) == rank:
+                p.unlink()
+        entry = {**params, "complete": False, "shards": {}}
+    entry["shards"] = {n: info for n, info in entry["shards"].items() if (out / n).exists()}
+    entry["complete"] = False
+    state.splits[split] = entry
+    state.save()
+    todo = [i for i in range(n_shards) if shard_name(split, rank, i) not in entry["shards"]]
+    positions = [p for i in todo for p in range(i * size, min((i + 1) * size, len(records)))]
+
+    workers = int(cfg.num_workers)
+    loader = DataLoader(
+        ShardImages(ds.source, records, positions, ImageTransform(int(cfg.data.image_size), False, raw=True)),
+        batch_size=int(cfg.batch_size), shuffle=False, num_workers=workers, collate_fn=collate,
+        pin_memory=encoder.device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    task = bar.add_task(escape(f"{split} (rank {rank}/{world})"), total=len(positions), bad=0, rate="-")
+    writer, slog, index, t0, done = None, None, -1, time.perf_counter(), 0
+
+    def finish() -> None:
+        path = writer.close()
+        lo = index * size
+        entry["shards"][path.name] = {"count": writer.count, "records": [lo, min(lo + size, len(records))],
+                                      "skipped": slog.to_dict()}
+        state.save()
+
+    try:
+        for batch in loader:
+            codes = encoder(batch["image"]) if batch["image"] is not None else None
+            k = 0
+            for pos, bad in zip(batch["pos"], batch["bad"]):
+                if pos // size != index:
+                    if writer is not None:
+                        finish()
+                    index = pos // size
+                    writer = CodeShardWriter(out / shard_name(split, rank, index), encoder.dtype)
+                    slog = SkipLog(max_bad_fraction, name=f"{split} images")
+                if bad is not None:
+                    slog.skip(*bad)
+                    continue
+                rec = records[pos]
+                writer.write(rec.key, codes[k], rec.captions, rec.where)
+                slog.ok()
+                k += 1
+            done += len(batch["pos"])
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            n_bad = sum(b is not None for b in batch["bad"])
+            bar.update(task, advance=len(batch["pos"]), bad=bar.tasks[task].fields["bad"] + n_bad,
+                       rate=f"{rate:.0f}")
+        if writer is not None:
+            finish()
+            writer = None
+    finally:
+        if writer is not None:  # an error or ^C mid-shard: no half-written .tmp left behind
+            writer.abort()
+
+    split_log = SkipLog(max_bad_fraction, name=f"{split} images (rank {rank})")
+    for info in entry["shards"].values():
+        split_log.merge(info["skipped"])
+    problem = None
+    try:
+        split_log.check()
+    except DataError as e:
+        problem = e
+    entry["complete"] = problem is None  # a split past max_bad_fraction never reaches the manifest
+    state.save()
+    return {
+        "count": sum(info["count"] for info in entry["shards"].values()),
+        "shards": n_shards,
+        "resumed": n_shards - len(todo),
+        "encoded": len(positions),
+        "log": split_log,
+        "error": problem,
+    }
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def init_distributed(world: int) -> bool:
+    """Under torchrun (MASTER_ADDR set) join a gloo group for barriers; file-based merging works without."""
+    import torch.distributed as dist
+
+    if world < 2 or "MASTER_ADDR" not in os.environ or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    return True
+
+
+def barrier(distributed: bool) -> None:
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def run(cfg: DictConfig) -> dict:
+    """Tokenize the configured splits; returns a summary (per split counts, throughput, the manifest)."""
+    rank, world = rank_world()
+    if cfg.split not in (*SPLITS, "all"):
+        raise ConfigError(f"split={cfg.split}: use train, val, test or all")
+    if not cfg.output:
+        raise ConfigError("t2i-tokenize: `output=...` (the folder for the code shards) is required")
+    if int(cfg.shard_size) < 1 or int(cfg.batch_size) < 1:
+        raise ConfigError(f"shard_size={cfg.shard_size} batch_size={cfg.batch_size}: both must be >= 1")
+    tokenizer, ckpt = load_image_tokenizer(cfg)
+    f, k, size = int(tokenizer.downsample), int(tokenizer.codebook_size), int(cfg.data.image_size)
+    if size % f:
+        lower, upper = size - size % f, size - size % f + f
+        raise DataError(f"data.image_size={size} is not divisible by the tokenizer's downsampling factor {f} "
+                        f"(use e.g. data.image_size={upper}" + (f" or {lower})" if lower else ")"))
+    grid = [size // f, size // f]
+    header = {
+        "version": VERSION, "tokenizer_ckpt": str(ckpt), "tokenizer_sha256": file_sha256(ckpt),
+        "tokenizer_kind": cfg.tokenizer_kind, "grid": grid, "codebook_size": k, "downsample": f,
+        "image_size": size, "dtype": code_dtype(k), "data": OmegaConf.to_container(cfg.data, resolve=True),
+    }
+    out = Path(str(cfg.output)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output={cfg.output} is a file; give a folder for the code shards")
+    distributed = init_distributed(world)
+    if cfg.overwrite:
+        clear_output(out, rank, world)
+    elif out.exists():
+        check_output(out, header)
+    out.mkdir(parents=True, exist_ok=True)
+
+    wanted = SPLITS if cfg.split == "all" else (cfg.split,)
+    dm = build_datamodule(cfg, wanted)
+    if rank == 0:
+        dm.prepare_data()
+    barrier(distributed)
+    if rank != 0:
+        dm.prepare_data()
+    dm.setup(None)
+    splits = [s for s in wanted if s in dm.datasets]
+    if cfg.split != "all" and not splits:
+        raise DataError(f"data.{cfg.split} is not set: give the {cfg.split} split's path with `data.{cfg.split}=...`")
+    if not splits:
+        raise DataError("no split configured: set data.train / data.val / data.test")
+    for s in splits:
+        if not hasattr(dm.datasets[s], "records"):
+            raise DataError(f"data.{s}: t2i-tokenize needs an indexed split (got {type(dm.datasets[s]).__name__})")
+
+    device = pick_device(cfg.device)
+    encoder = Encoder(tokenizer, device, grid, k, header["dtype"])
+    state = RankState(out, rank, header)
+    state.save()
+    results, t0 = {}, time.perf_counter()
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} img/s"), TextColumn("{task.fields[bad]} bad"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not cfg.progress) as bar:
+        for s in splits:
+            results[s] = encode_split(s, dm.datasets[s], encoder, state, out, cfg, rank, world, bar,
+                                      float(cfg.data.get("max_bad_fraction", 0.01)))
+    seconds = time.perf_counter() - t0
+    barrier(distributed)
+    manifest = merge_manifests(out) if rank == 0 or not distributed else None
+
+    who = f"[rank {rank}/{world}] " if world > 1 else ""
+    for s, r in results.items():
+        if r["log"].n_bad:
+            print(who + r["log"].summary())
+        print(f"{who}{s}: {r['count']} images in {r['shards']} shard(s) ({r['resumed']} finished earlier, "
+              f"{r['encoded']} images read now)")
+    n = encoder.images
+    if n:
+        print(f"{who}tokenized {n} images in {seconds:.1f} s: {n / seconds:.1f} images/s (encoder alone "
+              f"{n / max(encoder.seconds, 1e-9):.1f} images/s) on {device}, grid {grid[0]}x{grid[1]}, "
+              f"{k} codes; shards in {out}")
+    else:
+        print(f"{who}nothing to encode: every shard in {out} was finished earlier")
+    if manifest is not None:
+        print(f"manifest: {out / MANIFEST} (" + ", ".join(f"{s} {c}" for s, c in manifest["count"].items()) + ")")
+    elif rank == 0 or not distributed:
+        ranks = ", ".join(str(r) for r in rank_files(out))
+        print(f"{MANIFEST} not written yet: it is merged once every rank has finished (rank files: {ranks})")
+    if distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    for r in results.values():
+        if r["error"] is not None:
+            raise r["error"]
+    return {"splits": results, "seconds": seconds, "images_per_s": n / seconds if n else 0.0,
+            "encoder_images_per_s": n / encoder.seconds if encoder.seconds else 0.0,
+            "manifest": manifest, "output": str(out), "device": str(device)}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="tokenize")
+@clear_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

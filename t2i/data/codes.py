@@ -1,0 +1,350 @@
+"""Code shards: a dataset's images as image-token grids, written by ``t2i-tokenize``, read by stage 2.
+
+An output folder holds, per split and rank, webdataset tar shards
+``codes-{split}-{rank:02d}-{index:06d}.tar`` with three members per image:
+
+- ``{key}.codes.npy``: the ``[h, w]`` code grid, int16 when ``codebook_size <= 32767`` else int32;
+- ``{key}.txt``: every caption of the image, one a line;
+- ``{key}.json``: ``{"key", "captions", "source_where"}`` (``key`` is the record's own id; the
+  member name is the id made tar-safe, see :func:`t2i.data.shards.sanitize_key`).
+
+Sharding is deterministic, which is what makes a run resumable: rank ``r`` of ``W`` encodes the
+split's records ``r::W`` (in the reader's order) and its shard ``i`` holds positions
+``[i * shard_size, (i + 1) * shard_size)`` of that list (fewer samples when images were bad). A
+shard is written as ``.tar.tmp`` and renamed when closed, so a final ``.tar`` is always whole.
+
+Each rank keeps its state in ``manifest.rank{r}.json`` (rewritten after every shard: the shards it
+finished, their counts and skipped samples). ``manifest.json`` is merged from the rank files
+(:func:`merge_manifests`) whenever every rank of a split has finished it - by the last rank to
+finish, or under ``torchrun`` by rank 0 after a barrier. It holds::
+
+    {"version": 1, "count": {split: n}, "shards": {split: [file names]}, "grid": [h, w],
+     "codebook_size", "downsample", "image_size", "dtype", "tokenizer_ckpt", "tokenizer_sha256",
+     "tokenizer_kind", "data": <resolved data config>, "splits": {split: {"world_size",
+     "shard_size", "records", "skipped": {reason: n}}}}
+
+Readers: :class:`CodeShards` (iterate ``(key, codes, captions)``), :func:`load_codes` (a whole split
+in memory), :func:`read_manifest` and :func:`check_manifest` (does the transformer config fit?).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from t2i.data.shards import SHARD_MTIME, sanitize_key
+from t2i.data.skips import DataError
+
+VERSION = 1
+MANIFEST = "manifest.json"
+INT16_MAX = 32767
+SHARD_RE = re.compile(r"codes-(?P<split>.+)-(?P<rank>\d{2,})-(?P<index>\d{6})\.tar(?:\.tmp)?")
+RANK_FILE_RE = re.compile(r"manifest\.rank(?P<rank>\d+)\.json")
+# what every rank file and the manifest of one output folder must agree on
+HEADER_KEYS = ("tokenizer_sha256", "grid", "codebook_size", "downsample", "image_size", "dtype")
+
+
+def code_dtype(codebook_size: int) -> str:
+    """The smallest signed integer type that holds every code: 'int16' or 'int32'."""
+    return "int16" if int(codebook_size) <= INT16_MAX else "int32"
+
+
+def shard_name(split: str, rank: int, index: int) -> str:
+    return f"codes-{split}-{rank:02d}-{index:06d}.tar"
+
+
+def rank_file(output, rank: int) -> Path:
+    return Path(output) / f"manifest.rank{rank}.json"
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` atomically (a private temp file renamed over ``path``)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it or pass overwrite=true") from None
+
+
+def rank_files(output) -> dict[int, Path]:
+    out = Path(output)
+    if not out.is_dir():
+        return {}
+    found = {}
+    for p in out.iterdir():
+        m = RANK_FILE_RE.fullmatch(p.name)
+        if m:
+            found[int(m["rank"])] = p
+    return dict(sorted(found.items()))
+
+
+def code_files(output) -> list[Path]:
+    """Every code shard (finished or ``.tmp``) in ``output``."""
+    out = Path(output)
+    return sorted(p for p in out.iterdir() if SHARD_RE.fullmatch(p.name)) if out.is_dir() else []
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+class CodeShardWriter:
+    """One code shard: :meth:`write` samples, then :meth:`close` renames ``.tar.tmp`` to ``.tar``."""
+
+    def __init__(self, path, dtype: str):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
+        self._names: set[str] = set()
+        self.count = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), SHARD_MTIME, 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, codes, captions: list[str], where: str = "") -> str:
+        """Add one image's code grid ``[h, w]`` and captions; returns the member name used."""
+        base = name = sanitize_key(key)
+        n = 0
+        while name in self._names:  # two ids that sanitise alike
+            n += 1
+            name = f"{base}_{n}"
+        self._names.add(name)
+        arr = np.ascontiguousarray(np.asarray(codes).astype(self.dtype, copy=False))
+        self._add(f"{name}.codes.npy", npy_bytes(arr))
+        self._add(f"{name}.txt", "\n".join(captions).encode("utf-8"))
+        meta = {"key": key, "captions": list(captions), "source_where": where}
+        self._add(f"{name}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+        self.count += 1
+        return name
+
+    def close(self) -> Path:
+        self._tar.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# -- manifests ----------------------------------------------------------------------------------
+
+
+def describe(header: dict) -> str:
+    h, w = header["grid"]
+    return (f"a {h}x{w} grid of {header['codebook_size']} codes at {header['image_size']} px from "
+            f"{header.get('tokenizer_ckpt')} (sha256 {str(header.get('tokenizer_sha256'))[:12]})")
+
+
+def merge_manifests(output) -> dict | None:
+    """(Re)build ``output/manifest.json`` from the rank files; returns it, or None when no split is
+    finished by all of its ranks yet. A split is in the manifest when ranks ``0..W-1`` (``W`` the
+    world size it was written with) all report it complete with the same world and shard size."""
+    out = Path(output)
+    states = {r: read_json(p) for r, p in rank_files(out).items()}
+    if not states:
+        return None
+    first = states[min(states)]
+    for r, st in states.items():
+        bad = [k for k in HEADER_KEYS if st.get(k) != first.get(k)]
+        if bad:
+            raise DataError(f"{rank_file(out, r)} disagrees with {rank_file(out, min(states))} on {', '.join(bad)}: "
+                            f"the ranks used different tokenizers or settings; re-run with overwrite=true")
+    splits: dict[str, dict] = {}
+    order = {"train": 0, "val": 1, "test": 2}
+    all_splits = sorted({s for st in states.values() for s in st.get("splits", {})}, key=lambda s: (order.get(s, 3), s))
+    for split in all_splits:
+        entries = [st["splits"].get(split) for st in states.values()]
+        world = next(e["world_size"] for e in entries if e)
+        parts = [states.get(r, {}).get("splits", {}).get(split) for r in range(world)]
+        if any(p is None or not p.get("complete") or p["world_size"] != world
+               or p["shard_size"] != parts[0]["shard_size"] or p["records"] != parts[0]["records"] for p in parts):
+            continue
+        skipped: dict[str, int] = {}
+        for p in parts:
+            for info in p["shards"].values():
+                for reason, n in info["skipped"]["by_reason"].items():
+                    skipped[reason] = skipped.get(reason, 0) + n
+        splits[split] = {
+            "count": sum(info["count"] for p in parts for info in p["shards"].values()),
+            "shards": sorted(name for p in parts for name in p["shards"]),
+            "world_size": world,
+            "shard_size": parts[0]["shard_size"],
+            "records": parts[0]["records"],
+            "skipped": skipped,
+        }
+    if not splits:
+        (out / MANIFEST).unlink(missing_ok=True)  # a split being rewritten is not readable yet
+        return None
+    manifest = {"version": VERSION, "count": {s: v["count"] for s, v in splits.items()},
+                "shards": {s: v["shards"] for s, v in splits.items()}}
+    for k in (*HEADER_KEYS, "tokenizer_ckpt", "tokenizer_kind", "data"):
+        manifest[k] = first.get(k)
+    manifest["splits"] = {s: {k: v for k, v in d.items() if k not in ("count", "shards")} for s, d in splits.items()}
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(output) -> dict:
+    """``output/manifest.json`` (merged from the rank files first if they are newer), with ``"path"``:
+    the folder it was read from. Raises one clear :class:`DataError` when there is none."""
+    out = Path(str(output)).expanduser()
+    if not out.is_dir():
+        raise DataError(f"code shards {output}: no such folder (run `t2i-tokenize output={output} ...` first)")
+    path = out / MANIFEST
+    ranks = rank_files(out)
+    if ranks and (not path.exists() or max(p.stat().st_mtime for p in ranks.values()) > path.stat().st_mtime):
+        try:
+            merge_manifests(out)
+        except OSError:  # a read-only copy: use the manifest as it is
+            pass
+    if not path.exists():
+        have = f"; rank files present: {', '.join(map(str, ranks))}" if ranks else ""
+        raise DataError(f"code shards {output}: no {MANIFEST} - t2i-tokenize writes it once every rank has "
+                        f"finished a split{have}; run (or resume) `t2i-tokenize output={output} ...`")
+    manifest = read_json(path)
+    if manifest.get("version") != VERSION:
+        raise DataError(f"{path}: manifest version {manifest.get('version')} is not {VERSION}; re-tokenize")
+    manifest["path"] = str(out)
+    return manifest
+
+
+def check_manifest(manifest: dict, grid, codebook_size: int, grid_key: str = "model.image_grid",
+                   codebook_key: str = "model.codebook_size") -> None:
+    """Raise one :class:`DataError` when code shards and a transformer config disagree on the grid
+    (an int for a square grid, or ``(h, w)``) or the codebook size."""
+    want = [int(grid), int(grid)] if isinstance(grid, int) else [int(g) for g in grid]
+    have, have_k = [int(g) for g in manifest["grid"]], int(manifest["codebook_size"])
+    if want == have and int(codebook_size) == have_k:
+        return
+    where = manifest.get("path", "the code shards")
+    fix_grid = str(have[0]) if have[0] == have[1] else f"[{have[0]},{have[1]}]"
+    raise DataError(
+        f"code shards in {where} have a {have[0]}x{have[1]} grid of {have_k} codes; the transformer is "
+        f"configured for {want[0]}x{want[1]} / {int(codebook_size)}: set {grid_key}={fix_grid} "
+        f"{codebook_key}={have_k} or re-tokenize with the matching image tokenizer"
+    )
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _samples(path: Path):
+    """(member name, {ext: bytes}) per sample of one code shard, in order."""
+    current, parts = None, {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                name, _, ext = base.partition(".")
+                if name != current:
+                    if current is not None:
+                        yield current, parts
+                    current, parts = name, {}
+                parts[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"code shard {path} cannot be read ({type(e).__name__}: {e}); re-tokenize it "
+                        f"(delete it and resume t2i-tokenize)") from None
+    if current is not None:
+        yield current, parts
+
+
+class CodeShards(IterableDataset):
+    """``(key, codes LongTensor[h, w], captions list[str])`` for every image of some code shards.
+
+    ``source``: an output folder of ``t2i-tokenize`` (then ``split`` picks the shards listed in its
+    manifest, and every grid is checked against it), or tar paths / a glob / brace pattern. Inside
+    DataLoader workers each worker reads its share of the shards; ``rank``/``world_size`` deal the
+    shards to DDP ranks first.
+    """
+
+    def __init__(self, source, split: str | None = None, rank: int = 0, world_size: int = 1):
+        self.manifest = None
+        p = Path(str(source)).expanduser() if isinstance(source, (str, Path)) else None
+        if p is not None and p.is_dir() and ((p / MANIFEST).exists() or rank_files(p)):
+            self.manifest = read_manifest(p)
+            if split is None or split not in self.manifest["shards"]:
+                have = ", ".join(self.manifest["shards"]) or "none"
+                raise DataError(f"code shards in {p} have no {split!r} split (have: {have}); "
+                                f"run `t2i-tokenize split={split} output={p} ...`")
+            self.urls = [p / name for name in self.manifest["shards"][split]]
+            missing = [u for u in self.urls if not u.exists()]
+            if missing:
+                raise DataError(f"code shard {missing[0]} is listed in {p / MANIFEST} but missing "
+                                f"({len(missing)} missing); resume t2i-tokenize to rewrite it")
+        else:
+            from t2i.data.wds import expand_urls
+
+            self.urls = expand_urls(source, key="code shards")
+        self.split, self.rank, self.world_size = split, rank, world_size
+
+    def __len__(self) -> int:
+        if self.manifest is None or self.world_size != 1:
+            raise TypeError("len() needs a tokenize output folder read whole (rank 0 of 1)")
+        return int(self.manifest["count"][self.split])
+
+    def my_urls(self) -> list[Path]:
+        urls = self.urls[self.rank :: self.world_size]
+        info = get_worker_info()
+        return urls[info.id :: info.num_workers] if info is not None else urls
+
+    def __iter__(self):
+        grid = self.manifest["grid"] if self.manifest else None
+        for url in self.my_urls():
+            for name, parts in _samples(url):
+                if "codes.npy" not in parts:
+                    raise DataError(f"code shard {url}: sample {name} has no codes.npy; re-tokenize it")
+                codes = np.load(io.BytesIO(parts["codes.npy"]), allow_pickle=False)
+                if grid is not None and list(codes.shape) != list(grid):
+                    raise DataError(f"code shard {url}: sample {name} has a {list(codes.shape)} grid, the "
+                                    f"manifest says {grid}; re-tokenize")
+                if "json" in parts:
+                    meta = json.loads(parts["json"])
+                    key, captions = meta["key"], meta["captions"]
+                else:
+                    key, captions = name, [c for c in parts.get("txt", b"").decode("utf-8").split("\n") if c]
+                yield key, torch.from_numpy(codes.astype(np.int64)), captions
+
+
+def load_codes(source, split: str | None = None) -> tuple[list[str], torch.Tensor, list[list[str]]]:
+    """A whole split in memory: (keys, codes LongTensor[N, h, w], captions per image)."""
+    keys, grids, captions = [], [], []
+    for key, codes, caps in CodeShards(source, split):
+        keys.append(key)
+        grids.append(codes)
+        captions.append(caps)
+    if not grids:
+        raise DataError(f"code shards {source} ({split}): no samples")
+    return keys, torch.stack(grids), captions

@@ -1,0 +1,160 @@
+"""VQGANModule: trains :class:`t2i.models.vqgan.VQGAN` with :class:`t2i.losses.vqgan.VQGANLoss`.
+
+Lightning 2 has no ``optimizer_idx``, so this uses manual optimization: every batch steps the
+generator (encoder, quantizer, decoder), then, once ``loss.disc_start`` batches have passed, the
+discriminator, each with gradient clipping and its own warm-up + cosine/constant LR schedule.
+``self.step`` counts batches (Lightning's ``global_step`` counts both optimizers' steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from t2i.losses.vqgan import VQGANLoss
+from t2i.models import TOKENIZER_KEY, tokenizer_entry
+from t2i.models.quantizers import CodebookUsage
+from t2i.models.vqgan import VQGAN
+
+
+def lr_lambda(warmup: int, total: int | None, schedule: str, min_ratio: float = 0.1):
+    """Multiplier of the base LR at a step: linear warm-up, then constant or cosine to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine" and total and total > warmup:
+            t = min(1.0, (step - warmup) / (total - warmup))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    return f
+
+
+def image_metrics(inputs: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PSNR and SSIM on [0, 1] images (inputs and reconstructions in [-1, 1])."""
+    x, y = (inputs.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
+    return {"psnr": peak_signal_noise_ratio(y, x, data_range=1.0),
+            "ssim": structural_similarity_index_measure(y, x, data_range=1.0)}
+
+
+class VQGANModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        loss: dict,
+        lr: float = 1e-4,
+        disc_lr: float | None = None,
+        betas: tuple[float, float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+        total_steps: int | None = None,
+        grad_clip: float | None = 1.0,
+        gumbel_temperature: tuple[float, float, int] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.model = VQGAN(**model)
+        self.loss = VQGANLoss(**loss)
+        self.usage = CodebookUsage(self.model.codebook_size)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    # -- training ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        gen = [p for n, p in self.named_parameters() if not n.startswith("loss.")]
+        opt_g = torch.optim.AdamW(gen, lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=tuple(h.betas),
+                                  weight_decay=h.weight_decay)
+        total = h.total_steps or (self.trainer.estimated_stepping_batches if self._trainer else None)
+        total = int(total) if total and math.isfinite(total) else None
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(h.warmup_steps, total, h.schedule))
+        start = self.loss.disc_start
+        d_total = total - start if total and total > start else None
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(h.warmup_steps, d_total, h.schedule))
+        return [opt_g, opt_d], [sched_g, sched_d]
+
+    def _anneal_temperature(self) -> None:
+        """Gumbel quantizer: exponential decay from ``start`` to ``end`` over ``steps`` batches."""
+        if self.hparams.gumbel_temperature and hasattr(self.model.quantize, "temperature"):
+            start, end, steps = self.hparams.gumbel_temperature
+            t = min(1.0, self.step.item() / max(1, steps))
+            self.model.quantize.temperature = start * (end / start) ** t
+            self.log("train/temperature", self.model.quantize.temperature)
+
+    def training_step(self, batch, batch_idx):
+        x = batch["image"]
+        if x.shape[0] == 0:  # every sample of this batch failed to decode (counted by the datamodule)
+            return None
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        step = int(self.step.item())
+        self._anneal_temperature()
+
+        recon, qloss, info = self.model(x)
+        g_loss, g_logs = self.loss.generator_loss(x, recon, qloss, self.model.last_layer, step)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        sched_g.step()
+
+        logs = {f"train/{k}": v for k, v in g_logs.items()}
+        if self.loss.gan_active(step):
+            d_loss, d_logs = self.loss.discriminator_loss(x, recon.detach(), step)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            self.clip_gradients(opt_d, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            opt_d.step()
+            sched_d.step()
+            logs.update({f"train/{k}": v for k, v in d_logs.items()})
+        if "perplexity" in info:
+            logs["train/codebook_perplexity"] = info["perplexity"]
+        self.step += 1
+        self.log_dict(logs, prog_bar=False)
+        self.log("train/loss", g_logs["total_loss"], prog_bar=True)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _eval_step(self, batch, split: str):
+        x = batch["image"]
+        if x.shape[0] == 0:
+            return
+        recon, qloss, info = self.model(x)
+        nll, logs = self.loss.reconstruction(x, recon)
+        logs = {f"{split}/{k}": v for k, v in logs.items()}
+        logs[f"{split}/quant_loss"] = qloss.detach()
+        logs.update({f"{split}/{k}": v for k, v in image_metrics(x, recon).items()})
+        self.log_dict(logs, prog_bar=split == "val", sync_dist=True, batch_size=x.shape[0])
+        self.usage.update(info["codes"])
+
+    def _usage_epoch_end(self, split: str):
+        stats = self.usage.compute()
+        self.log(f"{split}/codebook_perplexity", stats["perplexity"], sync_dist=False)
+        self.log(f"{split}/dead_codes", stats["dead_codes"], prog_bar=split == "val", sync_dist=False)
+        self.usage.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self):
+        self._usage_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self):
+        self._usage_epoch_end("test")
+
+    @torch.no_grad()
+    def log_images(self, batch) -> dict[str, torch.Tensor]:
+        x = batch["image"]
+        recon, _, _ = self.model(x)
+        return {"inputs": x, "reconstructions": recon.clamp(-1, 1)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[TOKENIZER_KEY] = tokenizer_entry("t2i.models.vqgan.VQGAN", dict(self.hparams.model), "model.")
