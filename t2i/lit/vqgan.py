@@ -55,6 +55,7 @@ class VQGANModule(pl.LightningModule):
         total_steps: int | None = None,
         grad_clip: float | None = 1.0,
         gumbel_temperature: tuple[float, float, int] | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -63,6 +64,12 @@ class VQGANModule(pl.LightningModule):
         self.loss = VQGANLoss(**loss)
         self.usage = CodebookUsage(self.model.codebook_size)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        if channels_last:  # faster convolutions on CPU (oneDNN) and on GPU tensor cores
+            self.to(memory_format=torch.channels_last)
+
+    def _input(self, batch) -> torch.Tensor:
+        x = batch["image"]
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     # -- training ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -88,7 +95,7 @@ class VQGANModule(pl.LightningModule):
             self.log("train/temperature", self.model.quantize.temperature)
 
     def training_step(self, batch, batch_idx):
-        x = batch["image"]
+        x = self._input(batch)
         if x.shape[0] == 0:  # every sample of this batch failed to decode (counted by the datamodule)
             return None
         opt_g, opt_d = self.optimizers()
@@ -121,7 +128,7 @@ class VQGANModule(pl.LightningModule):
 
     # -- evaluation -------------------------------------------------------------------------
     def _eval_step(self, batch, split: str):
-        x = batch["image"]
+        x = self._input(batch)
         if x.shape[0] == 0:
             return
         recon, qloss, info = self.model(x)

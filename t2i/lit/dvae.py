@@ -1,0 +1,180 @@
+"""DVAEModule: trains :class:`t2i.models.dvae.DVAE` with the DALL·E ELBO (:class:`t2i.losses.dvae.DVAELoss`).
+
+    t2i-train experiment=shapes_dvae
+
+Logs ``train/{loss,rec_loss,kl,temperature,kl_weight}``; ``val/`` and ``test/`` ``{rec_loss,kl,psnr,ssim}`` of
+the hard (argmax) reconstruction, and codebook usage over the whole epoch (``codebook_perplexity``,
+``dead_codes``). Checkpoints carry the tokenizer entry read by :func:`t2i.models.load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import Metric
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from t2i.losses.dvae import DVAELoss, anneal
+from t2i.models import TOKENIZER_KEY, tokenizer_entry
+from t2i.models.dvae import DVAE
+
+log = logging.getLogger(__name__)
+LR_SCHEDULES = ("cosine", "exp", "linear", "constant")
+
+
+class CodebookUsage(Metric):
+    """Counts of each code over an epoch (sum-reduced, so DDP ranks merge); ``compute`` returns
+    ``(perplexity, dead fraction)``: ``exp(entropy)`` of the usage histogram and the fraction never used."""
+
+    full_state_update = False
+
+    def __init__(self, codebook_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.codebook_size = codebook_size
+        self.add_state("counts", default=torch.zeros(codebook_size, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, codes: torch.Tensor) -> None:
+        self.counts += torch.bincount(codes.flatten().long(), minlength=self.codebook_size)
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        total = self.counts.sum().clamp_min(1)
+        p = self.counts.float() / total
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+        return entropy.exp(), (self.counts == 0).float().mean()
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of [0, 1] images (capped at 100 dB for exact reconstructions)."""
+    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM of [0, 1] images (11x11 Gaussian window, smaller for tiny images)."""
+    size = min(pred.shape[-2:])
+    kernel = min(11, size if size % 2 else size - 1)
+    return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0, kernel_size=kernel,
+                                               sigma=1.5 * kernel / 11)
+
+
+class DVAEModule(pl.LightningModule):
+    """The dVAE stage. ``model``: :class:`DVAE` arguments; ``loss``: :class:`DVAELoss` arguments.
+
+    Optimizer: AdamW (the paper: betas 0.9/0.999, eps 1e-8, weight decay 1e-4), learning rate with a
+    linear warm-up over ``warmup_steps`` then ``lr_schedule`` (``cosine``, ``exp``, ``linear``, ``constant``) down to
+    ``min_lr`` at ``total_steps`` (default: the trainer's estimated number of steps). ``straight_through``
+    uses hard one-hot codes in the forward pass with soft gradients.
+    """
+
+    def __init__(self, model: dict | None = None, loss: dict | None = None, lr: float = 1e-4, min_lr: float = 1.25e-6,
+                 weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 warmup_steps: int = 0, total_steps: int | None = None, lr_schedule: str = "cosine",
+                 straight_through: bool = False, num_log_images: int = 8):
+        super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        self.save_hyperparameters()
+        self.model = DVAE(**dict(model or {}))
+        self.loss = DVAELoss(**dict(loss or {}))
+        self.val_usage = CodebookUsage(self.model.codebook_size)
+        self.test_usage = CodebookUsage(self.model.codebook_size)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int):
+        images = batch["image"]
+        if images.shape[0] == 0:  # every sample of the batch failed to decode
+            return None
+        step = self.global_step
+        tau = self.loss.temperature(step)
+        stats, logits, _ = self.model(images, temperature=tau, hard=self.hparams.straight_through)
+        loss, logs = self.loss(images, stats, logits, step)
+        bs = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/rec_loss", logs["rec_loss"], batch_size=bs)
+        self.log("train/kl", logs["kl"], batch_size=bs)
+        self.log("train/temperature", tau, batch_size=bs)
+        self.log("train/kl_weight", logs["kl_weight"], batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str, usage: CodebookUsage) -> None:
+        images = batch["image"]
+        if images.shape[0] == 0:
+            return
+        stats, logits, _ = self.model(images)  # eval mode: hard argmax codes
+        rec = self.loss.reconstruction(images, stats)
+        kl = self.loss(images, stats, logits)[1]["kl"]
+        usage.update(logits.argmax(dim=1))
+        target = (images.float() + 1) / 2
+        pred = (self.model.stats_to_images(stats) + 1) / 2
+        bs = images.shape[0]
+        self.log(f"{stage}/rec_loss", rec, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/kl", kl, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/psnr", psnr(pred, target).mean(), prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/ssim", ssim(pred, target), batch_size=bs, sync_dist=True)
+
+    def _log_usage(self, stage: str, usage: CodebookUsage) -> None:
+        if not usage.update_called:
+            return
+        perplexity, dead = usage.compute()  # synced over ranks
+        self.log(f"{stage}/codebook_perplexity", perplexity)
+        self.log(f"{stage}/dead_codes", dead)
+        usage.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_usage)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_usage("val", self.val_usage)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_usage)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_usage("test", self.test_usage)
+
+    # -- images, checkpoints, optimizer -------------------------------------------------------------
+    @torch.no_grad()
+    def log_images(self, batch: dict, n: int | None = None) -> dict[str, torch.Tensor]:
+        """``inputs`` and their hard-code ``reconstructions``, both [N, 3, H, W] in [-1, 1]."""
+        images = batch["image"][: n or self.hparams.num_log_images]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            rec = self.model.decode(self.model.encode(images)) if images.shape[0] else images.float()
+        finally:
+            self.model.train(was_training)
+        return {"inputs": images.float(), "reconstructions": rec}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[TOKENIZER_KEY] = tokenizer_entry("t2i.models.dvae.DVAE", dict(self.model.config), "model.")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                                weight_decay=hp.weight_decay)
+        total = hp.total_steps or self._estimated_steps()
+        warmup, floor = hp.warmup_steps, hp.min_lr / hp.lr if hp.lr > 0 else 1.0
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if hp.lr_schedule == "constant" or total is None:
+                return 1.0
+            return anneal(step - warmup, 1.0, floor, max(total - warmup, 1), hp.lr_schedule)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _estimated_steps(self) -> int | None:
+        """The trainer's number of optimizer steps; None (no decay after warm-up) when it is unknown."""
+        try:
+            steps = self.trainer.estimated_stepping_batches
+        except Exception:  # no trainer attached, or a loader without a length
+            steps = math.inf
+        if not math.isfinite(steps):
+            log.warning("DVAEModule: number of training steps unknown; set model.total_steps for the lr decay")
+            return None
+        return int(steps)
