@@ -73,6 +73,11 @@ def test_dvae_loss_weights_kl_as_the_papers_beta():
     assert mse.reconstruction(x, torch.cat([perfect, stats[:, 3:]], 1)).item() < 1e-5
     with pytest.raises(ValueError, match="rec_loss"):
         DVAELoss(rec_loss="l1")
+    # dequantized targets: a flat image no longer has an unbounded likelihood as the scale shrinks
+    flat = torch.ones(1, 3, 4, 4)
+    exact = torch.cat([torch.full((1, 3, 4, 4), math.log(9.0)), torch.full((1, 3, 4, 4), -10.0)], 1)
+    assert DVAELoss().reconstruction(flat, exact) < -10
+    assert DVAELoss(dequantize=True).reconstruction(flat, exact) > 100
 
 
 def test_schedules_start_middle_end():

@@ -104,8 +104,8 @@ class DVAEModule(pl.LightningModule):
         if images.shape[0] == 0:
             return
         stats, logits, _ = self.model(images)  # eval mode: hard argmax codes
-        rec = self.loss.reconstruction(images, stats)
-        kl = self.loss(images, stats, logits)[1]["kl"]
+        _, logs = self.loss(images, stats, logits, self.global_step)
+        rec, kl = logs["rec_loss"], logs["kl"]
         usage.update(logits.argmax(dim=1))
         target = (images.float() + 1) / 2
         pred = (self.model.stats_to_images(stats) + 1) / 2
