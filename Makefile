@@ -12,12 +12,14 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv from requirements.lock (does nothing when up to date)
+# The lock is the whole environment (pip freeze), so it installs with --no-deps: the compat peers
+# (taming-transformers-rom1504, dall-e) declare stale requirements that must not downgrade ours.
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "t2i needs Python >= 3.10"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -41,7 +43,7 @@ bench: $(STAMP)  ## data-loading benchmark (writes experiments/data_loading/RESU
 
 lock: $(STAMP)  ## re-pin requirements.lock from the current .venv
 	{ echo "# Exact tested set (Python 3.11, 2-core CPU). Regenerate with: make lock"; \
-	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^#' | grep -v '^-e'; } > requirements.lock
+	  $(BIN)/python -m pip freeze --all --exclude-editable | grep -v '^#' | grep -v '^-e' | grep -v '^pip=='; } > requirements.lock
 
 clean:  ## remove caches and outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
