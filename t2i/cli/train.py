@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +33,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("model") is None:
         raise ConfigError("no model selected: pass `experiment=<name>` (see conf/experiment/) or `model=<name>`")
     pl.seed_everything(cfg.seed, workers=True)
+    # Subnormal floats make CPU kernels several times slower (seen: 3-14x on fresh conv weights);
+    # flushing them to zero changes results by < 1e-38.
+    torch.set_flush_denormal(True)
     out = output_dir(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; one writes
