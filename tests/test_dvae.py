@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 
 from t2i.cli.train import train
 from t2i.data.datamodule import ImageTextDataModule
-from t2i.lit.dvae import CodebookUsage, DVAEModule
+from t2i.lit.dvae import DVAEModule
 from t2i.losses.dvae import (
     Anneal,
     DVAELoss,
@@ -22,6 +22,7 @@ from t2i.losses.dvae import (
 )
 from t2i.models import TOKENIZER_KEY, load_tokenizer
 from t2i.models.dvae import DVAE
+from t2i.models.quantizers import CodebookUsage
 
 TINY = dict(n_hid=16, n_blk_per_group=1, vocab_size=64, group_count=3, n_init=16)
 
@@ -173,7 +174,8 @@ def test_codebook_usage_counts_perplexity_and_dead_codes():
     usage = CodebookUsage(8)
     usage.update(torch.tensor([[0, 1], [0, 1]]))
     usage.update(torch.tensor([2, 3, 2, 3]))
-    perplexity, dead = usage.compute()
+    stats = usage.compute()
+    perplexity, dead = stats["perplexity"], stats["dead_codes"]
     assert perplexity.item() == pytest.approx(4.0) and dead.item() == pytest.approx(0.5)
 
 

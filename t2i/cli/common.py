@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from t2i.errors import T2IError
-
-log = logging.getLogger("t2i")
 
 
 def user_error(exc: BaseException) -> T2IError | None:

@@ -14,50 +14,15 @@ import math
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics import Metric
-from torchmetrics.functional.image import structural_similarity_index_measure
 
+from t2i.lit.metrics import image_metrics
 from t2i.losses.dvae import DVAELoss, anneal
 from t2i.models import TOKENIZER_KEY, tokenizer_entry
 from t2i.models.dvae import DVAE
+from t2i.models.quantizers import CodebookUsage
 
 log = logging.getLogger(__name__)
 LR_SCHEDULES = ("cosine", "exp", "linear", "constant")
-
-
-class CodebookUsage(Metric):
-    """Counts of each code over an epoch (sum-reduced, so DDP ranks merge); ``compute`` returns
-    ``(perplexity, dead fraction)``: ``exp(entropy)`` of the usage histogram and the fraction never used."""
-
-    full_state_update = False
-
-    def __init__(self, codebook_size: int, **kwargs):
-        super().__init__(**kwargs)
-        self.codebook_size = codebook_size
-        self.add_state("counts", default=torch.zeros(codebook_size, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, codes: torch.Tensor) -> None:
-        self.counts += torch.bincount(codes.flatten().long(), minlength=self.codebook_size)
-
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        total = self.counts.sum().clamp_min(1)
-        p = self.counts.float() / total
-        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-        return entropy.exp(), (self.counts == 0).float().mean()
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of [0, 1] images (capped at 100 dB for exact reconstructions)."""
-    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM of [0, 1] images (11x11 Gaussian window, smaller for tiny images)."""
-    size = min(pred.shape[-2:])
-    kernel = min(11, size if size % 2 else size - 1)
-    return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0, kernel_size=kernel,
-                                               sigma=1.5 * kernel / 11)
 
 
 class DVAEModule(pl.LightningModule):
@@ -107,20 +72,19 @@ class DVAEModule(pl.LightningModule):
         _, logs = self.loss(images, stats, logits, self.global_step)
         rec, kl = logs["rec_loss"], logs["kl"]
         usage.update(logits.argmax(dim=1))
-        target = (images.float() + 1) / 2
-        pred = (self.model.stats_to_images(stats) + 1) / 2
+        metrics = image_metrics(images, self.model.stats_to_images(stats))
         bs = images.shape[0]
         self.log(f"{stage}/rec_loss", rec, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log(f"{stage}/kl", kl, batch_size=bs, sync_dist=True)
-        self.log(f"{stage}/psnr", psnr(pred, target).mean(), prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log(f"{stage}/ssim", ssim(pred, target), batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/psnr", metrics["psnr"], prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/ssim", metrics["ssim"], batch_size=bs, sync_dist=True)
 
     def _log_usage(self, stage: str, usage: CodebookUsage) -> None:
         if not usage.update_called:
             return
-        perplexity, dead = usage.compute()  # synced over ranks
-        self.log(f"{stage}/codebook_perplexity", perplexity)
-        self.log(f"{stage}/dead_codes", dead)
+        stats = usage.compute()  # synced over ranks
+        self.log(f"{stage}/codebook_perplexity", stats["perplexity"])
+        self.log(f"{stage}/dead_codes", stats["dead_codes"])
         usage.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

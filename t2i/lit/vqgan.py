@@ -12,8 +12,8 @@ import math
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from t2i.lit.metrics import image_metrics
 from t2i.losses.vqgan import VQGANLoss
 from t2i.models import TOKENIZER_KEY, tokenizer_entry
 from t2i.models.quantizers import CodebookUsage
@@ -32,13 +32,6 @@ def lr_lambda(warmup: int, total: int | None, schedule: str, min_ratio: float = 
         return 1.0
 
     return f
-
-
-def image_metrics(inputs: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
-    """PSNR and SSIM on [0, 1] images (inputs and reconstructions in [-1, 1])."""
-    x, y = (inputs.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
-    return {"psnr": peak_signal_noise_ratio(y, x, data_range=1.0),
-            "ssim": structural_similarity_index_measure(y, x, data_range=1.0)}
 
 
 class VQGANModule(pl.LightningModule):
