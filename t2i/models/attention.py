@@ -1,0 +1,182 @@
+"""Attention patterns over ``[text ; image]`` sequences (DALL·E / Sparse Transformer) and the attention layer.
+
+A sequence holds ``text_len`` text tokens, then the ``h x w`` image grid in raster order. Every text
+token attends causally to earlier text; every image token attends to all text and, among image tokens
+``j`` at or before it in raster order, to those its pattern allows (image token ``i`` at raster index
+``r``, row ``y``, column ``x``; grid width ``w``):
+
+- ``full``: all of them;
+- ``row``: ``r(i) - r(j) <= w`` (itself and the previous ``w`` positions, so the token above is in);
+- ``column``: ``x(j) == x(i)``;
+- ``conv``: ``|y(i) - y(j)| <= k // 2`` and ``|x(i) - x(j)| <= k // 2`` (kernel ``k``);
+- ``axial_row``: ``y(j) == y(i)`` (DALLE-pytorch's reading of row attention).
+
+``model.attention`` is one pattern name for every layer, a schedule name (``full``, ``dalle``: column
+attention on layers ``i`` with ``(i - 2) % 4 == 0`` counting from 1, row on the others, conv on the
+last), or an explicit list with one name per layer.
+
+:class:`Attention` runs a layer either through ``scaled_dot_product_attention`` with a boolean mask
+(``attn_impl=sdpa``, exact, the default) or FlexAttention block masks (``attn_impl=flex``: sparse layers
+skip fully masked blocks on GPU and compiled CPU). Incremental decoding always uses the mask rows of
+the new positions against the cached keys, so every pattern is cached.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2i.errors import ConfigError
+
+PATTERNS = ("full", "row", "column", "conv", "axial_row")
+SCHEDULES = ("full", "dalle")
+
+
+def image_mask(pattern: str, h: int, w: int, kernel: int = 11) -> torch.Tensor:
+    """``[h*w, h*w]`` bool: may image token ``i`` (row) attend to image token ``j`` (column)?"""
+    r = torch.arange(h * w)
+    y, x = r // w, r % w
+    ri, rj = r[:, None], r[None, :]
+    causal = rj <= ri
+    if pattern == "full":
+        allowed = torch.ones_like(causal)
+    elif pattern == "row":
+        allowed = ri - rj <= w
+    elif pattern == "column":
+        allowed = x[:, None] == x[None, :]
+    elif pattern == "conv":
+        half = kernel // 2
+        allowed = ((y[:, None] - y[None, :]).abs() <= half) & ((x[:, None] - x[None, :]).abs() <= half)
+    elif pattern == "axial_row":
+        allowed = y[:, None] == y[None, :]
+    else:
+        raise ConfigError(f"attention pattern {pattern!r} is unknown; use one of {list(PATTERNS)}")
+    return causal & allowed
+
+
+def sequence_mask(pattern: str, text_len: int, h: int, w: int, kernel: int = 11) -> torch.Tensor:
+    """``[L, L]`` bool over the whole ``[text ; image]`` sequence (``L = text_len + h*w``); True = attend."""
+    n = h * w
+    mask = torch.zeros(text_len + n, text_len + n, dtype=torch.bool)
+    mask[:text_len, :text_len] = torch.ones(text_len, text_len, dtype=torch.bool).tril()
+    mask[text_len:, :text_len] = True
+    mask[text_len:, text_len:] = image_mask(pattern, h, w, kernel)
+    return mask
+
+
+def layer_patterns(attention, n_layer: int) -> list[str]:
+    """The pattern of each layer from ``model.attention`` (a pattern, a schedule or a per-layer list)."""
+    if isinstance(attention, str):
+        if attention == "dalle":
+            names = ["row" if (i - 2) % 4 else "column" for i in range(1, n_layer + 1)]
+            names[-1] = "conv"
+            return names
+        if attention in PATTERNS:
+            return [attention] * n_layer
+        raise ConfigError(f"model.attention={attention!r} is unknown; use a pattern {list(PATTERNS)}, "
+                          f"a schedule {list(SCHEDULES)} or a list with one pattern per layer")
+    names = [str(a) for a in attention]
+    if len(names) != n_layer:
+        raise ConfigError(f"model.attention lists {len(names)} patterns for {n_layer} layers (model.n_layer)")
+    bad = [a for a in names if a not in PATTERNS]
+    if bad:
+        raise ConfigError(f"model.attention: unknown pattern(s) {bad}; use {list(PATTERNS)}")
+    return names
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels of ``x [B, H, t, d]`` by the angles behind ``cos``/``sin`` ``[t, d/2]``."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def rotary_angles(text_len: int, h: int, w: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """``[L, head_dim/2]`` angles of a 2-D rotary embedding: half of the channel pairs turn with the row,
+    half with the column. Text token ``p`` sits at row = column = ``p``; image token ``(y, x)`` at row
+    ``text_len + y``, column ``text_len + x``, so text alone is plain 1-D RoPE."""
+    if head_dim % 4:
+        raise ConfigError(f"model.rotary needs a head size (d_model / n_head = {head_dim}) divisible by 4")
+    quarter = head_dim // 4
+    freqs = base ** (-torch.arange(quarter, dtype=torch.float32) / quarter)
+    t = torch.arange(text_len, dtype=torch.float32)
+    y = torch.arange(h, dtype=torch.float32).repeat_interleave(w) + text_len
+    x = torch.arange(w, dtype=torch.float32).repeat(h) + text_len
+    rows, cols = torch.cat([t, y]), torch.cat([t, x])
+    return torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for positions ``[0, length)``, preallocated to the full sequence."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (e.g. to repeat a prefilled prompt for several samples)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a per-layer pattern mask (see the module docstring).
+
+    ``pb_relax`` (CogView): scores are computed as ``(q / (alpha * sqrt(d))) k^T``, shifted by their
+    row maximum and multiplied back by ``alpha`` in float32, so half-precision logits cannot overflow.
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, pb_relax: bool = False,
+                 pb_alpha: float = 32.0, impl: str = "sdpa"):
+        super().__init__()
+        if d_model % n_head:
+            raise ConfigError(f"model.d_model={d_model} is not divisible by model.n_head={n_head}")
+        if impl not in ("sdpa", "flex"):
+            raise ConfigError(f"model.attn_impl={impl!r} is unknown; use sdpa or flex")
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.pb_relax, self.pb_alpha, self.impl = pb_relax, pb_alpha, impl
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+                layer: int = 0, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                block_mask=None) -> torch.Tensor:
+        """``x [B, t, d]`` at positions ``[start, start + t)``. ``mask`` is the layer's full ``[L, L]``
+        mask; with a ``cache`` the new keys are stored and queries see every cached position."""
+        B, t, _ = x.shape
+        q, k, v = self.qkv(x).view(B, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        end = start + t
+        p = self.dropout if self.training else 0.0
+        if self.pb_relax:
+            y = self._pb_relax_attention(q, k, v, mask[start:end, :end], p)
+        elif self.impl == "flex" and block_mask is not None and cache is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            y = flex_attention(q, k, v, block_mask=block_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start:end, :end], dropout_p=p)
+        return self.proj(y.transpose(1, 2).reshape(B, t, -1))
+
+    def _pb_relax_attention(self, q, k, v, mask, p):
+        scores = (q / (self.pb_alpha * math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+        scores = (scores - scores.amax(-1, keepdim=True).detach()) * self.pb_alpha
+        att = F.dropout(scores.softmax(-1), p=p, training=p > 0)
+        return att.to(v.dtype) @ v

@@ -1,0 +1,213 @@
+"""Decoder-only text-to-image transformer over ``[text tokens ; image tokens]`` (DALL·E, CogView, ruDALL-E).
+
+The sequence is ``text_len`` text ids (every pad becomes its own per-position pad token, as DALL·E
+and ruDALL-E do) followed by the ``h x w`` image codes in raster order. Position ``p`` predicts token
+``p + 1``: the text head reads positions ``0 .. text_len - 2``, the image head ``text_len - 1 ..``.
+Layers are pre-LN blocks, each with its own attention pattern (:mod:`t2i.models.attention`);
+CogView's Sandwich-LN and PB-relax are options.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2i.errors import ConfigError
+from t2i.models.attention import (KVCache, Attention, layer_patterns, rotary_angles, sequence_mask)
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """``x + attn(ln(x))``, ``x + mlp(ln(x))``; Sandwich-LN adds a LayerNorm on each branch's output."""
+
+    def __init__(self, d_model, n_head, d_ff, dropout, attn_dropout, sandwich_ln, pb_relax, pb_alpha, impl):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_head, attn_dropout, pb_relax, pb_alpha, impl)
+        self.ln_2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, d_ff, dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.ln_attn_out = nn.LayerNorm(d_model) if sandwich_ln else nn.Identity()
+        self.ln_mlp_out = nn.LayerNorm(d_model) if sandwich_ln else nn.Identity()
+        self.pb_relax = pb_relax
+
+    def _ln(self, ln, x):
+        # PB-relax (CogView): LN(x) == LN(x / max|x|); dividing first keeps half precision in range
+        return ln(x / x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-6)) if self.pb_relax else ln(x)
+
+    def forward(self, x, mask, start=0, cache=None, layer=0, rotary=None, block_mask=None):
+        a = self.attn(self._ln(self.ln_1, x), mask, start, cache, layer, rotary, block_mask)
+        x = x + self.dropout(self.ln_attn_out(a))
+        return x + self.ln_mlp_out(self.mlp(self._ln(self.ln_2, x)))
+
+
+class Transformer(nn.Module):
+    """The stage-2 model. ``text_vocab`` is the text tokenizer's size and ``text_pad_id`` its pad id;
+    ``image_vocab`` the image tokenizer's codebook size; ``image_grid`` its ``[h, w]``."""
+
+    def __init__(self, text_vocab: int, text_len: int, image_vocab: int, image_grid=(8, 8), n_layer: int = 4,
+                 n_head: int = 4, d_model: int = 256, d_ff: int | None = None, dropout: float = 0.0,
+                 attn_dropout: float = 0.0, attention="full", conv_kernel: int = 11, attn_impl: str = "sdpa",
+                 rotary: bool = False, sandwich_ln: bool = False, pb_relax: bool = False, pb_alpha: float = 32.0,
+                 tie_weights: bool = False, text_pad_id: int = 0):
+        super().__init__()
+        h, w = (int(s) for s in image_grid)
+        if text_len < 1 or h < 1 or w < 1:
+            raise ConfigError(f"model.text_len={text_len} and model.image_grid={list(image_grid)} must be positive")
+        if attn_impl == "flex" and attn_dropout > 0:
+            raise ConfigError("model.attn_impl=flex has no attention dropout; set model.attn_dropout=0 or use sdpa")
+        self.text_vocab, self.text_len, self.image_vocab = text_vocab, text_len, image_vocab
+        self.grid, self.n_image = (h, w), h * w
+        self.seq_len = text_len + h * w
+        self.text_pad_id = text_pad_id
+        self.n_layer, self.n_head, self.head_dim = n_layer, n_head, d_model // n_head
+        self.patterns = layer_patterns(attention, n_layer)
+        self.attn_impl = attn_impl
+
+        self.text_emb = nn.Embedding(text_vocab + text_len, d_model)  # + one pad id per text position
+        self.image_emb = nn.Embedding(image_vocab, d_model)
+        self.rotary = rotary
+        if rotary:
+            angles = rotary_angles(text_len, h, w, d_model // n_head)
+            self.register_buffer("rot_cos", angles.cos(), persistent=False)
+            self.register_buffer("rot_sin", angles.sin(), persistent=False)
+        else:
+            self.text_pos = nn.Parameter(torch.zeros(text_len, d_model))
+            self.row_pos = nn.Parameter(torch.zeros(h, d_model))
+            self.col_pos = nn.Parameter(torch.zeros(w, d_model))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_head, d_ff or 4 * d_model, dropout, attn_dropout, sandwich_ln, pb_relax, pb_alpha,
+                  attn_impl) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.text_head = nn.Linear(d_model, text_vocab + text_len, bias=False)
+        self.image_head = nn.Linear(d_model, image_vocab, bias=False)
+        if tie_weights:
+            self.text_head.weight = self.text_emb.weight
+            self.image_head.weight = self.image_emb.weight
+        masks = {p: sequence_mask(p, text_len, h, w, conv_kernel) for p in sorted(set(self.patterns))}
+        for p, m in masks.items():
+            self.register_buffer(f"mask_{p}", m, persistent=False)
+        self._block_masks: dict = {}
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / (2 * n_layer) ** 0.5)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def mask(self, layer: int) -> torch.Tensor:
+        return getattr(self, f"mask_{self.patterns[layer]}")
+
+    def text_ids(self, text: torch.Tensor) -> torch.Tensor:
+        """Tokenizer ids ``[B, text_len]`` -> model ids: each pad becomes the pad id of its position."""
+        if text.shape[1] != self.text_len:
+            raise ConfigError(f"text has {text.shape[1]} tokens per caption, the model takes model.text_len="
+                              f"{self.text_len}; tokenize with the same text_len")
+        pos = torch.arange(self.text_len, device=text.device) + self.text_vocab
+        return torch.where(text == self.text_pad_id, pos, text)
+
+    def embed(self, text: torch.Tensor | None, image: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+        """Embeddings of a contiguous run of the sequence beginning at ``start``: ``text`` (model ids,
+        when ``start < text_len``) then ``image`` codes ``[B, n]`` in raster order."""
+        parts = []
+        if text is not None and text.shape[1]:
+            e = self.text_emb(text)
+            if not self.rotary:
+                e = e + self.text_pos[start:start + text.shape[1]]
+            parts.append(e)
+        if image is not None and image.shape[1]:
+            i0 = max(0, start - self.text_len)
+            e = self.image_emb(image)
+            if not self.rotary:
+                idx = torch.arange(i0, i0 + image.shape[1], device=image.device)
+                w = self.grid[1]
+                e = e + self.row_pos[idx // w] + self.col_pos[idx % w]
+            parts.append(e)
+        return self.drop(torch.cat(parts, dim=1))
+
+    def block_mask(self, layer: int, length: int, device):
+        """FlexAttention block mask of a layer's pattern for a training sequence of ``length``."""
+        key = (self.patterns[layer], length, str(device))
+        if key not in self._block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            dense = self.mask(layer)[:length, :length].to(device)
+            self._block_masks[key] = create_block_mask(lambda b, h, q, kv: dense[q, kv], None, None, length, length,
+                                                       device=str(device))
+        return self._block_masks[key]
+
+    def hidden(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        t = x.shape[1]
+        rot = (self.rot_cos[start:start + t], self.rot_sin[start:start + t]) if self.rotary else None
+        flex = self.attn_impl == "flex" and cache is None and start == 0
+        if flex and x.device.type == "cpu" and torch.is_grad_enabled():
+            raise ConfigError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward); "
+                              "use model.attn_impl=sdpa there")
+        for i, block in enumerate(self.blocks):
+            bm = self.block_mask(i, t, x.device) if flex else None
+            x = block(x, self.mask(i), start, cache, i, rot, bm)
+        return self.ln_f(x)
+
+    # -- training ----------------------------------------------------------------------------
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text`` tokenizer ids ``[B, text_len]``, ``image`` codes ``[B, h, w]`` or ``[B, h*w]`` ->
+        ``(text_logits [B, text_len - 1, text_vocab + text_len], image_logits [B, h*w, image_vocab])``:
+        the logits for text tokens ``1 ..`` and for every image token."""
+        image = image.flatten(1)
+        if image.shape[1] != self.n_image:
+            raise ConfigError(f"image codes have {image.shape[1]} positions, the model's grid "
+                              f"{self.grid[0]}x{self.grid[1]} has {self.n_image}")
+        x = self.embed(self.text_ids(text), image[:, :-1])
+        hid = self.hidden(x)
+        T = self.text_len
+        return self.text_head(hid[:, :T - 1]), self.image_head(hid[:, T - 1:])
+
+    def loss(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy of the text tokens (every position after the first, pads included, as
+        DALL·E) and of the image tokens."""
+        text_logits, image_logits = self(text, image)
+        targets = self.text_ids(text)[:, 1:]
+        text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), targets.flatten()) if self.text_len > 1 \
+            else text_logits.new_zeros(())
+        image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten().long())
+        return text_loss, image_loss
+
+    # -- decoding ----------------------------------------------------------------------------
+    def new_cache(self, batch: int, device, dtype) -> KVCache:
+        return KVCache(self.n_layer, batch, self.n_head, self.seq_len, self.head_dim, device, dtype)
+
+    def prefill(self, text: torch.Tensor, cache: KVCache | None, image: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the caption (and primed image codes) through the model; returns the image logits for the
+        next image position ``[B, image_vocab]``."""
+        x = self.embed(self.text_ids(text), image)
+        hid = self.hidden(x, 0, cache)
+        return self.image_head(hid[:, -1])
+
+    def decode_step(self, code: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
+        """Feed image code ``index`` (``[B]``) with the cache; returns the logits of image code ``index + 1``."""
+        start = self.text_len + index
+        hid = self.hidden(self.embed(None, code[:, None], start), start, cache)
+        return self.image_head(hid[:, -1])
+
+    def image_logits_uncached(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The next image code's logits from a full forward pass over the caption and ``image`` so far."""
+        x = self.embed(self.text_ids(text), image)
+        return self.image_head(self.hidden(x)[:, -1])

@@ -1,0 +1,99 @@
+"""Sampling image codes from a :class:`t2i.models.transformer.Transformer`.
+
+:func:`generate` draws ``num_samples`` code grids per caption with temperature, top-k, top-p and
+classifier-free guidance. Guidance runs a second, unconditional branch (every text token the pad) in
+the same batch, each branch with its own rows of the KV cache, and mixes the logits as
+``cond + (cfg_scale - 1) * (cond - uncond)`` (so ``cfg_scale = 1`` draws exactly what ``cfg_scale = None``, no guidance, draws).
+With ``use_cache=False`` every step reruns the whole sequence; for the same ``generator`` seed both
+paths draw the same codes. ``prime`` keeps the first image codes of a given grid (image priming) and
+samples the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the ``top_k`` largest and outside the smallest set whose
+    probability reaches ``top_p`` (the most likely token always stays)."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
+    logits = logits.float()
+    if temperature <= 0:  # greedy
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _guide(logits: torch.Tensor, batch: int, cfg_scale: float) -> torch.Tensor:
+    if logits.shape[0] == batch:
+        return logits
+    cond, uncond = logits[:batch].float(), logits[batch:].float()
+    return cond + (cfg_scale - 1.0) * (cond - uncond)
+
+
+@torch.no_grad()
+def generate(model, text_ids: torch.Tensor, num_samples: int = 1, top_k: int | None = None,
+             top_p: float | None = None, temperature: float = 1.0, cfg_scale: float | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None, prime: torch.Tensor | None = None,
+             progress: bool = False) -> torch.Tensor:
+    """Sample codes ``[B * num_samples, h, w]`` for captions ``text_ids [B, text_len]`` (tokenizer ids);
+    the samples of caption ``b`` are rows ``b * num_samples .. (b + 1) * num_samples - 1``.
+
+    ``cfg_scale`` (a number, 1 included) turns on classifier-free guidance with an unconditional
+    branch; ``None`` samples conditionally only (the model should be trained with ``cond_drop_prob > 0``
+    for guidance to help). ``prime [B, n]`` (or ``[B, h, w]``, the first ``n`` codes kept) primes
+    every sample of a caption with the first ``n`` image codes.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    text = text_ids.to(device).repeat_interleave(num_samples, dim=0)
+    batch = text.shape[0]
+    guided = cfg_scale is not None
+    if guided:
+        null = torch.full_like(text, model.text_pad_id)
+        text = torch.cat([text, null])
+    codes = torch.zeros(batch, model.n_image, dtype=torch.long, device=device)
+    n_prime = 0
+    if prime is not None:
+        prime = prime.to(device).flatten(1).long().repeat_interleave(num_samples, dim=0)
+        n_prime = prime.shape[1]
+        if n_prime >= model.n_image:
+            raise ValueError(f"prime has {n_prime} codes; the grid has only {model.n_image}")
+        codes[:, :n_prime] = prime
+    both = (lambda c: torch.cat([c, c])) if guided else (lambda c: c)
+
+    cache = model.new_cache(text.shape[0], device, next(model.parameters()).dtype) if use_cache else None
+    steps = tqdm(range(n_prime, model.n_image), desc="sampling", disable=not progress, leave=False)
+    for i in steps:
+        if not use_cache:
+            logits = model.image_logits_uncached(text, both(codes[:, :i]))
+        elif i == n_prime:
+            logits = model.prefill(text, cache, both(codes[:, :i]) if i else None)
+        else:
+            logits = model.decode_step(both(codes[:, i - 1]), i - 1, cache)
+        codes[:, i] = _pick(_guide(logits, batch, cfg_scale), temperature, top_k, top_p, generator)
+    model.train(was_training)
+    return codes.view(batch, *model.grid)
+
+
+@torch.no_grad()
+def decode_codes(tokenizer, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in ``[-1, 1]`` from code grids with an image tokenizer (batched)."""
+    device = next(tokenizer.parameters()).device
+    return torch.cat([tokenizer.decode(codes[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, codes.shape[0], batch_size)])
