@@ -11,6 +11,8 @@ samples the rest.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from tqdm.auto import tqdm
 
@@ -94,6 +96,7 @@ def generate(model, text_ids: torch.Tensor, num_samples: int = 1, top_k: int | N
 @torch.no_grad()
 def decode_codes(tokenizer, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in ``[-1, 1]`` from code grids with an image tokenizer (batched)."""
-    device = next(tokenizer.parameters()).device
+    tensor = next(itertools.chain(tokenizer.parameters(), tokenizer.buffers()), None)
+    device = tensor.device if tensor is not None else codes.device
     return torch.cat([tokenizer.decode(codes[i:i + batch_size].to(device)).cpu()
                       for i in range(0, codes.shape[0], batch_size)])

@@ -145,12 +145,15 @@ def load_image_tokenizer(cfg: DictConfig) -> tuple[nn.Module, Path]:
 
 def build_datamodule(cfg: DictConfig, wanted: tuple[str, ...]):
     """The configured ImageTextDataModule indexing only ``wanted`` splits (plus train when val is carved
-    out of it, so both keep the split training used); no text tokenizer, never streaming."""
+    out of it, so both keep the split training used); never streaming."""
     data = cfg.data
     carve = data.get("val") is None and float(data.get("val_fraction") or 0) > 0
     keep = set(wanted) | ({"train"} if carve and ("val" in wanted or "train" in wanted) else set())
     drop = {s: None for s in SPLITS if s not in keep}
-    dm = instantiate(data, tokenizer=None, streaming=False, _convert_="all", **drop)
+    # Shapes keeps its tokenizer path so prepare_data builds tokenizer.json too: stage 2 reads it from
+    # the manifest's data config
+    tokenizer = data.get("tokenizer") if data.get("shapes") else None
+    dm = instantiate(data, tokenizer=tokenizer, streaming=False, _convert_="all", **drop)
     for attr in ("prepare_data", "setup", "datasets"):
         if not hasattr(dm, attr):
             raise ConfigError(f"data._target_={data.get('_target_')}: t2i-tokenize needs an ImageTextDataModule")

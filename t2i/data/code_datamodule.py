@@ -1,0 +1,130 @@
+"""CodesDataModule: stage-2 batches from the code shards of ``t2i-tokenize`` (no image decoding at all).
+
+Batches are dicts: ``codes`` LongTensor[B, h, w], ``text`` LongTensor[B, text_len] (the text
+tokenizer's ids, padded with its pad id), ``caption`` list[str], ``key`` list[str]. Training draws one
+random caption per image each time the image is seen; validation and test use every (image, caption)
+pair. The split is held in memory (int16 codes: 256 tokens are 512 bytes an image, so a million images
+is half a gigabyte); when the shards have no ``val`` split, ``val_fraction`` of ``train`` is held out
+with a seeded permutation.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from t2i.data.codes import load_codes, read_manifest
+from t2i.data.skips import DataError
+from t2i.data.tokenizer import TextTokenizer, check_same
+
+
+class CodePairs(Dataset):
+    def __init__(self, keys, codes, captions, every_caption: bool):
+        self.keys, self.codes, self.captions = keys, codes, captions
+        self.every_caption = every_caption
+        self.index = [(i, j) for i, caps in enumerate(captions) for j in range(len(caps))] if every_caption \
+            else list(range(len(keys)))
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, n):
+        if self.every_caption:
+            i, j = self.index[n]
+            caption = self.captions[i][j]
+        else:
+            i = n
+            caption = random.choice(self.captions[i]) if self.captions[i] else ""
+        return {"codes": self.codes[i], "caption": caption, "key": self.keys[i]}
+
+
+class CodeCollate:
+    def __init__(self, tokenizer: TextTokenizer, text_len: int):
+        self.tokenizer, self.text_len = tokenizer, text_len
+
+    def __call__(self, items):
+        captions = [it["caption"] for it in items]
+        return {"codes": torch.stack([it["codes"] for it in items]).long(),
+                "text": self.tokenizer.encode(captions, self.text_len),
+                "caption": captions, "key": [it["key"] for it in items]}
+
+
+class CodesDataModule(pl.LightningDataModule):
+    """``codes``: an output folder of ``t2i-tokenize``. ``tokenizer``: the text tokenizer file (default:
+    the one named by the data config the codes were made from)."""
+
+    def __init__(self, codes: str, tokenizer: str | None = None, text_len: int = 24, batch_size: int = 64,
+                 num_workers: int = 0, val_fraction: float = 0.05, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.manifest = read_manifest(codes)
+        path = tokenizer or (self.manifest.get("data") or {}).get("tokenizer")
+        if not path:
+            raise DataError(f"code shards {codes} do not name a text tokenizer; set data.tokenizer=<tokenizer.json>")
+        self.tokenizer = TextTokenizer.from_file(path, key="data.tokenizer")
+        self.splits: dict[str, CodePairs] = {}
+
+    @property
+    def grid(self) -> list[int]:
+        return [int(g) for g in self.manifest["grid"]]
+
+    def has_split(self, split: str) -> bool:
+        return split in self.manifest["shards"] or (split == "val" and "train" in self.manifest["shards"])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        have = self.manifest["shards"]
+        if "train" not in have and stage in (None, "fit"):
+            raise DataError(f"code shards {self.hparams.codes} have no train split (have: {', '.join(have)})")
+        data = {s: load_codes(self.hparams.codes, s) for s in ("train", "val", "test") if s in have}
+        if "val" not in data and "train" in data and self.hparams.val_fraction > 0:
+            keys, codes, caps = data["train"]
+            perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
+            n_val = max(1, int(round(len(keys) * self.hparams.val_fraction)))
+            val, train = perm[:n_val], perm[n_val:]
+            data["val"] = ([keys[i] for i in val], codes[val], [caps[i] for i in val])
+            data["train"] = ([keys[i] for i in train], codes[train], [caps[i] for i in train])
+        for split, (keys, codes, caps) in data.items():
+            self.splits[split] = CodePairs(keys, codes.to(torch.int16 if codes.max() < 32768 else torch.int32), caps,
+                                           every_caption=split != "train")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        if split not in self.splits:
+            raise DataError(f"code shards {self.hparams.codes} have no {split} split")
+        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers, drop_last=shuffle,
+                          collate_fn=CodeCollate(self.tokenizer, self.hparams.text_len),
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_str()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "tokenizer" in state:
+            check_same(TextTokenizer.from_str(state["tokenizer"]), self.tokenizer, where="being resumed")
+
+
+def stage2_info(codes: str, tokenizer: str | None = None) -> dict:
+    """What a transformer config needs from its data: ``text_vocab``, ``text_pad_id``, ``image_vocab``,
+    ``image_grid`` and the image tokenizer checkpoint the codes were made with."""
+    manifest = read_manifest(codes)
+    path = tokenizer or (manifest.get("data") or {}).get("tokenizer")
+    if not path:
+        raise DataError(f"code shards {codes} do not name a text tokenizer; set data.tokenizer=<tokenizer.json>")
+    tok = TextTokenizer.from_file(path, key="data.tokenizer")
+    return {"text_vocab": tok.vocab_size, "text_pad_id": tok.pad_id, "image_vocab": int(manifest["codebook_size"]),
+            "image_grid": [int(g) for g in manifest["grid"]], "tokenizer_ckpt": manifest.get("tokenizer_ckpt")}

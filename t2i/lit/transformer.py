@@ -1,0 +1,174 @@
+"""TransformerModule: trains :class:`t2i.models.transformer.Transformer` on (caption, image codes) pairs.
+
+Batches come from :class:`t2i.data.code_datamodule.CodesDataModule` (``codes`` from ``t2i-tokenize``,
+the fast path) or from :class:`t2i.data.datamodule.ImageTextDataModule` (``image``), which a frozen
+image tokenizer (``image_tokenizer``) encodes on the fly. The loss is DALL·E's weighted mean
+``(w_text * L_text + w_img * L_img) / (w_text + w_img)``; with ``cond_drop_prob`` the caption is
+replaced by the null caption (all pads) so the model also learns the unconditional distribution that
+classifier-free guidance needs. ``model.text_vocab``, ``text_pad_id``, ``image_vocab`` and
+``image_grid`` left null are read from the code shards' manifest and the text tokenizer; the filled-in
+values are saved as hyper-parameters, so a checkpoint rebuilds the model without the data.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from t2i.errors import ConfigError, T2IError
+from t2i.lit.vqgan import lr_lambda
+from t2i.models.transformer import Transformer
+
+log = logging.getLogger(__name__)
+INFERRED = ("text_vocab", "text_pad_id", "image_vocab", "image_grid")
+
+
+def no_decay(name: str, p: nn.Parameter) -> bool:
+    """Biases, norms, embeddings and position tables take no weight decay."""
+    return p.ndim < 2 or "emb" in name or "pos" in name or ".ln" in name or name.startswith("ln")
+
+
+class TransformerModule(pl.LightningModule):
+    def __init__(self, model: dict, codes: str | None = None, text_tokenizer: str | None = None,
+                 image_tokenizer: str | None = None, text_loss_weight: float = 1.0, image_loss_weight: float = 7.0,
+                 cond_drop_prob: float = 0.0, lr: float = 3e-4, betas=(0.9, 0.95), weight_decay: float = 0.01,
+                 warmup_steps: int = 0, schedule: str = "cosine", total_steps: int | None = None,
+                 min_lr_ratio: float = 0.1, grad_clip: float | None = 1.0, ema_decay: float | None = None,
+                 max_bad_steps: int = 20, sample: dict | None = None):
+        super().__init__()
+        model = dict(model)
+        if any(model.get(k) is None for k in INFERRED):
+            if not codes:
+                missing = [k for k in INFERRED if model.get(k) is None]
+                raise ConfigError(f"model.{missing[0]} is not set and there are no code shards to read it from "
+                                  "(set model.codes=<t2i-tokenize output> or the model sizes)")
+            from t2i.data.code_datamodule import stage2_info
+
+            info = stage2_info(codes, text_tokenizer)
+            for k in INFERRED:
+                model[k] = info[k] if model.get(k) is None else model[k]
+            image_tokenizer = image_tokenizer or info["tokenizer_ckpt"]
+        if schedule not in ("constant", "cosine"):
+            raise ConfigError(f"model.schedule={schedule!r} is unknown; use constant or cosine")
+        self.save_hyperparameters()  # reads the locals now: the filled-in model sizes, the tokenizer path
+        self.model = Transformer(**model)
+        self.ema = None
+        if ema_decay:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self._image_tokenizer = None
+        self.bad_steps = 0
+
+    # -- data --------------------------------------------------------------------------------
+    @property
+    def image_tokenizer(self) -> nn.Module | None:
+        """The frozen stage-1 model (loaded on first use, never saved with this module's weights)."""
+        if self._image_tokenizer is None and self.hparams.image_tokenizer:
+            from t2i.models import load_tokenizer
+
+            self._image_tokenizer = [load_tokenizer(self.hparams.image_tokenizer).requires_grad_(False)]
+        return self._image_tokenizer[0].to(self.device) if self._image_tokenizer else None
+
+    def _codes(self, batch: dict) -> torch.Tensor:
+        if "codes" in batch:
+            return batch["codes"]
+        if self.image_tokenizer is None:
+            raise ConfigError("the batches carry images, not codes: set model.image_tokenizer=<tokenizer .ckpt> "
+                              "to encode them on the fly, or train on t2i-tokenize output (data=*_codes)")
+        with torch.no_grad():
+            return self.image_tokenizer.encode(batch["image"])
+
+    def _drop_captions(self, text: torch.Tensor) -> torch.Tensor:
+        p = self.hparams.cond_drop_prob
+        if not p or not self.training:
+            return text
+        drop = torch.rand(text.shape[0], device=text.device) < p
+        return torch.where(drop[:, None], torch.full_like(text, self.model.text_pad_id), text)
+
+    # -- training ----------------------------------------------------------------------------
+    def _losses(self, batch: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
+        model = model or self.model
+        text, image = self._drop_captions(batch["text"]), self._codes(batch)
+        text_loss, image_loss = model.loss(text, image)
+        wt, wi = self.hparams.text_loss_weight, self.hparams.image_loss_weight
+        return {"loss": (wt * text_loss + wi * image_loss) / (wt + wi), "text_loss": text_loss,
+                "image_loss": image_loss, "image_bits_per_token": image_loss / math.log(2)}
+
+    def training_step(self, batch, batch_idx):
+        if batch["text"].shape[0] == 0:
+            return None
+        losses = self._losses(batch)
+        if not torch.isfinite(losses["loss"]):
+            self.bad_steps += 1
+            self.log("train/skipped_steps", float(self.bad_steps))
+            if self.bad_steps >= self.hparams.max_bad_steps:
+                raise T2IError(f"the training loss was NaN/inf for {self.bad_steps} steps in a row (step "
+                               f"{self.global_step}); lower model.lr, raise model.warmup_steps, or try "
+                               "model.model.sandwich_ln=true / pb_relax=true")
+            return None
+        self.bad_steps = 0
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        return losses["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            d = self.hparams.ema_decay
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                    e.lerp_(p, 1 - d)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val or self.hparams.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self):
+        h = self.hparams
+        decay, plain = [], []
+        for n, p in self.model.named_parameters():
+            (plain if no_decay(n, p) else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
+                                 {"params": plain, "weight_decay": 0.0}], lr=h.lr, betas=tuple(h.betas))
+        total = h.total_steps or (self.trainer.estimated_stepping_batches if self._trainer else None)
+        total = int(total) if total and math.isfinite(total) else None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.warmup_steps, total, h.schedule, h.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _eval_step(self, batch, split: str):
+        if batch["text"].shape[0] == 0:
+            return
+        losses = self._losses(batch, self.ema)
+        self.log_dict({f"{split}/{k}": v for k, v in losses.items()}, prog_bar=split == "val", sync_dist=True,
+                      batch_size=batch["text"].shape[0])
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def sampling_model(self) -> Transformer:
+        return self.ema if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def log_images(self, batch) -> dict[str, torch.Tensor]:
+        """Decoded samples for the batch's captions (the validation batch the image logger keeps), and
+        the decoded ground-truth codes beside them."""
+        from t2i.sampling import decode_codes, generate
+
+        if self.image_tokenizer is None:
+            return {}
+        s = dict(self.hparams.sample or {})
+        n = min(int(s.pop("num_captions", 8)), batch["text"].shape[0])
+        gen = torch.Generator(device=self.device).manual_seed(int(s.pop("seed", 0)))
+        codes = generate(self.sampling_model(), batch["text"][:n], generator=gen, **s)
+        out = {"samples": decode_codes(self.image_tokenizer, codes)}
+        if "codes" in batch:
+            out["references"] = decode_codes(self.image_tokenizer, batch["codes"][:n])
+        return out
