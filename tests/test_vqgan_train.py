@@ -104,6 +104,23 @@ def test_shapes_vqgan_trains_and_load_tokenizer_rebuilds_it(tmp_path):
     assert torch.allclose(tok.decode(codes), best.decode(codes))
     assert list((tmp_path / "run" / "images").glob("val_epoch*_reconstructions.png"))
 
+    # t2i-tokenize with this checkpoint: the stored codes decode to the tokenizer's reconstructions
+    from t2i.cli.tokenize import run
+    from t2i.data.codes import load_codes
+
+    with initialize_config_module("t2i.conf", version_base="1.3"):
+        tcfg = compose("tokenize", overrides=[
+            f"tokenizer_ckpt={ckpt}", f"output={tmp_path}/codes", f"paths.data_dir={tmp_path}/data", "split=test",
+            "data.image_size=32", "data.shapes.n_train=64", "data.shapes.n_val=16", "data.shapes.n_test=16",
+            "data.shapes.n_compositional=4", "progress=false", "num_workers=0"])
+    run(tcfg)
+    keys, stored, _ = load_codes(tmp_path / "codes", "test")
+    batch = obj["datamodule"].on_after_batch_transfer(next(iter(obj["datamodule"].test_dataloader())), 0)
+    by_key = dict(zip(keys, stored))
+    mine = torch.stack([by_key[k] for k in batch["key"]])
+    assert torch.equal(mine, tok.encode(batch["image"]))
+    assert torch.allclose(tok.decode(mine), tok(batch["image"])[0].clamp(-1, 1), atol=1e-5)
+
 
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(T2IError, match="no such file"):
