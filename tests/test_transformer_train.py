@@ -1,11 +1,15 @@
 """TransformerModule end to end: Shapes -> code shards (toy tokenizer) -> t2i-train experiment=shapes_transformer."""
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from PIL import Image
 
 from t2i.cli.train import train
 from t2i.data.codes import load_codes
@@ -50,12 +54,19 @@ def test_fast_dev_run(tmp_path, codes):
     assert h.model["text_vocab"] == obj["datamodule"].tokenizer.vocab_size
 
 
-def test_shapes_transformer_learns_and_samples(tmp_path, codes):
-    """A few hundred steps: validation image loss far below the unigram baseline; the checkpoint
-    rebuilds the model alone, and samples decode through the codes' own image tokenizer."""
-    cfg = compose_transformer(tmp_path, codes, "trainer.max_epochs=25", "model.warmup_steps=20", "model.lr=3e-3",
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, codes):
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = compose_transformer(tmp, codes, "trainer.max_epochs=25", "model.warmup_steps=20", "model.lr=3e-3",
                               "model.ema_decay=0.9")
     metrics, obj = train(cfg)
+    return tmp, metrics, obj
+
+
+def test_shapes_transformer_learns_and_samples(trained, codes):
+    """A few hundred steps: validation image loss far below the unigram baseline; the checkpoint
+    rebuilds the model alone, and samples decode through the codes' own image tokenizer."""
+    tmp_path, metrics, obj = trained
     _, val_codes, _ = load_codes(codes, "val")
     baseline = unigram_entropy(val_codes, 64)
     assert obj["trainer"].global_step >= 250
@@ -67,11 +78,54 @@ def test_shapes_transformer_learns_and_samples(tmp_path, codes):
     images = module.log_images(batch)
     assert images["samples"].shape == (16, 3, 16, 16) and images["references"].shape == (16, 3, 16, 16)
     assert list((tmp_path / "run" / "images").glob("val_epoch*_samples.png"))
-    # sampled codes follow the caption: with near-greedy sampling most cells match the ground truth
+    # sampled codes follow the caption: with greedy decoding most cells match the ground truth
     codes_hat = generate(module.sampling_model(), batch["text"][:32], temperature=0.0)
     agree = (codes_hat == batch["codes"][:32]).float().mean().item()
     assert agree > 0.6, agree
     assert math.isfinite(metrics["test/loss"])
+
+
+def generate_cfg(tmp_path, *overrides):
+    with initialize_config_module("t2i.conf", version_base="1.3"):
+        return compose("generate", overrides=[f"paths.log_dir={tmp_path}/logs", f"output={tmp_path}/gen",
+                                              "progress=false", *overrides])
+
+
+def test_t2i_generate(trained, tmp_path, caplog):
+    from t2i.cli.generate import run
+
+    _, _, obj = trained
+    ckpt = obj["trainer"].checkpoint_callback.best_model_path
+    caption = obj["datamodule"].splits["val"].captions[0][0]
+    long = caption * 6
+    result = run(generate_cfg(tmp_path, f"ckpt={ckpt}", f"prompts=['{caption}','{long}','火星上的x']", "num_samples=3",
+                              "top_k=16", "batch_size=4", "cfg_scale=2.0"))
+    out = tmp_path / "gen"
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert result["count"] == 9 and len(rows) == 9
+    assert rows[0]["prompt"] == caption and rows[0]["settings"]["cfg_scale"] == 2.0
+    assert all((out / r["file"]).exists() for r in rows)
+    assert [p.name for p in sorted(out.glob("grid_*.png"))] == ["grid_p000.png", "grid_p001.png", "grid_p002.png"]
+    assert Image.open(out / rows[0]["file"]).size == (16, 16)
+    assert "unknown to the text tokenizer" in caplog.text and "the rest is cut" in caplog.text
+    # the same command twice gives the same images
+    run(generate_cfg(tmp_path, f"ckpt={ckpt}", f"prompts=['{caption}','{long}','火星上的x']", "num_samples=3",
+                     "top_k=16", "batch_size=4", "cfg_scale=2.0", f"output={tmp_path}/again"))
+    assert (out / "p002_s01.png").read_bytes() == (tmp_path / "again" / "p002_s01.png").read_bytes()
+
+
+def test_t2i_generate_errors(trained, tmp_path):
+    _, _, obj = trained
+    ckpt = obj["trainer"].checkpoint_callback.best_model_path
+    script = "from t2i.cli.generate import main; main()"
+    for args, message in [
+        ([f"ckpt={tmp_path}/nope.ckpt", "prompts=[a]"], "no such file"),
+        ([f"ckpt={ckpt}"], "no prompts"),
+        ([f"ckpt={ckpt}", "prompts=[a]", f"image_tokenizer={tmp_path}/none.ckpt"], "no such file"),
+    ]:
+        res = subprocess.run([sys.executable, "-c", script, f"hydra.run.dir={tmp_path}/h", *args],
+                             capture_output=True, text=True)
+        assert res.returncode == 1 and message in res.stderr, res.stderr[-1500:]
 
 
 def test_nan_guard_stops_with_clear_error(tmp_path, codes):

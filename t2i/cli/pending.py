@@ -3,7 +3,6 @@
 import sys
 
 PENDING = {
-    "t2i-generate": "sampling and reranking (needs the transformer stage, issue #4)",
     "t2i-eval": "benchmark evaluation (needs the evaluation stage, issue #6)",
 }
 
@@ -11,10 +10,6 @@ PENDING = {
 def _pending(name: str) -> None:
     print(f"{name}: not yet available - {PENDING[name]}. Nothing was run.", file=sys.stderr)
     sys.exit(2)
-
-
-def generate() -> None:
-    _pending("t2i-generate")
 
 
 def evaluate() -> None:

@@ -219,6 +219,13 @@ class TextTokenizer:
         self.last_text_len = text_len
         return out
 
+    def unknown(self, text: str) -> list[str]:
+        """The pieces of ``text`` that encode to the unknown token (empty when every piece is known)."""
+        if self.unk_id is None:
+            return []
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id]
+
     def lengths(self, texts: list[str]) -> list[int]:
         """Token count of each text before padding or truncation (for choosing ``text_len``)."""
         return [len(enc.ids) for enc in self.tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -1,0 +1,157 @@
+"""t2i-generate: captions -> sampled code grids -> images, with the transformer checkpoint's own tokenizers.
+
+    t2i-generate ckpt=<run>/checkpoints/best.ckpt prompts='[一个大的红色圆形在左上角]' num_samples=8
+    t2i-generate ckpt=... prompts_file=captions.txt num_samples=16 top_k=64 cfg_scale=3 output=samples/
+
+Output (``output``, default the Hydra run folder): ``p{prompt:03d}_s{sample:02d}.png`` per sample,
+``grid_p{prompt:03d}.png`` per prompt and ``samples.jsonl`` (one line per sample: prompt, index, seed,
+file, sampling settings, score). Prompts are sampled ``batch_size // num_samples`` at a time, each
+batch from a generator seeded with ``seed + index of its first prompt`` (recorded per sample): the
+same command gives the same images; another ``batch_size`` gives other (equally valid) samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from t2i.cli.common import clear_errors
+from t2i.cli.tokenize import pick_device
+from t2i.data.tokenizer import TextTokenizer
+from t2i.errors import ConfigError, T2IError
+
+log = logging.getLogger("t2i.generate")
+SETTINGS = ("top_k", "top_p", "temperature", "cfg_scale", "use_cache", "ema")
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    prompts = [str(p) for p in (cfg.prompts or [])]
+    if cfg.prompts_file:
+        path = Path(str(cfg.prompts_file)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"prompts_file={cfg.prompts_file}: no such file")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompts: pass prompts='[caption one, caption two]' or prompts_file=<one caption a line>")
+    return prompts
+
+
+def load_checkpoint(path) -> dict:
+    p = Path(str(path)).expanduser() if path else None
+    if p is None or not p.is_file():
+        raise ConfigError(f"ckpt={path}: no such file (a TransformerModule .ckpt from "
+                          "`t2i-train experiment=*_transformer`)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise T2IError(f"ckpt={path} cannot be read ({type(e).__name__}: {e})") from None
+    target = str((ckpt.get("hyper_parameters") or {}).get("_target_", ""))
+    if "state_dict" not in ckpt or not any(k.startswith("model.") for k in ckpt["state_dict"]) or \
+            "model" not in (ckpt.get("hyper_parameters") or {}) or "transformer" not in (target or "transformer"):
+        raise T2IError(f"ckpt={path} is not a transformer checkpoint (train one with experiment=*_transformer)")
+    return ckpt
+
+
+def text_tokenizer(cfg: DictConfig, ckpt: dict) -> TextTokenizer:
+    """The override, else the tokenizer the datamodule stored in the checkpoint, else the hparams path."""
+    if cfg.text_tokenizer:
+        return TextTokenizer.from_file(cfg.text_tokenizer, key="text_tokenizer")
+    for value in ckpt.values():
+        if isinstance(value, dict) and isinstance(value.get("tokenizer"), str):
+            return TextTokenizer.from_str(value["tokenizer"])
+    path = ckpt["hyper_parameters"].get("text_tokenizer")
+    if path and Path(path).exists():
+        return TextTokenizer.from_file(path, key="text_tokenizer")
+    raise T2IError(f"ckpt={cfg.ckpt} carries no text tokenizer; pass text_tokenizer=<tokenizer.json of its run>")
+
+
+def encode_prompts(tok: TextTokenizer, prompts: list[str], text_len: int) -> torch.Tensor:
+    for i, p in enumerate(prompts):
+        unk = tok.unknown(p)
+        if unk:
+            log.warning("prompt %d: %s unknown to the text tokenizer, mapped to [UNK]", i, ", ".join(map(repr, unk)))
+        n = tok.lengths([p])[0]
+        if n > text_len:
+            log.warning("prompt %d has %d tokens; the model reads %d (text_len), the rest is cut", i, n, text_len)
+    return tok.encode(prompts, text_len)
+
+
+def build(cfg: DictConfig, device: torch.device):
+    from t2i.lit.transformer import TransformerModule
+    from t2i.models import load_tokenizer
+
+    ckpt = load_checkpoint(cfg.ckpt)
+    module = TransformerModule.load_from_checkpoint(str(cfg.ckpt), map_location="cpu")
+    model = (module.ema if cfg.ema and module.ema is not None else module.model).to(device).eval()
+    image_ckpt = cfg.image_tokenizer or module.hparams.image_tokenizer
+    if not image_ckpt:
+        raise T2IError(f"ckpt={cfg.ckpt} names no image tokenizer; pass image_tokenizer=<stage-1 .ckpt>")
+    image_tok = load_tokenizer(image_ckpt).to(device)
+    if image_tok.codebook_size != model.image_vocab:
+        raise T2IError(f"image_tokenizer={image_ckpt} has {image_tok.codebook_size} codes; the transformer was "
+                       f"trained on {model.image_vocab}: pass the tokenizer its codes came from")
+    return model, image_tok, text_tokenizer(cfg, ckpt)
+
+
+def run(cfg: DictConfig) -> dict:
+    from t2i.sampling import decode_codes, generate
+
+    if cfg.rerank.ckpt:
+        raise ConfigError("rerank.ckpt: CLIP reranking lands with the reranker stage (issue 5); leave it null")
+    if int(cfg.num_samples) < 1:
+        raise ConfigError(f"num_samples={cfg.num_samples} must be at least 1")
+    prompts = read_prompts(cfg)
+    device = pick_device(str(cfg.device))
+    model, image_tok, tok = build(cfg, device)
+    text = encode_prompts(tok, prompts, model.text_len)
+    out = Path(str(cfg.output)).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: cfg[k] for k in SETTINGS}
+    per_batch = max(1, int(cfg.batch_size) // int(cfg.num_samples))
+    t0, rows = time.perf_counter(), []
+    bar = tqdm(total=len(prompts), desc="prompts", disable=not cfg.progress)
+    for start in range(0, len(prompts), per_batch):
+        idx = list(range(start, min(start + per_batch, len(prompts))))
+        gen = torch.Generator(device=device).manual_seed(int(cfg.seed) + start)
+        codes = generate(model, text[idx[0]:idx[-1] + 1], int(cfg.num_samples), top_k=cfg.top_k, top_p=cfg.top_p,
+                         temperature=float(cfg.temperature), cfg_scale=cfg.cfg_scale, use_cache=bool(cfg.use_cache),
+                         generator=gen)
+        images = decode_codes(image_tok, codes)
+        for n, i in enumerate(idx):
+            chunk = images[n * int(cfg.num_samples):(n + 1) * int(cfg.num_samples)]
+            pics = (chunk.float().clamp(-1, 1) + 1) / 2
+            for j, img in enumerate(pics):
+                name = f"p{i:03d}_s{j:02d}.png"
+                save_image(img, out / name)
+                rows.append({"prompt": prompts[i], "prompt_index": i, "sample": j, "seed": int(cfg.seed) + start,
+                             "file": name, "settings": settings, "score": None})
+            save_image(make_grid(pics, nrow=min(8, len(pics))), out / f"grid_p{i:03d}.png")
+            bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    n_tokens = len(rows) * model.n_image
+    print(f"generated {len(rows)} images for {len(prompts)} prompt(s) in {seconds:.1f} s "
+          f"({n_tokens / seconds:.0f} image tokens/s) on {device}; output in {out}")
+    return {"output": str(out), "count": len(rows), "seconds": seconds, "tokens_per_s": n_tokens / seconds}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@clear_errors
+def main(cfg: DictConfig) -> None:
+    OmegaConf.resolve(cfg)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
