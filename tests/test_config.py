@@ -44,10 +44,21 @@ def test_defaults(tmp_path):
 @pytest.mark.parametrize("data", options("data"))
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_every_data_trainer_pair_composes(tmp_path, data, trainer):
-    cfg = make([f"data={data}", f"trainer={trainer}"], tmp_path)
+    extra = ["data.codes=somewhere"] if data == "codes" else []  # stage 2: the codes folder is required
+    cfg = make([f"data={data}", f"trainer={trainer}", *extra], tmp_path)
     OmegaConf.resolve(cfg)
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
-    assert cfg.data.image_size > 0 and cfg.data.batch_size > 0
+    assert cfg.data.batch_size > 0 and (data == "codes" or cfg.data.image_size > 0)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_resolves(tmp_path, experiment):
+    cfg = make([f"experiment={experiment}"], tmp_path)
+    OmegaConf.resolve(cfg)
+    assert cfg.task_name == experiment and cfg.model._target_.startswith("t2i.lit.")
+    assert cfg.callbacks.model_checkpoint.monitor == cfg.optimized_metric
+    if experiment.endswith("_large"):
+        assert cfg.model.model.n_layer == 24 and cfg.model.model.d_model == 1024
 
 
 @pytest.mark.parametrize("debug", options("debug"))
