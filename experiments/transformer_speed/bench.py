@@ -69,7 +69,7 @@ def ours(size: dict, schedule: str):
 
     return Transformer(text_vocab=size["text_vocab"], text_len=size["text_len"], image_vocab=size["image_vocab"],
                        image_grid=(size["grid"], size["grid"]), n_layer=size["n_layer"], n_head=size["n_head"],
-                       d_model=size["d_model"], attention=schedule, conv_kernel=11)
+                       d_model=size["d_model"], d_ff=size.get("d_ff"), attention=schedule, conv_kernel=11)
 
 
 def peer(size: dict, schedule: str):
@@ -104,7 +104,8 @@ def flops_per_token(size: dict, train: bool) -> float:
     """Dense-model FLOPs per token (2 per multiply-add): block matmuls + the image head + attention over
     the full causal context (an upper bound for the sparse schedules, which compute it on CPU anyway)."""
     d, L, seq = size["d_model"], size["n_layer"], size["text_len"] + size["grid"] ** 2
-    matmul = L * 12 * d * d + d * size["image_vocab"]
+    d_ff = size.get("d_ff") or 4 * d
+    matmul = L * (4 * d * d + 2 * d * d_ff) + d * size["image_vocab"]
     attn = L * 2 * d * seq  # QK^T and AV over seq/2 keys on average, x2 FLOPs per MAC
     return (3 if train else 1) * 2 * (matmul + attn)
 
@@ -205,6 +206,8 @@ def child(args) -> None:
     if kind == "sample":
         fn = sample_ours if which == "ours" else sample_peer
         out = fn(size, schedule, use_cache=cache == "cache")
+    elif which == "ours_matched":  # d_ff 6 * d_model: the parameters of DALLE-pytorch's GEGLU blocks
+        out = train_step(dict(size, d_ff=6 * size["d_model"]), schedule, "ours")
     else:
         out = train_step(size, schedule, which)
     print("RESULT " + json.dumps(out))
@@ -221,10 +224,16 @@ def run_child(spec: str, quick: bool) -> dict:
     return out
 
 
+SPECS = [f"{kind}:{which}:{schedule}:{mode}" for schedule in ("dalle", "full") for kind, which, mode in (
+    ("sample", "ours", "cache"), ("sample", "peer", "cache"), ("sample", "peer", "nocache"),
+    ("train", "ours", "-"), ("train", "peer", "-"))] + ["train:ours_matched:full:-"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child")
+    ap.add_argument("--only", help="comma-separated specs to re-measure; the others are read from RESULTS.json")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
     if args.child:
@@ -232,16 +241,17 @@ def main() -> None:
         child(args)
         return
     size = QUICK if args.quick else SIZE
+    store = Path(args.out).with_suffix(".json")
+    saved = json.loads(store.read_text()) if args.only and store.exists() else {}
     peak = matmul_peak()
     print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
-    r = {}
-    for schedule in ("dalle", "full"):
-        r[("sample", "ours", schedule)] = run_child(f"sample:ours:{schedule}:cache", args.quick)
-        r[("sample", "peer_cache", schedule)] = run_child(f"sample:peer:{schedule}:cache", args.quick)
-        r[("sample", "peer_nocache", schedule)] = run_child(f"sample:peer:{schedule}:nocache", args.quick)
-        r[("train", "ours", schedule)] = run_child(f"train:ours:{schedule}:-", args.quick)
-        r[("train", "peer", schedule)] = run_child(f"train:peer:{schedule}:-", args.quick)
-    write(args.out, size, peak, r)
+    todo = args.only.split(",") if args.only else SPECS
+    results = saved.get("results", {})
+    for spec in SPECS:
+        if spec in todo or spec not in results:
+            results[spec] = run_child(spec, args.quick)
+    store.write_text(json.dumps({"peak": peak, "results": results}, indent=1))
+    write(args.out, size, peak, results)
 
 
 def write(path: str, size: dict, peak: float, r: dict) -> None:
@@ -249,9 +259,10 @@ def write(path: str, size: dict, peak: float, r: dict) -> None:
     lines = [
         "# Transformer speed: t2i vs DALLE-pytorch",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}, float32, CPU. Written by `experiments/transformer_speed/bench.py`"
-        f"{' --quick' if size is QUICK else ''} (see its docstring for the method).",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32, "
+        f"CPU. Written by `experiments/transformer_speed/bench.py`{' --quick' if size is QUICK else ''} (method "
+        "in its docstring); each number from its own process, nothing else running. `--only` re-measures "
+        "some specs and keeps the others from `RESULTS.json` (same machine).",
         f"Size: {size['n_layer']} layers, width {size['d_model']}, {size['n_head']} heads, text {size['text_len']}, "
         f"image {size['grid']}x{size['grid']}, batch {size['batch']}, codebook {size['image_vocab']}.",
         f"Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s.",
@@ -263,25 +274,29 @@ def write(path: str, size: dict, peak: float, r: dict) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for s in ("dalle", "full"):
-        o, pc, pn = r[("sample", "ours", s)], r[("sample", "peer_cache", s)], r[("sample", "peer_nocache", s)]
+        o, pc, pn = r[f"sample:ours:{s}:cache"], r[f"sample:peer:{s}:cache"], r[f"sample:peer:{s}:nocache"]
         mfu = o["tokens_per_s"] * f_sample / peak
-        lines.append(f"| {s} | {o['tokens_per_s']:.1f} | {pn['tokens_per_s']:.2f} | {pc['tokens_per_s']:.1f} | "
+        lines.append(f"| {s} | {o['tokens_per_s']:.1f} | {pn['tokens_per_s']:.2f} | {pc['tokens_per_s']:.2f} | "
                      f"**{o['tokens_per_s'] / pn['tokens_per_s']:.1f}x** | **{o['tokens_per_s'] / pc['tokens_per_s']:.1f}x**"
                      f" | {100 * mfu:.1f}% |")
-    lines += ["", "DALLE-pytorch without cache: " + "; ".join(
-        f"{s}: {r[('sample', 'peer_nocache', s)]['method']}" for s in ("dalle", "full")), "",
+    lines += ["", "DALLE-pytorch without its cache, " + "; ".join(
+        f"{s}: {r[f'sample:peer:{s}:nocache']['method']}" for s in ("dalle", "full")) + ".", "",
         "## Training (forward + backward + AdamW)", "",
         "| schedule | t2i tokens/s | DALLE-pytorch tokens/s | speed ratio | t2i peak MB | DALLE-pytorch peak MB "
         "| memory ratio | t2i MFU |", "|---|---|---|---|---|---|---|---|"]
-    for s in ("dalle", "full"):
-        o, p = r[("train", "ours", s)], r[("train", "peer", s)]
-        mfu = o["tokens_per_s"] * f_train / peak
-        lines.append(f"| {s} | {o['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | "
+    rows = [("dalle", "ours", "dalle"), ("full", "ours", "full"),
+            ("full, t2i with d_ff = 6 x width (DALLE-pytorch's block parameters)", "ours_matched", "full")]
+    for label, which, s in rows:
+        o, p = r[f"train:{which}:{s}:-"], r[f"train:peer:{s}:-"]
+        sz = dict(size, d_ff=6 * size["d_model"]) if which == "ours_matched" else size
+        mfu = o["tokens_per_s"] * flops_per_token(sz, True) / peak
+        lines.append(f"| {label} | {o['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | "
                      f"**{o['tokens_per_s'] / p['tokens_per_s']:.2f}x** | {o['peak_mb']:.0f} | {p['peak_mb']:.0f} | "
                      f"{o['peak_mb'] / p['peak_mb']:.2f}x | {100 * mfu:.1f}% |")
-    lines += ["", f"Block parameters: t2i {r[('train', 'ours', 'full')]['params'] / 1e6:.1f} M, DALLE-pytorch "
-              f"{r[('train', 'peer', 'full')]['params'] / 1e6:.1f} M (its blocks add token shifting and rotary "
-              "embeddings, on by default). MFU counts dense attention FLOPs for every schedule.", ""]
+    lines += ["", f"Block parameters: t2i {r['train:ours:full:-']['params'] / 1e6:.1f} M (GELU MLP, 4 x width), "
+              f"{r['train:ours_matched:full:-']['params'] / 1e6:.1f} M with d_ff = 6 x width; DALLE-pytorch "
+              f"{r['train:peer:full:-']['params'] / 1e6:.1f} M (GEGLU feed-forward, token shift and rotary "
+              "embeddings, its defaults). MFU counts dense attention FLOPs for every schedule.", ""]
     Path(path).write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 
