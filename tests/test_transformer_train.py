@@ -148,8 +148,27 @@ def test_nan_guard_stops_with_clear_error(tmp_path, codes):
 
 
 def test_sizes_need_codes_or_config():
-    with pytest.raises(ConfigError, match="text_vocab"):
+    with pytest.raises(ConfigError, match="nothing to read them from"):
         TransformerModule(model={"text_len": 4, "n_layer": 1})
     m = TransformerModule(model=dict(text_vocab=10, text_pad_id=0, image_vocab=8, image_grid=[2, 2], text_len=4,
                                      n_layer=1, n_head=2, d_model=16))
     assert m.model.seq_len == 8
+
+
+def test_images_encoded_on_the_fly(tmp_path):
+    """data=shapes (images) + a frozen image tokenizer: sizes come from the tokenizers, codes are made per batch."""
+    ckpt = tmp_path / "tok.ckpt"
+    save_checkpoint(ckpt, downsample=4, levels=4)
+    with initialize_config_module("t2i.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "model=transformer", "logger=csv", "debug=fdr", f"paths.output_dir={tmp_path}/run",
+            f"paths.data_dir={tmp_path}/data", "data.image_size=16", "data.shapes.n_train=32", "data.shapes.n_val=8",
+            "data.shapes.n_test=8", "data.shapes.n_compositional=4", "data.num_workers=0", "data.batch_size=8",
+            f"model.image_tokenizer={ckpt}", "model.model.n_layer=1", "model.model.d_model=32", "model.model.n_head=2",
+            "callbacks.rich_summary=null", "trainer.enable_progress_bar=false"])
+    from hydra.utils import instantiate
+
+    instantiate(cfg.data, _convert_="all").prepare_data()  # Shapes and its text tokenizer on disk first
+    metrics, obj = train(cfg)
+    assert obj["model"].hparams.model["image_grid"] == [4, 4] and obj["model"].hparams.model["image_vocab"] == 64
+    assert {"train/image_loss", "val/image_loss"} <= set(metrics)

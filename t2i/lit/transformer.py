@@ -39,17 +39,11 @@ class TransformerModule(pl.LightningModule):
                  cond_drop_prob: float = 0.0, lr: float = 3e-4, betas=(0.9, 0.95), weight_decay: float = 0.01,
                  warmup_steps: int = 0, schedule: str = "cosine", total_steps: int | None = None,
                  min_lr_ratio: float = 0.1, grad_clip: float | None = 1.0, ema_decay: float | None = None,
-                 max_bad_steps: int = 20, sample: dict | None = None):
+                 max_bad_steps: int = 20, sample: dict | None = None, image_size: int | None = None):
         super().__init__()
         model = dict(model)
         if any(model.get(k) is None for k in INFERRED):
-            if not codes:
-                missing = [k for k in INFERRED if model.get(k) is None]
-                raise ConfigError(f"model.{missing[0]} is not set and there are no code shards to read it from "
-                                  "(set model.codes=<t2i-tokenize output> or the model sizes)")
-            from t2i.data.code_datamodule import stage2_info
-
-            info = stage2_info(codes, text_tokenizer)
+            info = self._infer_sizes(codes, text_tokenizer, image_tokenizer, image_size)
             for k in INFERRED:
                 model[k] = info[k] if model.get(k) is None else model[k]
             image_tokenizer = image_tokenizer or info["tokenizer_ckpt"]
@@ -62,6 +56,27 @@ class TransformerModule(pl.LightningModule):
             self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self._image_tokenizer = None
         self.bad_steps = 0
+
+    @staticmethod
+    def _infer_sizes(codes, text_tokenizer, image_tokenizer, image_size) -> dict:
+        """Sizes from the code shards' manifest, or (images encoded on the fly) from the image tokenizer
+        checkpoint, ``image_size`` and the text tokenizer file."""
+        if codes:
+            from t2i.data.code_datamodule import stage2_info
+
+            return stage2_info(codes, text_tokenizer)
+        if image_tokenizer and image_size and text_tokenizer:
+            from t2i.data.tokenizer import TextTokenizer
+            from t2i.models import load_tokenizer
+
+            tok, image_tok = TextTokenizer.from_file(text_tokenizer, key="model.text_tokenizer"), \
+                load_tokenizer(image_tokenizer)
+            side = int(image_size) // image_tok.downsample
+            return {"text_vocab": tok.vocab_size, "text_pad_id": tok.pad_id, "image_vocab": image_tok.codebook_size,
+                    "image_grid": [side, side], "tokenizer_ckpt": image_tokenizer}
+        raise ConfigError("model.model sizes (text_vocab, text_pad_id, image_vocab, image_grid) are not set and "
+                          "nothing to read them from: train on code shards (data=codes) or set "
+                          "model.image_tokenizer, model.text_tokenizer and model.image_size")
 
     # -- data --------------------------------------------------------------------------------
     @property
