@@ -4,7 +4,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +171,21 @@ def test_images_encoded_on_the_fly(tmp_path):
     metrics, obj = train(cfg)
     assert obj["model"].hparams.model["image_grid"] == [4, 4] and obj["model"].hparams.model["image_vocab"] == 64
     assert {"train/image_loss", "val/image_loss"} <= set(metrics)
+
+
+def test_t2i_generate_reranks_with_clip(trained, tmp_path):
+    from t2i.cli.generate import run
+    from tests.test_clip import compose_clip
+
+    _, clip_obj = train(compose_clip(tmp_path / "clip", "debug=fdr"))
+    clip_ckpt = tmp_path / "clip.ckpt"
+    clip_obj["trainer"].save_checkpoint(clip_ckpt)
+    _, _, obj = trained
+    ckpt = obj["trainer"].checkpoint_callback.best_model_path
+    caption = obj["datamodule"].splits["val"].captions[0][0]
+    run(generate_cfg(tmp_path, f"ckpt={ckpt}", f"prompts=['{caption}']", "num_samples=5", f"rerank.ckpt={clip_ckpt}",
+                     "rerank.top=3"))
+    rows = [json.loads(line) for line in (tmp_path / "gen" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 3 and all(r["reranked"] for r in rows)
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True) and len({r["drawn"] for r in rows}) == 3

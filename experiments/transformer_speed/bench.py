@@ -255,7 +255,7 @@ def main() -> None:
 
 
 def write(path: str, size: dict, peak: float, r: dict) -> None:
-    f_sample, f_train = flops_per_token(size, False), flops_per_token(size, True)
+    f_sample = flops_per_token(size, False)
     lines = [
         "# Transformer speed: t2i vs DALLE-pytorch",
         "",

@@ -5,7 +5,10 @@
 
 Output (``output``, default the Hydra run folder): ``p{prompt:03d}_s{sample:02d}.png`` per sample,
 ``grid_p{prompt:03d}.png`` per prompt and ``samples.jsonl`` (one line per sample: prompt, index, seed,
-file, sampling settings, score). Prompts are sampled ``batch_size // num_samples`` at a time, each
+file, sampling settings, CLIP score). With ``rerank.ckpt`` (a ``t2i-train experiment=*_clip``
+checkpoint) the ``num_samples`` candidates of a prompt are scored by CLIP and written best first
+(``s00`` is the chosen one; ``drawn`` is its position among the candidates); ``rerank.top`` keeps
+only the best ones. Prompts are sampled ``batch_size // num_samples`` at a time, each
 batch from a generator seeded with ``seed + index of its first prompt`` (recorded per sample): the
 same command gives the same images; another ``batch_size`` gives other (equally valid) samples.
 """
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 
 from t2i.cli.common import clear_errors
 from t2i.cli.tokenize import pick_device
-from t2i.data.tokenizer import TextTokenizer
+from t2i.data.tokenizer import TextTokenizer, tokenizer_from_checkpoint
 from t2i.errors import ConfigError, T2IError
 
 log = logging.getLogger("t2i.generate")
@@ -64,9 +67,9 @@ def text_tokenizer(cfg: DictConfig, ckpt: dict) -> TextTokenizer:
     """The override, else the tokenizer the datamodule stored in the checkpoint, else the hparams path."""
     if cfg.text_tokenizer:
         return TextTokenizer.from_file(cfg.text_tokenizer, key="text_tokenizer")
-    for value in ckpt.values():
-        if isinstance(value, dict) and isinstance(value.get("tokenizer"), str):
-            return TextTokenizer.from_str(value["tokenizer"])
+    tok = tokenizer_from_checkpoint(ckpt)
+    if tok is not None:
+        return tok
     path = ckpt["hyper_parameters"].get("text_tokenizer")
     if path and Path(path).exists():
         return TextTokenizer.from_file(path, key="text_tokenizer")
@@ -104,13 +107,16 @@ def build(cfg: DictConfig, device: torch.device):
 def run(cfg: DictConfig) -> dict:
     from t2i.sampling import decode_codes, generate
 
-    if cfg.rerank.ckpt:
-        raise ConfigError("rerank.ckpt: CLIP reranking lands with the reranker stage (issue 5); leave it null")
     if int(cfg.num_samples) < 1:
         raise ConfigError(f"num_samples={cfg.num_samples} must be at least 1")
     prompts = read_prompts(cfg)
     device = pick_device(str(cfg.device))
     model, image_tok, tok = build(cfg, device)
+    clip = None
+    if cfg.rerank.ckpt:
+        from t2i.rerank import load_reranker
+
+        clip = load_reranker(cfg.rerank.ckpt).to(device)
     text = encode_prompts(tok, prompts, model.text_len)
     out = Path(str(cfg.output)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -127,12 +133,19 @@ def run(cfg: DictConfig) -> dict:
         images = decode_codes(image_tok, codes)
         for n, i in enumerate(idx):
             chunk = images[n * int(cfg.num_samples):(n + 1) * int(cfg.num_samples)]
-            pics = (chunk.float().clamp(-1, 1) + 1) / 2
-            for j, img in enumerate(pics):
+            order, scores = list(range(len(chunk))), [None] * len(chunk)
+            if clip is not None:  # best first; keep rerank.top of them
+                from t2i.rerank import rerank
+
+                ranked, s = rerank(clip, chunk, prompts[i], top=cfg.rerank.top)
+                order, scores = ranked.tolist(), s.tolist()
+            pics = (chunk[order].float().clamp(-1, 1) + 1) / 2
+            for j, (img, src, sc) in enumerate(zip(pics, order, scores)):
                 name = f"p{i:03d}_s{j:02d}.png"
                 save_image(img, out / name)
-                rows.append({"prompt": prompts[i], "prompt_index": i, "sample": j, "seed": int(cfg.seed) + start,
-                             "file": name, "settings": settings, "score": None})
+                rows.append({"prompt": prompts[i], "prompt_index": i, "sample": j, "drawn": src,
+                             "seed": int(cfg.seed) + start, "file": name, "settings": settings,
+                             "score": sc, "reranked": clip is not None})
             save_image(make_grid(pics, nrow=min(8, len(pics))), out / f"grid_p{i:03d}.png")
             bar.update(1)
     bar.close()

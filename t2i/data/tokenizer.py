@@ -265,6 +265,18 @@ class TextTokenizer:
         return f"TextTokenizer(vocab={self.vocab_size}, fingerprint={self.fingerprint})"
 
 
+def tokenizer_from_checkpoint(ckpt: dict) -> TextTokenizer | None:
+    """The text tokenizer a datamodule stored in a Lightning checkpoint (its ``state_dict`` holds the
+    tokenizer JSON under ``"tokenizer"``), or None."""
+    for key, value in ckpt.items():
+        if key.endswith("hyper_parameters") or not isinstance(value, dict):
+            continue
+        blob = value.get("tokenizer")
+        if isinstance(blob, str) and blob.lstrip().startswith("{"):
+            return TextTokenizer.from_str(blob)
+    return None
+
+
 def check_same(expected: TextTokenizer, got: TextTokenizer, where: str) -> None:
     """``expected``: the tokenizer saved with the checkpoint at ``where``; ``got``: the configured one."""
     if expected.fingerprint != got.fingerprint:

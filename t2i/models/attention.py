@@ -130,6 +130,21 @@ class KVCache:
         self.v = [v.index_select(0, index) for v in self.v]
 
 
+_compiled_flex = None
+
+
+def flex(q, k, v, block_mask):
+    """FlexAttention, compiled on GPU (eager FlexAttention materialises the scores; it is for CPU checks)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a per-layer pattern mask (see the module docstring).
 
@@ -167,9 +182,7 @@ class Attention(nn.Module):
         if self.pb_relax:
             y = self._pb_relax_attention(q, k, v, mask[start:end, :end], p)
         elif self.impl == "flex" and block_mask is not None and cache is None:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            y = flex_attention(q, k, v, block_mask=block_mask)
+            y = flex(q, k, v, block_mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start:end, :end], dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, t, -1))

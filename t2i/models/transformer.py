@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i.errors import ConfigError
-from t2i.models.attention import (KVCache, Attention, layer_patterns, rotary_angles, sequence_mask)
+from t2i.models.attention import Attention, KVCache, layer_patterns, rotary_angles, sequence_mask
 
 
 class MLP(nn.Module):

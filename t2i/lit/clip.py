@@ -1,0 +1,144 @@
+"""CLIPModule: trains :class:`t2i.models.clip.CLIP` on (image, caption) batches of an ImageTextDataModule.
+
+Loss: symmetric InfoNCE with negatives from every rank (:class:`t2i.losses.clip.ContrastiveLoss`).
+Validation: retrieval recall R@1/5/10 image->text and text->image over the whole validation split
+(an image counts as retrieved by any of its captions' rows; a caption by its own image). The text
+vocabulary and pad id come from the datamodule's tokenizer when ``model.vocab_size`` is null (the
+model is then built in ``configure_model``, after the data is prepared); they are saved as
+hyper-parameters, so a checkpoint rebuilds the model alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from t2i.errors import ConfigError
+from t2i.lit.vqgan import lr_lambda
+from t2i.losses.clip import ContrastiveLoss
+from t2i.models.clip import CLIP
+
+RECALL_AT = (1, 5, 10)
+
+
+def retrieval_recall(image: torch.Tensor, text: torch.Tensor, keys: list[str]) -> dict[str, float]:
+    """R@k both ways for pair rows (``image[i]``, ``text[i]``, ``keys[i]``); rows sharing a key show the
+    same image. Features are unit length."""
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    uniq = list(first)
+    index = {k: j for j, k in enumerate(uniq)}
+    img = image[[first[k] for k in uniq]]
+    owner = torch.tensor([index[k] for k in keys])
+    sim = text @ img.t()  # [texts, images]
+    out = {}
+    target = sim[torch.arange(len(keys)), owner]
+    t2i_rank = (sim > target[:, None]).sum(1)  # images scoring above the right one
+    i2t_sims = sim.t()  # [images, texts]
+    own = owner[None, :] == torch.arange(len(uniq))[:, None]
+    best_own = i2t_sims.masked_fill(~own, float("-inf")).amax(1)
+    i2t_rank = (i2t_sims.masked_fill(own, float("-inf")) > best_own[:, None]).sum(1)
+    for k in RECALL_AT:
+        out[f"t2i_R@{k}"] = (t2i_rank < k).float().mean().item()
+        out[f"i2t_R@{k}"] = (i2t_rank < k).float().mean().item()
+    return out
+
+
+class CLIPModule(pl.LightningModule):
+    def __init__(self, model: dict, lr: float = 5e-4, betas=(0.9, 0.98), weight_decay: float = 0.1,
+                 warmup_steps: int = 100, schedule: str = "cosine", total_steps: int | None = None,
+                 min_lr_ratio: float = 0.0, local_loss: bool = False):
+        super().__init__()
+        if schedule not in ("constant", "cosine"):
+            raise ConfigError(f"model.schedule={schedule!r} is unknown; use constant or cosine")
+        self.save_hyperparameters()
+        self.loss = ContrastiveLoss(local_loss)
+        self.model: CLIP | None = None
+        if model.get("vocab_size") is not None:
+            self.model = CLIP(**model)
+        self._val: list = []
+
+    def configure_model(self) -> None:
+        """Build the model once the datamodule's tokenizer exists (Shapes builds it in prepare_data)."""
+        if self.model is not None:
+            return
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        tok = getattr(dm, "tokenizer", None)
+        if tok is None:
+            raise ConfigError("model.model.vocab_size is not set and the data has no text tokenizer to read it "
+                              "from; set data.tokenizer or model.model.vocab_size / pad_id")
+        self.hparams.model.update(vocab_size=tok.vocab_size, pad_id=tok.pad_id)
+        self.model = CLIP(**self.hparams.model)
+
+    # -- training ----------------------------------------------------------------------------
+    def _features(self, batch):
+        return self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"])
+
+    def training_step(self, batch, batch_idx):
+        if batch["image"].shape[0] == 0:
+            return None
+        image, text = self._features(batch)
+        loss = self.loss(image, text, self.model.scale())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", self.model.scale().detach())
+        return loss
+
+    def configure_optimizers(self):
+        h = self.hparams
+        decay, plain = [], []
+        for n, p in self.model.named_parameters():
+            (plain if p.ndim < 2 or "pos" in n or "cls" in n or "tok" in n else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
+                                 {"params": plain, "weight_decay": 0.0}], lr=h.lr, betas=tuple(h.betas))
+        total = h.total_steps or (self.trainer.estimated_stepping_batches if self._trainer else None)
+        total = int(total) if total and math.isfinite(total) else None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.warmup_steps, total, h.schedule, h.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _eval_step(self, batch, split: str):
+        if batch["image"].shape[0] == 0:
+            return
+        image, text = self._features(batch)
+        self.log(f"{split}/loss", self.loss(image, text, self.model.scale()), sync_dist=True,
+                 batch_size=image.shape[0])
+        self._val.append((image.float().cpu(), text.float().cpu(), list(batch["key"])))
+
+    def _recall_epoch_end(self, split: str):
+        parts, self._val = self._val, []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, parts)
+            parts = [p for rank in gathered for p in rank]
+        if not parts:
+            return
+        image, text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        keys = [k for p in parts for k in p[2]]
+        for name, value in retrieval_recall(image, text, keys).items():
+            self.log(f"{split}/{name}", value, prog_bar=name == "t2i_R@1", rank_zero_only=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self):
+        self._recall_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self):
+        self._recall_epoch_end("test")
+
+    @torch.no_grad()
+    def log_images(self, batch) -> dict[str, torch.Tensor]:
+        """For the first 4 captions of the batch, the batch's 4 best-scoring images, one row per caption."""
+        n = min(4, batch["image"].shape[0])
+        if n == 0:
+            return {}
+        image, text = self._features(batch)
+        top = (text[:n] @ image.t()).topk(min(4, image.shape[0]), dim=1).indices
+        return {"retrieval": batch["image"][top.flatten()]}
