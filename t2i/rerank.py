@@ -1,7 +1,8 @@
 """Reranking generated images with CLIP: ``score(clip, images, texts)`` and ``rerank(clip, images, text, top)``.
 
-``clip`` is a :class:`Reranker` (our CLIP checkpoint with its own text tokenizer, from
-:func:`load_reranker`) or anything with ``score(images, texts: list[str]) -> Tensor[N]`` and a
+``clip`` is a :class:`Reranker` (our CLIP checkpoint with its own text tokenizer), an open_clip
+model from a local file (:class:`t2i.pretrained.clip.OpenCLIPReranker`), both from
+:func:`load_reranker`, or anything with ``score(images, texts: list[str]) -> Tensor[N]`` and a
 ``device``. Images are ``[N, 3, H, W]`` in [-1, 1], the pipeline's convention; each backend applies
 its own resizing. Work is batched and runs on the reranker's device; results come back on the CPU.
 """
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from t2i.data.tokenizer import TextTokenizer, tokenizer_from_checkpoint
-from t2i.errors import T2IError
+from t2i.errors import ConfigError, T2IError
 from t2i.models.clip import CLIP
 
 
@@ -35,9 +36,21 @@ class Reranker(nn.Module):
         return self.clip.score(images.to(self.device).float(), ids)
 
 
-def load_reranker(path, map_location="cpu") -> Reranker:
-    """A :class:`Reranker` from a ``t2i-train experiment=*_clip`` checkpoint (weights, sizes and the text
-    tokenizer all come from the file)."""
+BACKENDS = ("t2i", "open_clip")
+
+
+def load_reranker(path, backend: str = "t2i", model_name: str | None = None, map_location="cpu") -> nn.Module:
+    """A reranker from a local file. ``backend="t2i"``: a ``t2i-train experiment=*_clip`` checkpoint
+    (weights, sizes and the text tokenizer all come from the file); ``"open_clip"``: open_clip
+    architecture ``model_name`` with weights from ``path`` (:mod:`t2i.pretrained.clip`)."""
+    if backend == "open_clip":
+        from t2i.pretrained.clip import OpenCLIPReranker
+
+        if not model_name:
+            raise ConfigError("rerank.backend=open_clip needs rerank.model_name (e.g. ViT-B-32)")
+        return OpenCLIPReranker(model_name, path)
+    if backend != "t2i":
+        raise ConfigError(f"rerank.backend={backend!r} is unknown; use one of {list(BACKENDS)}")
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise T2IError(f"rerank.ckpt={path}: no such file (a CLIP checkpoint from `t2i-train experiment=*_clip`)")

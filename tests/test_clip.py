@@ -160,3 +160,41 @@ def test_load_reranker_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(T2IError, match="cannot be read"):
         load_reranker(bad)
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def test_open_clip_backend_scores_like_open_clip(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    from t2i.errors import ConfigError, T2IError
+
+    import json
+
+    (tmp_path / "t2i-tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(tmp_path / "t2i-tiny.json")  # a small architecture, registered like theirs
+    torch.manual_seed(0)
+    ref = open_clip.create_model("t2i-tiny").eval()  # random weights, saved like a downloaded checkpoint
+    path = tmp_path / "tiny.pt"
+    torch.save(ref.state_dict(), path)
+    clip = load_reranker(path, backend="open_clip", model_name="t2i-tiny")
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    texts = ["a red circle", "a blue square", "a green triangle"]
+    tok = open_clip.get_tokenizer("t2i-tiny")
+    with torch.no_grad():  # open_clip itself, on its own normalisation of [0, 1] pixels
+        mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        fi = ref.encode_image(((images + 1) / 2 - mean) / std, normalize=True)
+        ft = ref.encode_text(tok(texts), normalize=True)
+    assert torch.allclose(score(clip, images, texts), (fi * ft).sum(-1), atol=1e-5)
+    assert score(clip, torch.rand(2, 3, 48, 64) * 2 - 1, "x").shape == (2,)  # other sizes: resize + crop
+    with pytest.raises(T2IError, match="no such file"):
+        load_reranker(tmp_path / "missing.pt", backend="open_clip", model_name="t2i-tiny")
+    with pytest.raises(ConfigError, match="not an open_clip architecture"):
+        load_reranker(path, backend="open_clip", model_name="no-such-model")
+    with pytest.raises(ConfigError, match="unknown"):
+        load_reranker(path, backend="nope")

@@ -116,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.rerank.ckpt:
         from t2i.rerank import load_reranker
 
-        clip = load_reranker(cfg.rerank.ckpt).to(device)
+        clip = load_reranker(cfg.rerank.ckpt, cfg.rerank.backend, cfg.rerank.get("model_name")).to(device)
     text = encode_prompts(tok, prompts, model.text_len)
     out = Path(str(cfg.output)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
