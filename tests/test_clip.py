@@ -171,9 +171,9 @@ TINY_OPEN_CLIP = {
 
 def test_open_clip_backend_scores_like_open_clip(tmp_path):
     open_clip = pytest.importorskip("open_clip")
-    from t2i.errors import ConfigError, T2IError
-
     import json
+
+    from t2i.errors import ConfigError, T2IError
 
     (tmp_path / "t2i-tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))
     open_clip.add_model_config(tmp_path / "t2i-tiny.json")  # a small architecture, registered like theirs
