@@ -165,3 +165,48 @@ def test_check_oracle_warns_below_99_percent_and_counts_unreadable(tmp_path, cap
     err = capsys.readouterr().err
     assert f"bad_base64: 1 (e.g. {tsv}:2)" in err
     assert "warning: the oracle reads only 85.7% of the ground-truth test images" in err and "< 99%" in err
+
+
+def _png_b64_size(size, color=(255, 0, 0)) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_filter_rules_report_and_clip_threshold(tmp_path):
+    rows = [
+        ("ok1", "a red square", (16, 16)), ("ok2", "一个红色", (24, 16)), ("small", "a red square", (6, 6)),
+        ("wide", "a red square", (40, 16)), ("short", "x", (16, 16)), ("ok3", "a red circle", (16, 20)),
+    ]
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("".join(f"{k}\t{c}\t{_png_b64_size(s)}\n" for k, c, s in rows) + "bad\tred\tnot*base64\n",
+                   encoding="utf-8")
+    report = run(data_cfg(tmp_path, "command=filter", f"input={tsv}", f"output={tmp_path}/f", "filter.min_side=8",
+                          "filter.min_caption_len=3", "max_bad_fraction=0.5"))
+    assert report["read"] == 7 and report["kept"] == 3
+    assert report["dropped_images"] == {"min_side": 1, "aspect": 1, "caption_length": 1, "clip_score": 0}
+    assert report["skipped_bad"] == {"bad_base64": 1}
+    kept = open_source("wds", str(tmp_path / "f" / "*.tar"))
+    assert sorted(r.captions[0] for r in kept.records(SkipLog())) == ["a red circle", "a red square", "一个红色"]
+    assert json.loads((tmp_path / "f" / "filter_report.json").read_text())["kept"] == 3
+
+    # with a CLIP reranker: every caption is scored; a threshold at the median keeps about half
+    from t2i.cli.train import train
+    from tests.test_clip import compose_clip
+
+    _, obj = train(compose_clip(tmp_path / "clip", "debug=fdr"))
+    ckpt = tmp_path / "clip.ckpt"
+    obj["trainer"].save_checkpoint(ckpt)
+    scored = run(data_cfg(tmp_path, "command=filter", f"input={tsv}", f"output={tmp_path}/g", "filter.min_side=8",
+                          f"filter.clip.ckpt={ckpt}", "filter.clip.image_size=16", "max_bad_fraction=0.5"))
+    assert scored["clip_scores"]["n"] == 4 and (tmp_path / "g" / "scores.png").exists()
+    median = scored["clip_scores"]["quantiles"]["50%"]
+    half = run(data_cfg(tmp_path, "command=filter", f"input={tsv}", f"output={tmp_path}/h", "filter.min_side=8",
+                        f"filter.clip.ckpt={ckpt}", "filter.clip.image_size=16", f"filter.clip.threshold={median}",
+                        "max_bad_fraction=0.5"))
+    assert 1 <= half["kept"] <= 3 and half["dropped_images"]["clip_score"] == 4 - half["kept"]
+    res = t2i_data(tmp_path, "filter", f"input={tsv}", f"output={tmp_path}/z", "filter.clip.threshold=0.2")
+    assert res.returncode == 1 and "filter.clip.ckpt" in res.stderr

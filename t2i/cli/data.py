@@ -21,7 +21,7 @@ from t2i.cli.common import clear_errors
 from t2i.data.skips import BadSample, DataError, SkipLog
 
 log = logging.getLogger("t2i.data")
-COMMANDS = ("shapes", "convert", "tokenizer", "inspect")
+COMMANDS = ("shapes", "convert", "tokenizer", "inspect", "filter")
 
 
 def need(cfg: DictConfig, key: str):
@@ -108,6 +108,28 @@ def cmd_convert(cfg: DictConfig) -> dict:
     summary = convert(open_input(cfg), need(cfg, "output"), shard_size=cfg.shard_size, prefix=cfg.prefix,
                       progress=cfg.progress, max_bad_fraction=cfg.max_bad_fraction, overwrite=cfg.overwrite)
     return summary
+
+
+def cmd_filter(cfg: DictConfig) -> dict:
+    from t2i.data.filter import filter_pairs
+
+    f = cfg.filter
+    clip = None
+    if f.clip.ckpt:
+        from t2i.rerank import load_reranker
+
+        clip = load_reranker(f.clip.ckpt, f.clip.backend, f.clip.get("model_name"))
+    elif f.clip.threshold is not None:
+        raise DataError("filter.clip.threshold is set but filter.clip.ckpt is not: give the CLIP checkpoint")
+    report = filter_pairs(open_input(cfg), need(cfg, "output"), min_side=f.min_side, max_aspect=f.max_aspect,
+                          min_caption_len=f.min_caption_len, max_caption_len=f.max_caption_len, clip=clip,
+                          clip_threshold=f.clip.threshold, clip_image_size=f.clip.image_size,
+                          batch_size=f.clip.batch_size, shard_size=cfg.shard_size, prefix=cfg.prefix,
+                          overwrite=cfg.overwrite)
+    drops = ", ".join(f"{k} {v}" for k, v in report["dropped_images"].items())
+    print(f"filter: kept {report['kept']} of {report['read']} images (dropped: {drops}; undecodable "
+          f"{sum(report['skipped_bad'].values())}); report in {cfg.output}/filter_report.json")
+    return report
 
 
 def cmd_tokenizer(cfg: DictConfig) -> dict:
