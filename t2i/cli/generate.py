@@ -56,9 +56,8 @@ def load_checkpoint(path) -> dict:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         raise T2IError(f"ckpt={path} cannot be read ({type(e).__name__}: {e})") from None
-    target = str((ckpt.get("hyper_parameters") or {}).get("_target_", ""))
-    if "state_dict" not in ckpt or not any(k.startswith("model.") for k in ckpt["state_dict"]) or \
-            "model" not in (ckpt.get("hyper_parameters") or {}) or "transformer" not in (target or "transformer"):
+    model_hp = (ckpt.get("hyper_parameters") or {}).get("model")
+    if "state_dict" not in ckpt or not isinstance(model_hp, dict) or "image_vocab" not in model_hp:
         raise T2IError(f"ckpt={path} is not a transformer checkpoint (train one with experiment=*_transformer)")
     return ckpt
 
@@ -91,8 +90,9 @@ def build(cfg: DictConfig, device: torch.device):
     from t2i.lit.transformer import TransformerModule
     from t2i.models import load_tokenizer
 
-    ckpt = load_checkpoint(cfg.ckpt)
-    module = TransformerModule.load_from_checkpoint(str(cfg.ckpt), map_location="cpu")
+    ckpt = load_checkpoint(cfg.ckpt)  # read once: the module is rebuilt from it, not from the file again
+    module = TransformerModule(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
     model = (module.ema if cfg.ema and module.ema is not None else module.model).to(device).eval()
     image_ckpt = cfg.image_tokenizer or module.hparams.image_tokenizer
     if not image_ckpt:

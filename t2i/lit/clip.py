@@ -10,18 +10,21 @@ hyper-parameters, so a checkpoint rebuilds the model alone.
 
 from __future__ import annotations
 
-import math
-
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
 from t2i.errors import ConfigError
-from t2i.lit.vqgan import lr_lambda
+from t2i.lit.optim import adamw_warmup_cosine
 from t2i.losses.clip import ContrastiveLoss
 from t2i.models.clip import CLIP
 
 RECALL_AT = (1, 5, 10)
+
+
+def no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """Biases, norms, the temperature, embeddings, position tables and the class token take no decay."""
+    return p.ndim < 2 or "pos" in name or "cls" in name or "tok" in name
 
 
 def retrieval_recall(image: torch.Tensor, text: torch.Tensor, keys: list[str]) -> dict[str, float]:
@@ -88,16 +91,7 @@ class CLIPModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        h = self.hparams
-        decay, plain = [], []
-        for n, p in self.model.named_parameters():
-            (plain if p.ndim < 2 or "pos" in n or "cls" in n or "tok" in n else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
-                                 {"params": plain, "weight_decay": 0.0}], lr=h.lr, betas=tuple(h.betas))
-        total = h.total_steps or (self.trainer.estimated_stepping_batches if self._trainer else None)
-        total = int(total) if total and math.isfinite(total) else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.warmup_steps, total, h.schedule, h.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.model, no_decay)
 
     # -- evaluation --------------------------------------------------------------------------
     def _eval_step(self, batch, split: str):

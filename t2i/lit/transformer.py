@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from t2i.errors import ConfigError, T2IError
-from t2i.lit.vqgan import lr_lambda
+from t2i.lit.optim import adamw_warmup_cosine
 from t2i.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -143,16 +143,7 @@ class TransformerModule(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
-        h = self.hparams
-        decay, plain = [], []
-        for n, p in self.model.named_parameters():
-            (plain if no_decay(n, p) else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
-                                 {"params": plain, "weight_decay": 0.0}], lr=h.lr, betas=tuple(h.betas))
-        total = h.total_steps or (self.trainer.estimated_stepping_batches if self._trainer else None)
-        total = int(total) if total and math.isfinite(total) else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h.warmup_steps, total, h.schedule, h.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.model, no_decay)
 
     # -- evaluation --------------------------------------------------------------------------
     def _eval_step(self, batch, split: str):

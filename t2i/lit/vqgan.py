@@ -8,30 +8,15 @@ discriminator, each with gradient clipping and its own warm-up + cosine/constant
 
 from __future__ import annotations
 
-import math
-
 import pytorch_lightning as pl
 import torch
 
 from t2i.lit.metrics import image_metrics
+from t2i.lit.optim import lr_lambda, total_steps
 from t2i.losses.vqgan import VQGANLoss
 from t2i.models import TOKENIZER_KEY, tokenizer_entry
 from t2i.models.quantizers import CodebookUsage
 from t2i.models.vqgan import VQGAN
-
-
-def lr_lambda(warmup: int, total: int | None, schedule: str, min_ratio: float = 0.1):
-    """Multiplier of the base LR at a step: linear warm-up, then constant or cosine to ``min_ratio``."""
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "cosine" and total and total > warmup:
-            t = min(1.0, (step - warmup) / (total - warmup))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        return 1.0
-
-    return f
 
 
 class VQGANModule(pl.LightningModule):
@@ -71,8 +56,7 @@ class VQGANModule(pl.LightningModule):
         opt_g = torch.optim.AdamW(gen, lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
         opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=tuple(h.betas),
                                   weight_decay=h.weight_decay)
-        total = h.total_steps or (self.trainer.estimated_stepping_batches if self._trainer else None)
-        total = int(total) if total and math.isfinite(total) else None
+        total = total_steps(self)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(h.warmup_steps, total, h.schedule))
         start = self.loss.disc_start
         d_total = total - start if total and total > start else None
