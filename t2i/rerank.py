@@ -1,7 +1,7 @@
 """Reranking generated images with CLIP: ``score(clip, images, texts)`` and ``rerank(clip, images, text, top)``.
 
-``clip`` is a :class:`Reranker` (our CLIP checkpoint with its own text tokenizer), an open_clip
-model from a local file (:class:`t2i.pretrained.clip.OpenCLIPReranker`), both from
+``clip`` is a :class:`Reranker` (our CLIP checkpoint with its own text tokenizer), an open_clip or
+Chinese-CLIP model from a local file (:mod:`t2i.pretrained.clip`), all from
 :func:`load_reranker`, or anything with ``score(images, texts: list[str]) -> Tensor[N]`` and a
 ``device``. Images are ``[N, 3, H, W]`` in [-1, 1], the pipeline's convention; each backend applies
 its own resizing. Work is batched and runs on the reranker's device; results come back on the CPU.
@@ -36,19 +36,21 @@ class Reranker(nn.Module):
         return self.clip.score(images.to(self.device).float(), ids)
 
 
-BACKENDS = ("t2i", "open_clip")
+BACKENDS = ("t2i", "open_clip", "cn_clip")
 
 
 def load_reranker(path, backend: str = "t2i", model_name: str | None = None, map_location="cpu") -> nn.Module:
     """A reranker from a local file. ``backend="t2i"``: a ``t2i-train experiment=*_clip`` checkpoint
     (weights, sizes and the text tokenizer all come from the file); ``"open_clip"``: open_clip
-    architecture ``model_name`` with weights from ``path`` (:mod:`t2i.pretrained.clip`)."""
-    if backend == "open_clip":
-        from t2i.pretrained.clip import OpenCLIPReranker
+    architecture ``model_name`` with weights from ``path``; ``"cn_clip"``: Chinese-CLIP ``model_name``
+    (``ViT-B-16``, ...) from a local ``clip_cn_*.pt`` (both in :mod:`t2i.pretrained.clip`)."""
+    if backend in ("open_clip", "cn_clip"):
+        from t2i.pretrained.clip import CNCLIPReranker, OpenCLIPReranker
 
         if not model_name:
-            raise ConfigError("rerank.backend=open_clip needs rerank.model_name (e.g. ViT-B-32)")
-        return OpenCLIPReranker(model_name, path)
+            raise ConfigError(f"rerank.backend={backend} needs rerank.model_name (e.g. "
+                              f"{'ViT-B-32' if backend == 'open_clip' else 'ViT-B-16'})")
+        return (OpenCLIPReranker if backend == "open_clip" else CNCLIPReranker)(model_name, path)
     if backend != "t2i":
         raise ConfigError(f"rerank.backend={backend!r} is unknown; use one of {list(BACKENDS)}")
     p = Path(str(path)).expanduser()

@@ -198,3 +198,48 @@ def test_open_clip_backend_scores_like_open_clip(tmp_path):
         load_reranker(path, backend="open_clip", model_name="no-such-model")
     with pytest.raises(ConfigError, match="unknown"):
         load_reranker(path, backend="nope")
+
+
+TINY_CN_CLIP = {  # cn_clip's CLIP kwargs: a 2-layer ViT and a 2-layer BERT over its Chinese vocabulary
+    "embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 64, "vision_patch_size": 8,
+    "vision_head_width": 32, "vocab_size": 21128, "text_attention_probs_dropout_prob": 0.0,
+    "text_hidden_act": "gelu", "text_hidden_dropout_prob": 0.0, "text_hidden_size": 64,
+    "text_initializer_range": 0.02, "text_intermediate_size": 128, "text_max_position_embeddings": 64,
+    "text_num_attention_heads": 2, "text_num_hidden_layers": 2, "text_type_vocab_size": 2,
+}
+
+
+def test_cn_clip_backend_scores_like_cn_clip(tmp_path):
+    pytest.importorskip("cn_clip")
+    import json
+
+    from cn_clip.clip import image_transform, tokenize
+    from cn_clip.clip.model import CLIP as CNCLIP
+    from PIL import Image
+
+    from t2i.errors import ConfigError, T2IError
+
+    arch = tmp_path / "tiny-cn.json"
+    arch.write_text(json.dumps(TINY_CN_CLIP))
+    torch.manual_seed(0)
+    ref = CNCLIP(**TINY_CN_CLIP).eval()  # random weights, saved the way Chinese-CLIP saves its checkpoints
+    path = tmp_path / "clip_cn_tiny.pt"
+    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, path)
+    clip = load_reranker(path, backend="cn_clip", model_name=str(arch))
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+    texts = ["一个红色的圆形", "一个蓝色的正方形", "a green triangle"]
+    with torch.no_grad():  # Chinese-CLIP itself: its PIL transform and tokenizer
+        tf = image_transform(32)
+        x = torch.stack([tf(Image.fromarray(p.numpy())) for p in pixels])
+        fi, ft, _ = ref(x, tokenize(texts))
+    assert torch.allclose(score(clip, images, texts), (fi * ft).sum(-1), atol=1e-4)
+    assert score(clip, torch.rand(2, 3, 48, 64) * 2 - 1, "一只猫").shape == (2,)  # other sizes: resized
+    with pytest.raises(T2IError, match="no such file.*huggingface.co/OFA-Sys"):
+        load_reranker(tmp_path / "missing.pt", backend="cn_clip", model_name="ViT-B-16")
+    with pytest.raises(T2IError, match="does not fit"):
+        load_reranker(path, backend="cn_clip", model_name="RN50")
+    with pytest.raises(ConfigError, match="not a Chinese-CLIP model"):
+        load_reranker(path, backend="cn_clip", model_name="ViT-B-32-openai")
+    with pytest.raises(ConfigError, match="needs rerank.model_name"):
+        load_reranker(path, backend="cn_clip")

@@ -75,7 +75,8 @@ def test_shapes_transformer_learns_and_samples(trained, codes):
     assert module.ema is not None
     batch = next(iter(obj["datamodule"].val_dataloader()))
     images = module.log_images(batch)
-    assert images["samples"].shape == (16, 3, 16, 16) and images["references"].shape == (16, 3, 16, 16)
+    picture = images["samples"]  # 16 rows of caption | sample | reference
+    assert picture.shape[:2] == (1, 3) and picture.shape[2] >= 16 * 16 and picture.shape[3] > 2 * 16
     assert list((tmp_path / "run" / "images").glob("val_epoch*_samples.png"))
     # sampled codes follow the caption: with greedy decoding most cells match the ground truth
     codes_hat = generate(module.sampling_model(), batch["text"][:32], temperature=0.0)

@@ -129,10 +129,15 @@ class CLIPModule(pl.LightningModule):
 
     @torch.no_grad()
     def log_images(self, batch) -> dict[str, torch.Tensor]:
-        """For the first 4 captions of the batch, the batch's 4 best-scoring images, one row per caption."""
+        """For the first 4 captions of the batch, the batch's 4 best-scoring images, one row per caption
+        with the caption written on its left (a caption's own image is not marked; see the grid's key)."""
+        from t2i.viz import captioned_rows
+
         n = min(4, batch["image"].shape[0])
         if n == 0:
             return {}
         image, text = self._features(batch)
-        top = (text[:n] @ image.t()).topk(min(4, image.shape[0]), dim=1).indices
-        return {"retrieval": batch["image"][top.flatten()]}
+        k = min(4, image.shape[0])
+        top = (text[:n] @ image.t()).topk(k, dim=1).indices
+        captions = [str(c) for c in batch.get("caption", [""] * n)[:n]]
+        return {"retrieval": captioned_rows(batch["image"][top.flatten()], captions, per_row=k)}

@@ -164,9 +164,10 @@ class TransformerModule(pl.LightningModule):
 
     @torch.no_grad()
     def log_images(self, batch) -> dict[str, torch.Tensor]:
-        """Decoded samples for the batch's captions (the validation batch the image logger keeps), and
-        the decoded ground-truth codes beside them."""
+        """One picture: a row per caption of the batch (the validation batch the image logger keeps)
+        with the caption on the left, the decoded sample, and the decoded ground-truth codes beside it."""
         from t2i.sampling import decode_codes, generate
+        from t2i.viz import captioned_rows
 
         if self.image_tokenizer is None:
             return {}
@@ -174,7 +175,9 @@ class TransformerModule(pl.LightningModule):
         n = min(int(s.pop("num_captions", 8)), batch["text"].shape[0])
         gen = torch.Generator(device=self.device).manual_seed(int(s.pop("seed", 0)))
         codes = generate(self.sampling_model(), batch["text"][:n], generator=gen, **s)
-        out = {"samples": decode_codes(self.image_tokenizer, codes)}
+        images = [decode_codes(self.image_tokenizer, codes)]
         if "codes" in batch:
-            out["references"] = decode_codes(self.image_tokenizer, batch["codes"][:n])
-        return out
+            images.append(decode_codes(self.image_tokenizer, batch["codes"][:n]))
+        rows = torch.stack(images, 1).flatten(0, 1)  # sample, reference, sample, reference, ...
+        captions = [str(c) for c in batch.get("caption", [""] * n)[:n]]
+        return {"samples": captioned_rows(rows, captions, per_row=len(images))}

@@ -2,16 +2,24 @@
 
 - :class:`OpenCLIPReranker`: any open_clip architecture (``model_name``, e.g. ``ViT-B-32``,
   ``xlm-roberta-base-ViT-B-32`` for Chinese) with weights from a local ``.pt`` / ``.bin`` /
-  ``.safetensors`` file. Nothing is downloaded: a missing file is one error naming it and where to
-  fetch it on a connected machine.
+  ``.safetensors`` file.
+- :class:`CNCLIPReranker`: Chinese-CLIP (the ``cn_clip`` package) from a local ``clip_cn_*.pt``;
+  ``model_name`` is a published name (``ViT-B-16``, ``RN50``, ...), a ``vision@text`` pair of cn_clip
+  configs, or a ``.json`` file with the full architecture (fine-tuned or custom sizes).
+
+Nothing is downloaded: a missing file is one error naming it and where to fetch it on a connected
+machine.
 
 Images arrive as the pipeline's ``[N, 3, H, W]`` in [-1, 1] and get the backend's own preprocessing
-on tensors: resize of the shorter side to the model's input size (bicubic, antialiased), centre crop,
-then its mean / std normalisation (open_clip's ``preprocess_cfg``).
+on tensors: open_clip resizes the shorter side to the model's input size (bicubic, antialiased),
+centre-crops and normalises with its ``preprocess_cfg``; cn_clip resizes straight to a square (its
+``image_transform`` does not crop) and normalises with the OpenAI CLIP mean / std.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 from pathlib import Path
 
 import torch
@@ -25,11 +33,18 @@ OPEN_CLIP_HINT = ("download it on a connected machine, e.g. `python -c \"import 
                   "Hugging Face cache) or from https://huggingface.co/laion, and pass its path")
 
 
-def preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """[-1, 1] images -> the backend's input: shorter side to ``size`` (bicubic), centre crop, normalise."""
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def preprocess(images: torch.Tensor, size: int, mean, std, crop: bool = True) -> torch.Tensor:
+    """[-1, 1] images -> the backend's input: shorter side to ``size`` (bicubic) and centre crop, or
+    (``crop=False``) a direct resize to ``size x size``; then normalise."""
     x = (images.float() + 1) / 2
     h, w = x.shape[-2:]
-    if (h, w) != (size, size):
+    if not crop and (h, w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    elif (h, w) != (size, size):
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
@@ -71,4 +86,82 @@ class OpenCLIPReranker(nn.Module):
         x = preprocess(images.to(self.device), self.size, self.mean, self.std)
         image = self.model.encode_image(x, normalize=True)
         text = self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True)
+        return (image * text).sum(-1)
+
+
+CN_CLIP_HINT = ("download it on a connected machine, e.g. `python -c \"from cn_clip.clip import load_from_name; "
+                "load_from_name('{name}', download_root='.')\"`, or from https://huggingface.co/OFA-Sys "
+                "(chinese-clip-vit-base-patch16 holds clip_cn_vit-b-16.pt), and pass its path")
+
+
+def cn_clip_config(model_name: str) -> tuple[dict, int]:
+    """``(CLIP kwargs, input resolution)`` for a published name, a ``vision@text`` pair of cn_clip's
+    configs, or a ``.json`` file holding the kwargs."""
+    from cn_clip.clip import utils
+
+    configs = Path(utils.__file__).parent / "model_configs"
+    if str(model_name).endswith(".json"):
+        path = Path(str(model_name)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"rerank.model_name={model_name}: no such architecture file")
+        info = json.loads(path.read_text())
+    else:
+        struct = utils._MODEL_INFO.get(model_name, {}).get("struct", model_name)
+        if "@" not in struct:
+            raise ConfigError(f"rerank.model_name={model_name!r} is not a Chinese-CLIP model; use one of "
+                              f"{sorted(utils._MODEL_INFO)}, a vision@text pair or a .json architecture")
+        info = {}
+        for part in struct.split("@"):
+            f = configs / f"{part.replace('/', '-')}.json"
+            if not f.is_file():
+                known = sorted(p.stem for p in configs.glob("*.json"))
+                raise ConfigError(f"rerank.model_name={model_name!r}: cn_clip has no config {part!r} ({known})")
+            info.update(json.loads(f.read_text()))
+    if isinstance(info.get("vision_layers"), str):
+        info["vision_layers"] = ast.literal_eval(info["vision_layers"])
+    return info, int(info["image_resolution"])
+
+
+class CNCLIPReranker(nn.Module):
+    def __init__(self, model_name: str, checkpoint: str):
+        super().__init__()
+        try:
+            from cn_clip.clip import model as cn_model
+            from cn_clip.clip import tokenize
+        except ImportError:
+            raise ConfigError("rerank.backend=cn_clip needs the Chinese-CLIP package: "
+                              "pip install cn-clip (or the t2i[compat] extra)") from None
+        info, self.size = cn_clip_config(model_name)
+        path = Path(str(checkpoint)).expanduser() if checkpoint else None
+        if path is None or not path.is_file():
+            raise T2IError(f"rerank.ckpt={checkpoint}: no such file for Chinese-CLIP {model_name}; "
+                           + CN_CLIP_HINT.format(name=model_name))
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise T2IError(f"rerank.ckpt={checkpoint} cannot be read ({type(e).__name__}: {e})") from None
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise T2IError(f"rerank.ckpt={checkpoint} holds no Chinese-CLIP state_dict")
+        state = {k.removeprefix("module."): v for k, v in state.items() if "bert.pooler" not in k}
+        self.model = cn_model.CLIP(**info).float()
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise T2IError(f"rerank.ckpt={checkpoint} does not fit Chinese-CLIP {model_name} "
+                           f"(wrong rerank.model_name?): {' '.join(str(e).split())[:300]}") from None
+        self.model.eval()
+        self.context_length = min(52, info.get("text_max_position_embeddings", 52))
+        self.tokenize = tokenize
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        x = preprocess(images.to(self.device), self.size, OPENAI_MEAN, OPENAI_STD, crop=False)
+        image = F.normalize(self.model.encode_image(x).float(), dim=-1)
+        ids = self.tokenize(list(texts), context_length=self.context_length).to(self.device)
+        text = F.normalize(self.model.encode_text(ids).float(), dim=-1)
         return (image * text).sum(-1)
