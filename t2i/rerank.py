@@ -3,7 +3,9 @@
 ``clip`` is a :class:`Reranker` (our CLIP checkpoint with its own text tokenizer), an open_clip or
 Chinese-CLIP model from a local file (:mod:`t2i.pretrained.clip`), all from
 :func:`load_reranker`, or anything with ``score(images, texts: list[str]) -> Tensor[N]`` and a
-``device``. Images are ``[N, 3, H, W]`` in [-1, 1], the pipeline's convention; each backend applies
+``device``. The loaded backends also give L2-normalised ``image_features(images)`` and
+``text_features(texts)`` (``score`` is their dot product), which evaluation uses for CLIPScore and
+FD-CLIP. Images are ``[N, 3, H, W]`` in [-1, 1], the pipeline's convention; each backend applies
 its own resizing. Work is batched and runs on the reranker's device; results come back on the CPU.
 """
 
@@ -31,9 +33,15 @@ class Reranker(nn.Module):
         return next(self.clip.parameters()).device
 
     @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images.to(self.device).float())
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        return self.clip.encode_text(self.tokenizer.encode(list(texts), self.clip.text_len).to(self.device))
+
     def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer.encode(list(texts), self.clip.text_len).to(self.device)
-        return self.clip.score(images.to(self.device).float(), ids)
+        return (self.image_features(images) * self.text_features(texts)).sum(-1)
 
 
 BACKENDS = ("t2i", "open_clip", "cn_clip")

@@ -82,11 +82,16 @@ class OpenCLIPReranker(nn.Module):
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
         x = preprocess(images.to(self.device), self.size, self.mean, self.std)
-        image = self.model.encode_image(x, normalize=True)
-        text = self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True)
-        return (image * text).sum(-1)
+        return self.model.encode_image(x, normalize=True).float()
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True).float()
+
+    def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return (self.image_features(images) * self.text_features(texts)).sum(-1)
 
 
 CN_CLIP_HINT = ("download it on a connected machine, e.g. `python -c \"from cn_clip.clip import load_from_name; "
@@ -159,9 +164,14 @@ class CNCLIPReranker(nn.Module):
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
         x = preprocess(images.to(self.device), self.size, OPENAI_MEAN, OPENAI_STD, crop=False)
-        image = F.normalize(self.model.encode_image(x).float(), dim=-1)
+        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenize(list(texts), context_length=self.context_length).to(self.device)
-        text = F.normalize(self.model.encode_text(ids).float(), dim=-1)
-        return (image * text).sum(-1)
+        return F.normalize(self.model.encode_text(ids).float(), dim=-1)
+
+    def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return (self.image_features(images) * self.text_features(texts)).sum(-1)

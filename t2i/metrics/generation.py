@@ -1,0 +1,127 @@
+"""The evaluation loop shared by the :class:`~t2i.callbacks.generation_metrics.GenerationMetrics`
+callback and ``t2i-eval``: captions -> ``num_candidates`` samples each -> optional CLIP rerank ->
+one chosen image per caption -> metric updates.
+
+Captions are processed in fixed batches of ``batch_size``; batch ``k`` is drawn from a generator
+seeded with ``seed + k * batch_size`` and belongs to rank ``k % world_size``, so the same images are
+drawn whatever the number of processes (the metric states are summed across ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from t2i.errors import ConfigError
+from t2i.metrics.features import InceptionFeatures
+from t2i.metrics.scores import GenerationScores
+
+
+@dataclass
+class Drawn:
+    images: torch.Tensor                      # [B, 3, H, W] chosen sample per caption, [-1, 1]
+    candidates: torch.Tensor                  # [B, n, 3, H, W]
+    chosen: torch.Tensor                      # [B] index of the chosen candidate
+    scores: torch.Tensor | None = None        # [B, n] CLIP scores when reranked
+
+
+@torch.no_grad()
+def draw(model, image_tokenizer, text_ids: torch.Tensor, captions: list[str], num_candidates: int = 1,
+         clip=None, generator: torch.Generator | None = None, **sample) -> Drawn:
+    """``num_candidates`` samples per caption; the chosen one is CLIP's best (or the first drawn)."""
+    from t2i.rerank import score
+    from t2i.sampling import decode_codes, generate
+
+    codes = generate(model, text_ids, num_candidates, generator=generator, progress=False, **sample)
+    images = decode_codes(image_tokenizer, codes)
+    b = len(captions)
+    cands = images.view(b, num_candidates, *images.shape[1:])
+    if clip is not None and num_candidates > 1:
+        s = score(clip, images, [c for c in captions for _ in range(num_candidates)]).view(b, num_candidates)
+        chosen = s.argmax(1)
+    else:
+        s, chosen = None, torch.zeros(b, dtype=torch.long)
+    return Drawn(cands[torch.arange(b), chosen], cands, chosen, s)
+
+
+def build_scores(cfg: DictConfig | dict, clip=None, device="cpu", seed: int = 0) -> GenerationScores:
+    """The metrics a ``metrics`` config block asks for::
+
+        extractor: inception | clip | null | {_target_: ...}   # FID features
+        inception_score: true          # IS with the Inception logits (needs the Inception weights)
+        feature_extractor_weights_path: null                   # else the torch cache
+        fd_clip: true                  # FD in the CLIP space (needs a clip)
+        clip_score: true               # needs a clip
+        is_splits: 10
+    """
+    cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
+    kind = cfg.get("extractor", "inception")
+    weights = cfg.get("feature_extractor_weights_path")
+    extractor: nn.Module | None = None
+    if kind == "inception":
+        extractor = InceptionFeatures(weights, "2048", antialias=False)
+    elif kind == "clip":
+        if clip is None:
+            raise ConfigError("metrics.extractor=clip needs a CLIP model (clip.ckpt / rerank.ckpt)")
+    elif isinstance(kind, (DictConfig, dict)):
+        from hydra.utils import instantiate
+
+        extractor = instantiate(kind)
+    elif kind is not None:
+        raise ConfigError(f"metrics.extractor={kind!r}: use inception, clip, null or a {{_target_: ...}} module")
+    logits = InceptionFeatures(weights, "logits_unbiased", antialias=False) if cfg.get("inception_score") else None
+    want_clip = clip if cfg.get("clip_score", True) or cfg.get("fd_clip", True) or kind == "clip" else None
+    scores = GenerationScores(extractor, logits, want_clip, fd_clip=bool(cfg.get("fd_clip", True)) or kind == "clip",
+                              is_splits=int(cfg.get("is_splits", 10)), seed=seed)
+    if clip is not None and not cfg.get("clip_score", True):
+        scores.clip_score = None
+    return scores.to(device)
+
+
+@dataclass
+class Loop:
+    """One pass over ``captions`` (with optional real images or reference codes per caption)."""
+
+    model: nn.Module
+    image_tokenizer: nn.Module
+    encode: callable                          # list[str] -> text ids [B, text_len]
+    scores: GenerationScores
+    clip: object = None
+    num_candidates: int = 1
+    batch_size: int = 16
+    seed: int = 0
+    sample: dict = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+    keep: int = 0                             # chosen images to keep (for the grid), from this rank
+
+    @torch.no_grad()
+    def run(self, captions: list[str], real=None, hook=None) -> dict:
+        """``real(start, end)`` gives the real images of captions ``start:end`` (skipped when the real
+        statistics came from the cache); ``hook(start, captions, drawn)`` sees every drawn batch."""
+        device = next(self.model.parameters()).device
+        kept, records = [], []
+        need_real = real is not None and not self.scores.real_loaded
+        for k, start in enumerate(range(0, len(captions), self.batch_size)):
+            if k % self.world_size != self.rank:
+                continue
+            end = min(start + self.batch_size, len(captions))
+            batch = captions[start:end]
+            gen = torch.Generator(device=device).manual_seed(self.seed + start)
+            out = draw(self.model, self.image_tokenizer, self.encode(batch).to(device), batch,
+                       self.num_candidates, self.clip, gen, **self.sample)
+            self.scores.update_fake(out.images.to(device), batch)
+            if need_real:
+                self.scores.update_real(real(start, end).to(device))
+            if len(kept) < self.keep:
+                kept.append(out.images[: self.keep - len(kept)])
+            for i, c in enumerate(batch):
+                records.append({"index": start + i, "caption": c, "seed": self.seed + start,
+                                "chosen": int(out.chosen[i]),
+                                "clip_score": None if out.scores is None else float(out.scores[i, out.chosen[i]])})
+            if hook is not None:
+                hook(start, batch, out)
+        return {"images": torch.cat(kept) if kept else None, "records": records}

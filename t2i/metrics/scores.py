@@ -1,0 +1,171 @@
+"""FID, IS, CLIPScore and FD-CLIP for generated images, as torchmetrics states that sync across
+DDP ranks, with the real-image statistics cached on disk.
+
+Images arrive as the pipeline's float ``[N, 3, H, W]`` in [-1, 1] and are quantised to ``uint8``
+once (what a saved PNG holds), so scores computed here equal torchmetrics on the saved images.
+
+- ``fid``: ``FrechetInceptionDistance`` over any extractor (:mod:`t2i.metrics.features`).
+- ``is_mean`` / ``is_std``: ``InceptionScore`` over a logits extractor (``splits`` splits,
+  permutation seeded).
+- ``clip_score``: CLIPScore as torchmetrics defines it, ``mean(max(100 * cos(image, caption), 0))``,
+  with any reranker backend.
+- ``fd_clip``: the Fréchet distance in that CLIP's normalised image-embedding space.
+
+Real statistics (feature sums and outer-product sums) do not depend on the model being evaluated:
+:class:`RealStatsCache` stores them under a key of dataset, split, resolution, number of images and
+each extractor's weights hash, so a second run (or the next validation epoch) does not recompute them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+
+from t2i.metrics.features import CLIPFeatures, fingerprint
+
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8 [0, 255], rounded as ``torchvision.utils.save_image`` does."""
+    if images.dtype == torch.uint8:
+        return images
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+class CLIPScore(Metric):
+    """``mean(max(100 * cos(image, caption), 0))`` over all updates (and ranks)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, clip, **kwargs):
+        super().__init__(**kwargs)
+        self.clip = clip
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, images: torch.Tensor, captions: list[str]) -> None:
+        x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
+        cos = (self.clip.image_features(x) * self.clip.text_features(list(captions))).sum(-1)
+        self.total += (100 * cos.clamp(min=0)).sum().to(self.total)
+        self.count += len(captions)
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+class GenerationScores(nn.Module):
+    """The metrics bundle. ``extractor``: FID features (None: no FID); ``logits``: IS classifier
+    (None: no IS); ``clip``: a reranker for CLIPScore and, with ``fd_clip``, FD-CLIP."""
+
+    def __init__(self, extractor: nn.Module | None = None, logits: nn.Module | None = None, clip=None,
+                 fd_clip: bool = True, is_splits: int = 10, seed: int = 0):
+        super().__init__()
+        self.frechet = nn.ModuleDict()
+        if extractor is not None:
+            self.frechet["fid"] = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+        if clip is not None and fd_clip:
+            self.frechet["fd_clip"] = FrechetInceptionDistance(feature=CLIPFeatures(clip), reset_real_features=False)
+        self.inception_score = InceptionScore(feature=logits, splits=is_splits) if logits is not None else None
+        self.clip_score = CLIPScore(clip) if clip is not None else None
+        self.seed = seed
+        self.real_loaded = False
+
+    def describe(self) -> dict:
+        """What ``metrics.json`` records about each extractor (name and weights hash)."""
+        out = {name: fingerprint(m.inception) for name, m in self.frechet.items()}
+        if self.inception_score is not None:
+            out["is"] = fingerprint(self.inception_score.inception)
+        if self.clip_score is not None:
+            out["clip_score"] = fingerprint(CLIPFeatures(self.clip_score.clip))
+        return out
+
+    @torch.no_grad()
+    def update_real(self, images: torch.Tensor) -> None:
+        x = to_uint8(images)
+        for m in self.frechet.values():
+            m.update(x, real=True)
+
+    @torch.no_grad()
+    def update_fake(self, images: torch.Tensor, captions: list[str] | None = None) -> None:
+        x = to_uint8(images)
+        for m in self.frechet.values():
+            m.update(x, real=False)
+        if self.inception_score is not None:
+            self.inception_score.update(x)
+        if self.clip_score is not None and captions is not None:
+            self.clip_score.update(x, captions)
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, float]:
+        out = {name: float(m.compute()) for name, m in self.frechet.items()}
+        if self.inception_score is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)  # IS permutes the features before splitting
+                mean, std = self.inception_score.compute()
+            out["is_mean"], out["is_std"] = float(mean), float(std)
+        if self.clip_score is not None and int(self.clip_score.count) > 0:
+            out["clip_score"] = float(self.clip_score.compute())
+        return out
+
+    def reset(self) -> None:
+        """Forget the fake images (the real statistics stay)."""
+        for m in self.frechet.values():
+            m.reset()
+        for m in (self.inception_score, self.clip_score):
+            if m is not None:
+                m.reset()
+
+    def real_count(self) -> int:
+        return int(next(iter(self.frechet.values())).real_features_num_samples) if self.frechet else 0
+
+    @torch.no_grad()
+    def real_state(self) -> dict:
+        """Real statistics summed over all ranks (a collective call under DDP)."""
+        state = {}
+        for name, m in self.frechet.items():
+            with m.sync_context(should_sync=True, distributed_available=m.distributed_available_fn):
+                state[name] = {k: getattr(m, k).detach().cpu().clone() for k in REAL_STATES}
+        return state
+
+    @torch.no_grad()
+    def load_real_state(self, state: dict, rank: int = 0) -> None:
+        """Install cached totals; under DDP only rank zero holds them (ranks are summed at compute)."""
+        for name, m in self.frechet.items():
+            for k in REAL_STATES:
+                v = state[name][k].to(getattr(m, k).device)
+                setattr(m, k, v if rank == 0 else torch.zeros_like(v))
+        self.real_loaded = True
+
+
+class RealStatsCache:
+    """Real-image statistics on disk, one file per key (dataset, split, resolution, count, extractors)."""
+
+    def __init__(self, directory, **key):
+        self.key = key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        name = "-".join(str(key.get(k, "")) for k in ("dataset", "split", "resolution")).strip("-") or "stats"
+        self.path = Path(str(directory)).expanduser() / f"{name}-{digest}.pt"
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None  # a half-written or foreign file: recompute and overwrite
+        return blob["state"] if blob.get("key") == json.loads(json.dumps(self.key, default=str)) else None
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"key": json.loads(json.dumps(self.key, default=str)), "state": state}, tmp)
+        tmp.replace(self.path)  # atomic: a killed writer never leaves a truncated cache file
