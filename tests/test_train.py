@@ -121,10 +121,3 @@ def test_cli_multirun_sweep(tmp_path):
     runs = sorted((tmp_path / "outputs" / "train" / "multiruns").glob("*/*/config.yaml"))
     assert len(runs) == 2
     assert {"lr: 0.05" in r.read_text() for r in runs} == {True, False}
-
-
-def test_pending_commands_say_so():
-    for name in ("evaluate",):
-        res = subprocess.run([sys.executable, "-c", f"from t2i.cli.pending import {name}; {name}()"],
-                             capture_output=True, text=True)
-        assert res.returncode == 2 and "not yet available" in res.stderr

@@ -50,33 +50,47 @@ def draw(model, image_tokenizer, text_ids: torch.Tensor, captions: list[str], nu
 def build_scores(cfg: DictConfig | dict, clip=None, device="cpu", seed: int = 0) -> GenerationScores:
     """The metrics a ``metrics`` config block asks for::
 
-        extractor: inception | clip | null | {_target_: ...}   # FID features
+        extractor: inception | clip | null | {_target_: ...} | an nn.Module   # FID features
         inception_score: true          # IS with the Inception logits (needs the Inception weights)
+        is_extractor: null             # or another logits module ({_target_: ...} / nn.Module) for IS
         feature_extractor_weights_path: null                   # else the torch cache
         fd_clip: true                  # FD in the CLIP space (needs a clip)
         clip_score: true               # needs a clip
         is_splits: 10
     """
-    cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
-    kind = cfg.get("extractor", "inception")
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg)
     weights = cfg.get("feature_extractor_weights_path")
-    extractor: nn.Module | None = None
+
+    def module(spec, what: str) -> nn.Module:
+        if isinstance(spec, nn.Module):
+            return spec
+        if isinstance(spec, dict) and "_target_" in spec:
+            from hydra.utils import instantiate
+
+            return instantiate(spec)
+        raise ConfigError(f"metrics.{what}={spec!r}: use inception, clip, null or a {{_target_: ...}} module")
+
+    kind = cfg.get("extractor", "inception")
+    extractor = None
     if kind == "inception":
         extractor = InceptionFeatures(weights, "2048", antialias=False)
     elif kind == "clip":
         if clip is None:
-            raise ConfigError("metrics.extractor=clip needs a CLIP model (clip.ckpt / rerank.ckpt)")
-    elif isinstance(kind, (DictConfig, dict)):
-        from hydra.utils import instantiate
-
-        extractor = instantiate(kind)
+            raise ConfigError("metrics.extractor=clip needs a CLIP model (clip.ckpt)")
     elif kind is not None:
-        raise ConfigError(f"metrics.extractor={kind!r}: use inception, clip, null or a {{_target_: ...}} module")
-    logits = InceptionFeatures(weights, "logits_unbiased", antialias=False) if cfg.get("inception_score") else None
-    want_clip = clip if cfg.get("clip_score", True) or cfg.get("fd_clip", True) or kind == "clip" else None
-    scores = GenerationScores(extractor, logits, want_clip, fd_clip=bool(cfg.get("fd_clip", True)) or kind == "clip",
+        extractor = module(kind, "extractor")
+    logits = None
+    if cfg.get("inception_score"):
+        spec = cfg.get("is_extractor")
+        logits = module(spec, "is_extractor") if spec is not None else \
+            InceptionFeatures(weights, "logits_unbiased", antialias=False)
+    use_fd = bool(cfg.get("fd_clip", True)) or kind == "clip"
+    use_score = bool(cfg.get("clip_score", True))
+    scores = GenerationScores(extractor, logits, clip if (use_fd or use_score) else None, fd_clip=use_fd,
                               is_splits=int(cfg.get("is_splits", 10)), seed=seed)
-    if clip is not None and not cfg.get("clip_score", True):
+    if not use_score:
         scores.clip_score = None
     return scores.to(device)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -153,6 +154,7 @@ class RealStatsCache:
         self.key = key
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         name = "-".join(str(key.get(k, "")) for k in ("dataset", "split", "resolution")).strip("-") or "stats"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-80:]
         self.path = Path(str(directory)).expanduser() / f"{name}-{digest}.pt"
 
     def load(self) -> dict | None:

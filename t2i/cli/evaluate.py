@@ -1,0 +1,344 @@
+"""t2i-eval: benchmark numbers from one command, with the protocol written down.
+
+    t2i-eval eval=shapes ckpt=<transformer .ckpt> clip.ckpt=<clip .ckpt>
+    t2i-eval eval=muge ckpt=... clip.backend=cn_clip clip.model_name=ViT-B-16 clip.ckpt=clip_cn_vit-b-16.pt
+    t2i-eval eval=coco30k ckpt=... metrics.feature_extractor_weights_path=weights-inception-2015-12-05-6726825d.pth
+    t2i-eval eval=reconstruction tokenizer_ckpt=<vqgan .ckpt>
+
+Protocols live in ``conf/eval/``. Generation protocols draw ``num_candidates`` samples per caption,
+keep CLIP's best (or the first drawn without a CLIP), and score the chosen images; ``shapes`` adds
+the oracle's attribute accuracy of the first and of the chosen sample on ``test`` and
+``compositional``; ``reconstruction`` scores an image tokenizer (rFID, PSNR, SSIM, LPIPS, codebook
+use). Output in ``output`` (the Hydra run folder by default): ``metrics.json`` (numbers plus
+everything needed to reproduce them: versions, checkpoints and extractor weights hashes, resize,
+counts, seeds), ``metrics.md`` (a markdown row), ``samples.png`` / ``reconstructions.png``, and a
+printed table beside the protocol's published anchors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from t2i.cli.common import clear_errors
+from t2i.cli.tokenize import pick_device
+from t2i.errors import ConfigError, T2IError
+
+log = logging.getLogger("t2i.eval")
+RESIZE = ("shorter side to image_size with PIL bicubic (antialiased), centre crop; generated images are "
+          "quantised to uint8; Inception resizes to 299 with TF1-style bilinear (antialias=False)")
+
+
+# -- what gets evaluated ------------------------------------------------------------------------
+class Items:
+    """Captions of one split and, lazily, their real images (uint8 ``[n, 3, S, S]`` per slice)."""
+
+    def __init__(self, captions, load, specs=None, skipped=None):
+        self.captions, self._load, self.specs, self.skipped = captions, load, specs, skipped or {}
+
+    def real(self, start: int, end: int) -> torch.Tensor:
+        return self._load(start, end)
+
+
+def shapes_items(split: str, n: int, seed: int, image_size: int, lang: str) -> Items:
+    from t2i.data.shapes import make_split
+    from t2i.data.transforms import to_raw
+
+    samples = make_split(split, n, seed=seed, image_size=image_size, lang=lang)
+    pixels = torch.stack([to_raw(s.image.convert('RGB')) for s in samples]).permute(0, 3, 1, 2)
+    return Items([s.caption for s in samples], lambda a, b: pixels[a:b], [s.spec for s in samples])
+
+
+def source_items(p: DictConfig, image_size: int) -> Items:
+    """``num_captions`` records drawn with ``caption_seed`` from a data source, one caption each."""
+    from t2i.data.formats import open_source
+    from t2i.data.skips import BadSample, SkipLog
+    from t2i.data.transforms import ImageTransform
+
+    spec = p.split
+    src = open_source(p.source, **dict(spec), key="eval.split") if isinstance(spec, DictConfig) else \
+        open_source(p.source, str(spec), key="eval.split")
+    skips = SkipLog(float(p.get("max_bad_fraction", 0.01)), name=f"eval {p.name}")
+    records = src.records(skips)
+    if not records:
+        raise T2IError(f"eval.split={OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec}: "
+                       "no usable samples")
+    g = torch.Generator().manual_seed(int(p.caption_seed))
+    n = min(int(p.num_captions), len(records))
+    if n < int(p.num_captions):
+        log.warning("eval %s: %d captions asked for, the split has %d images; using all", p.name, p.num_captions, n)
+    pick = torch.randperm(len(records), generator=g)[:n].tolist()
+    chosen = [records[i] for i in pick]
+    captions = [r.captions[int(torch.randint(len(r.captions), (), generator=g))] for r in chosen]
+    transform = ImageTransform(image_size, raw=True)
+    bad = {"count": 0, "examples": []}
+
+    def load(a: int, b: int) -> torch.Tensor:
+        out = []
+        for r in chosen[a:b]:
+            try:
+                out.append(torch.as_tensor(transform(src.load(r))).permute(2, 0, 1))
+            except BadSample as e:  # counted, reported, left out of the real statistics
+                bad["count"] += 1
+                if len(bad["examples"]) < 5:
+                    bad["examples"].append(f"{e.where}: {e.reason}")
+        return torch.stack(out) if out else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
+
+    return Items(captions, load, skipped=bad)
+
+
+# -- reproducibility ----------------------------------------------------------------------------
+def sha256(path) -> str | None:
+    if not path or not Path(str(path)).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("t2i", "torch", "torchvision", "torchmetrics", "torch-fidelity", "numpy", "pillow", "open_clip_torch",
+                "cn_clip"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# -- protocols ----------------------------------------------------------------------------------
+def load_clip(cfg: DictConfig, device):
+    if not cfg.clip.ckpt:
+        return None
+    from t2i.rerank import load_reranker
+
+    return load_reranker(cfg.clip.ckpt, cfg.clip.backend, cfg.clip.get("model_name")).to(device)
+
+
+def scores_for(cfg, clip, device, split: str, image_size: int, n: int):
+    from t2i.metrics.generation import build_scores
+    from t2i.metrics.scores import RealStatsCache
+
+    scores = build_scores(cfg.metrics, clip, device, seed=int(cfg.seed))
+    cache = None
+    if scores.frechet and cfg.metrics.get("cache_dir"):
+        cache = RealStatsCache(cfg.metrics.cache_dir, dataset=cfg.eval.name, split=split, resolution=image_size,
+                               n=n, caption_seed=int(cfg.eval.caption_seed), source=str(cfg.eval.get("split")),
+                               extractors=scores.describe())
+        state = cache.load()
+        if state is not None:
+            scores.load_real_state(state)
+            log.info("real statistics from %s", cache.path)
+    return scores, cache
+
+
+def generation(cfg: DictConfig, device) -> dict:
+    from t2i.cli.generate import build, encode_prompts
+    from t2i.data.oracle import score as oracle
+    from t2i.metrics.generation import Loop
+    from t2i.viz import captioned_rows
+
+    p = cfg.eval
+    model, image_tok, tok = build(cfg, device)
+    clip = load_clip(cfg, device)
+    size = image_tok.downsample * model.grid[0]
+    n_cand = int(p.num_candidates)
+    if clip is None and n_cand > 1:
+        log.warning("no clip.ckpt: the first of %d candidates is scored, none is reranked", n_cand)
+    sample = {k: cfg.sample[k] for k in ("top_k", "top_p", "temperature", "cfg_scale", "use_cache")}
+    splits = list(p.splits) if p.kind == "shapes" else [str(p.get("split_name", "val"))]
+    result, grids = {"splits": {}}, []
+    for split in splits:
+        items = (shapes_items(split, int(p.num_captions), int(p.caption_seed), size, str(p.lang)) if p.kind == "shapes"
+                 else source_items(p, size))
+        n = len(items.captions)
+        scores, cache = scores_for(cfg, clip, device, split, size, n)
+        hits = {"first": [], "chosen": []}
+        keep = {"rows": []}
+        bar = tqdm(total=n, desc=f"{p.name} {split}", disable=not cfg.progress)
+
+        def hook(start, captions, drawn, items=items, hits=hits, keep=keep, bar=bar):
+            if items.specs is not None:
+                specs = items.specs[start:start + len(captions)]
+                hits["first"].append(oracle(drawn.candidates[:, 0], specs) | {"n": len(specs)})
+                hits["chosen"].append(oracle(drawn.images, specs) | {"n": len(specs)})
+            if len(keep["rows"]) < 8:
+                for i, c in enumerate(captions[: 8 - len(keep["rows"])]):
+                    keep["rows"].append((c, drawn.candidates[i, : min(8, n_cand)], int(drawn.chosen[i])))
+            bar.update(len(captions))
+
+        loop = Loop(model, image_tok, lambda caps: encode_prompts(tok, caps, model.text_len), scores, clip, n_cand,
+                    int(cfg.batch_size), int(cfg.seed), sample)
+        t0 = time.perf_counter()
+        loop.run(items.captions, items.real, hook)
+        bar.close()
+        if cache is not None and not scores.real_loaded:
+            cache.save(scores.real_state())
+        metrics = scores.compute() if scores.frechet or scores.clip_score or scores.inception_score else {}
+        for which in ("first", "chosen") if items.specs is not None else ():
+            total = sum(h["n"] for h in hits[which])
+            acc = {a: sum(h[a] * h["n"] for h in hits[which]) / total for a in hits[which][0] if a != "n"}
+            metrics[f"acc_{which}"] = acc
+        metrics.update(n=n, seconds=time.perf_counter() - t0, real_from_cache=scores.real_loaded,
+                       real_skipped=items.skipped.get("count", 0), extractors=scores.describe(),
+                       real_cache=str(cache.path) if cache else None)
+        result["splits"][split] = metrics
+        rows = keep["rows"]
+        if rows:
+            per = rows[0][1].shape[0]
+            grids.append(captioned_rows(torch.cat([r[1] for r in rows]),
+                                        [f"{r[0]}  [{split}; chosen #{r[2]}]" for r in rows], per_row=per))
+    if grids:
+        width = max(g.shape[-1] for g in grids)
+        pad = [torch.nn.functional.pad(g, (0, width - g.shape[-1]), value=1.0) for g in grids]
+        save_image((torch.cat(pad, dim=2)[0] + 1) / 2, Path(cfg.output) / "samples.png")
+    first = result["splits"][splits[0]]
+    summary = {k: first[k] for k in ("fid", "is_mean", "is_std", "clip_score", "fd_clip") if k in first}
+    if p.kind == "shapes":
+        for split in splits:
+            tag = "" if split == "test" else f"_{split}"
+            summary[f"acc{tag}_first"] = result["splits"][split]["acc_first"]["all"]
+            summary[f"acc{tag}_rerank"] = result["splits"][split]["acc_chosen"]["all"]
+    result["summary"] = summary
+    result["checkpoints"] = {"transformer": str(cfg.ckpt), "transformer_sha256": sha256(cfg.ckpt),
+                             "clip": cfg.clip.ckpt and str(cfg.clip.ckpt), "clip_sha256": sha256(cfg.clip.ckpt),
+                             "clip_backend": cfg.clip.backend if cfg.clip.ckpt else None}
+    result["protocol"] = {"image_size": size, "num_candidates": n_cand, "sample": sample,
+                          "reranked": clip is not None and n_cand > 1}
+    return result
+
+
+def reconstruction(cfg: DictConfig, device) -> dict:
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from t2i.losses.perceptual import LPIPS
+    from t2i.metrics.generation import build_scores
+    from t2i.metrics.scores import to_uint8
+    from t2i.models import load_tokenizer
+
+    p = cfg.eval
+    if not cfg.tokenizer_ckpt:
+        raise ConfigError("eval=reconstruction needs tokenizer_ckpt=<a t2i-train experiment=*_vqgan / *_dvae .ckpt>")
+    tok = load_tokenizer(cfg.tokenizer_ckpt).to(device).eval()
+    size = int(p.image_size)
+    items = (shapes_items(str(p.shapes_split), int(p.num_captions), int(p.caption_seed), size, "zh")
+             if p.source == "shapes" else source_items(p, size))
+    metrics_cfg = OmegaConf.merge(cfg.metrics, {"inception_score": False, "clip_score": False, "fd_clip": False})
+    scores = build_scores(metrics_cfg, None, device, seed=int(cfg.seed))
+    lpips = LPIPS(cfg.metrics.get("vgg_path")).to(device) if cfg.metrics.get("lpips", True) else None
+    totals = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    counts = torch.zeros(tok.codebook_size, dtype=torch.long)
+    n, shown, t0 = 0, [], time.perf_counter()
+    bs = int(cfg.batch_size)
+    for a in tqdm(range(0, len(items.captions), bs), desc="reconstruction", disable=not cfg.progress):
+        real = items.real(a, a + bs)
+        if not len(real):
+            continue
+        x = real.to(device).float() / 127.5 - 1
+        with torch.no_grad():
+            codes = tok.encode(x)
+            y = to_uint8(tok.decode(codes)).float() / 127.5 - 1  # scored as a saved PNG would be
+        counts += torch.bincount(codes.flatten().cpu(), minlength=tok.codebook_size)
+        x01, y01 = (x + 1) / 2, (y + 1) / 2
+        totals["psnr"] += float(peak_signal_noise_ratio(y01, x01, data_range=1.0, reduction="none",
+                                                        dim=(1, 2, 3)).sum())
+        totals["ssim"] += float(structural_similarity_index_measure(y01, x01, data_range=1.0, reduction="none").sum())
+        if lpips is not None:
+            with torch.no_grad():
+                totals["lpips"] += float(lpips(y, x).sum())
+        if scores.frechet:
+            scores.update_real(x)
+            scores.update_fake(y)
+        if len(shown) < 8:
+            shown.append(torch.stack([x[: 8 - len(shown)], y[: 8 - len(shown)]], 1).flatten(0, 1).cpu())
+        n += len(x)
+    if n == 0:
+        raise T2IError(f"eval=reconstruction: no readable images in {p.get('split')}")
+    probs = counts.float() / counts.sum()
+    metrics = {"psnr": totals["psnr"] / n, "ssim": totals["ssim"] / n,
+               "codebook_perplexity": float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum())),
+               "codebook_used": int((counts > 0).sum()), "codebook_size": tok.codebook_size}
+    if lpips is not None:
+        metrics["lpips"] = totals["lpips"] / n
+    if scores.frechet and n >= 2:
+        metrics["rfid"] = scores.compute()["fid"]
+    metrics.update(n=n, seconds=time.perf_counter() - t0, real_skipped=items.skipped.get("count", 0),
+                   extractors=scores.describe())
+    pics = torch.cat(shown)
+    save_image((pics + 1) / 2, Path(cfg.output) / "reconstructions.png", nrow=2 * min(4, len(pics) // 2 or 1))
+    return {"splits": {str(p.get("shapes_split", "val")): metrics},
+            "summary": {k: metrics[k] for k in ("rfid", "psnr", "ssim", "lpips") if k in metrics},
+            "checkpoints": {"tokenizer": str(cfg.tokenizer_ckpt), "tokenizer_sha256": sha256(cfg.tokenizer_ckpt)},
+            "protocol": {"image_size": size}}
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def fmt(v) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def table(cfg: DictConfig, summary: dict) -> str:
+    """Our row beside the protocol's published anchors (each with its source and differences)."""
+    cols = list(summary)
+    lines = ["| model | " + " | ".join(cols) + " | source | protocol differences |",
+             "|---" * (len(cols) + 3) + "|",
+             f"| **ours** ({Path(str(cfg.ckpt or cfg.tokenizer_ckpt)).name}) | "
+             + " | ".join(fmt(summary[c]) for c in cols) + " | this run | see metrics.json |"]
+    for a in cfg.eval.get("anchors") or []:
+        lines.append(f"| {a.model} | " + " | ".join(fmt(a.get(c)) for c in cols) + f" | {a.source} | {a.get('notes', '')} |")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict:
+    p = cfg.eval
+    if p.kind not in ("generation", "shapes", "reconstruction"):
+        raise ConfigError(f"eval.kind={p.kind!r}: use generation, shapes or reconstruction")
+    if p.kind != "reconstruction" and not cfg.ckpt:
+        raise ConfigError(f"eval={p.name} needs ckpt=<a t2i-train experiment=*_transformer .ckpt>")
+    torch.set_flush_denormal(True)
+    device = pick_device(str(cfg.device))
+    out = Path(str(cfg.output)).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.output = str(out)
+    t0 = time.perf_counter()
+    result = reconstruction(cfg, device) if p.kind == "reconstruction" else generation(cfg, device)
+    result.update(protocol_name=p.name, wall_seconds=time.perf_counter() - t0, device=str(device),
+                  seed=int(cfg.seed), caption_seed=int(p.caption_seed), resize=RESIZE, versions=versions(),
+                  metrics_config=OmegaConf.to_container(cfg.metrics, resolve=True),
+                  overrides=list(cfg.get("overrides") or []))
+    result["protocol"].update(OmegaConf.to_container(p, resolve=True))
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    text = table(cfg, result["summary"])
+    (out / "metrics.md").write_text(text.splitlines()[0] + "\n" + text.splitlines()[1] + "\n"
+                                    + text.splitlines()[2] + "\n")
+    print(f"t2i-eval {p.name}: {result['wall_seconds']:.1f} s on {device}; output in {out}\n{text}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@clear_errors
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    OmegaConf.resolve(cfg)
+    with OmegaConf.open_dict(cfg):
+        cfg.overrides = overrides
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

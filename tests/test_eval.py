@@ -1,0 +1,320 @@
+"""Evaluation: our FID / IS / CLIPScore equal torchmetrics on the same images and extractor; the real
+statistics cache is reused and invalidated; two gloo ranks give the single-process FID; the
+callback logs the same FID as torchmetrics on the images it drew; t2i-eval runs the shapes and
+reconstruction protocols on checkpoints trained here."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+
+from t2i.errors import T2IError
+from t2i.metrics.generation import build_scores
+from t2i.metrics.scores import GenerationScores, RealStatsCache, to_uint8
+
+
+class TinyFeatures(nn.Module):
+    """A random-weight stand-in for Inception: uint8 images -> ``num_features`` features."""
+
+    def __init__(self, num_features: int = 16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = nn.Linear(8 * 4 * 4, num_features)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+        self.num_features = num_features
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        x = x.float() / 255
+        x = nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 4)
+        return self.fc(x.flatten(1))
+
+
+def fake_real(n=40, seed=0, size=16):
+    g = torch.Generator().manual_seed(seed)
+    real = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    fake = (real * 0.5 + 0.3 * torch.randn(real.shape, generator=g)).clamp(-1, 1)
+    return real, fake
+
+
+def test_scores_equal_torchmetrics_on_the_same_images():
+    real, fake = fake_real()
+    scores = GenerationScores(TinyFeatures(), TinyFeatures(num_features=10, seed=1), is_splits=4, seed=3)
+    for i in range(0, 40, 16):  # uneven batches
+        scores.update_real(real[i:i + 16])
+        scores.update_fake(fake[i:i + 16])
+    ours = scores.compute()
+    fid = FrechetInceptionDistance(feature=TinyFeatures())
+    fid.update(to_uint8(real), real=True)
+    fid.update(to_uint8(fake), real=False)
+    inception = InceptionScore(feature=TinyFeatures(num_features=10, seed=1), splits=4)
+    inception.update(to_uint8(fake))
+    torch.manual_seed(3)
+    is_mean, is_std = inception.compute()
+    assert ours["fid"] == pytest.approx(float(fid.compute()), rel=1e-6)
+    assert ours["is_mean"] == pytest.approx(float(is_mean), rel=1e-6)
+    assert ours["is_std"] == pytest.approx(float(is_std), rel=1e-6)
+    scores.reset()  # fake side forgotten, real kept
+    scores.update_fake(real)
+    assert scores.compute()["fid"] == pytest.approx(0.0, abs=1e-3)
+    # uint8 quantisation is what a saved PNG holds
+    x = torch.tensor([-1.0, -0.99, 0.0, 0.999, 1.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    assert to_uint8(x)[0, 0, 0].tolist() == [0, 1, 128, 255, 255]
+
+
+class FakeCLIP(nn.Module):
+    """Features from fixed projections: enough to check the CLIPScore arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def image_features(self, images):
+        return nn.functional.normalize(self.proj(images.float().mean((2, 3))), dim=-1)
+
+    def text_features(self, texts):
+        g = [torch.Generator().manual_seed(len(t)) for t in texts]
+        return nn.functional.normalize(torch.stack([torch.randn(4, generator=x) for x in g]), dim=-1)
+
+
+def test_clip_score_and_fd_clip():
+    torch.manual_seed(0)
+    clip = FakeCLIP()
+    real, fake = fake_real(20)
+    scores = GenerationScores(None, None, clip)
+    scores.update_real(real)
+    texts = ["a" * (i % 5 + 1) for i in range(20)]
+    scores.update_fake(fake[:12], texts[:12])
+    scores.update_fake(fake[12:], texts[12:])
+    out = scores.compute()
+    x = to_uint8(fake).float() / 127.5 - 1
+    cos = (clip.image_features(x) * clip.text_features(texts)).sum(-1)
+    assert out["clip_score"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-5)
+    assert "fd_clip" in out and out["fd_clip"] >= 0 and "fid" not in out
+
+
+def test_real_statistics_cache_reused_and_invalidated(tmp_path):
+    real, fake = fake_real()
+    ex = TinyFeatures()
+    first = GenerationScores(ex)
+    key = dict(dataset="toy", split="val", resolution=16, n=40, extractors=first.describe())
+    cache = RealStatsCache(tmp_path, **key)
+    assert cache.load() is None
+    first.update_real(real)
+    first.update_fake(fake)
+    cache.save(first.real_state())
+    want = first.compute()["fid"]
+
+    ex2 = TinyFeatures()
+    second = GenerationScores(ex2)
+    state = RealStatsCache(tmp_path, **dict(key, extractors=second.describe())).load()
+    assert state is not None  # same key: reused
+    second.load_real_state(state)
+    second.update_fake(fake)
+    assert ex2.calls == 1  # only the fake batch went through the extractor
+    assert second.compute()["fid"] == pytest.approx(want, rel=1e-9)
+    assert RealStatsCache(tmp_path, **dict(key, resolution=32)).load() is None  # other resolution
+    other = GenerationScores(TinyFeatures(seed=5)).describe()
+    assert other != key["extractors"]
+    assert RealStatsCache(tmp_path, **dict(key, extractors=other)).load() is None  # other extractor weights
+    cache.path.write_bytes(b"truncated")  # a broken file is recomputed, not trusted
+    assert cache.load() is None
+
+
+def _fid_rank(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    real, fake = fake_real()
+    scores = GenerationScores(TinyFeatures())
+    scores.update_real(real[rank::world])
+    scores.update_fake(fake[rank::world])
+    state = scores.real_state()
+    value = scores.compute()["fid"]
+    if rank == 0:
+        torch.save({"fid": value, "n": int(state["fid"]["real_features_num_samples"])}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fid_two_gloo_ranks_equals_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fid.pt"
+    mp.spawn(_fid_rank, args=(2, port, str(out)), nprocs=2)
+    real, fake = fake_real()
+    single = GenerationScores(TinyFeatures())
+    single.update_real(real)
+    single.update_fake(fake)
+    got = torch.load(out)
+    assert got["n"] == 40  # the cached real state holds both ranks' images
+    assert got["fid"] == pytest.approx(single.compute()["fid"], rel=1e-6)
+
+
+def test_missing_inception_weights_say_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(T2IError, match=r"weights-inception-2015-12-05-6726825d\.pth.*github\.com/toshas"):
+        build_scores({"extractor": "inception"})
+    with pytest.raises(T2IError, match="not found at feature_extractor_weights_path=/nope.pth"):
+        build_scores({"extractor": None, "inception_score": True, "feature_extractor_weights_path": "/nope.pth"})
+
+
+def test_inception_extractor_loads_local_weights(tmp_path):
+    """The real loading path: torch-fidelity's network with weights from our file (random here)."""
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from t2i.metrics.features import INCEPTION_FILE, InceptionFeatures
+
+    class Unloaded(FeatureExtractorInceptionV3):  # build the architecture without fetching weights
+        def load_state_dict(self, *a, **k):
+            return None
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        net = Unloaded("inception-v3-compat", ["2048"])
+    path = tmp_path / INCEPTION_FILE
+    torch.save(nn.Module.state_dict(net), path)
+    ex = InceptionFeatures(str(path), "2048")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert ex(x).shape == (2, 2048)
+    assert torch.equal(ex.net.state_dict()["fc.weight"], nn.Module.state_dict(net)["fc.weight"])
+    assert json.dumps(GenerationScores(ex).describe())  # hash of the weights file
+
+
+# -- end to end on checkpoints trained here ---------------------------------------------------------
+from tests.test_clip import compose_clip  # noqa: E402
+from tests.test_transformer_train import codes, compose_transformer  # noqa: E402,F401
+
+TINY = "{_target_:tests.test_eval.TinyFeatures}"
+TINY_IS = "{_target_:tests.test_eval.TinyFeatures,num_features:10,seed:1}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, codes):  # noqa: F811
+    """A 2-layer transformer on toy codes with the GenerationMetrics callback on, and a tiny CLIP."""
+    from t2i.cli.train import train
+
+    tmp = tmp_path_factory.mktemp("eval")
+    gm = "callbacks.generation_metrics"
+    cfg = compose_transformer(tmp, codes, "trainer.max_epochs=3", "model.warmup_steps=5", "model.lr=3e-3",
+                              "callbacks=metrics", f"{gm}.num_captions=12", f"{gm}.batch_size=5",
+                              f"{gm}.metrics.extractor={TINY}", f"{gm}.metrics.is_extractor={TINY_IS}",
+                              f"{gm}.metrics.is_splits=2", f"{gm}.metrics.cache_dir={tmp}/cache",
+                              f"{gm}.every_n_val_epochs=1")
+    metrics, obj = train(cfg)
+    clip_metrics, clip_obj = train(compose_clip(tmp / "clip", "trainer.max_epochs=2", "model.warmup_steps=2"))
+    return tmp, metrics, obj, clip_obj["trainer"].checkpoint_callback.best_model_path
+
+
+def test_callback_fid_and_is_equal_torchmetrics(trained):
+    """The logged val/fid and val/is_mean of the last epoch equal torchmetrics run directly on the
+    images the callback drew (redrawn with its seeds from the final weights)."""
+    from t2i.lit.transformer import TransformerModule
+    from t2i.metrics.generation import draw
+    from t2i.sampling import decode_codes
+
+    tmp, metrics, obj, _ = trained
+    assert {"val/fid", "val/is_mean", "val/is_std"} <= set(metrics)
+    assert list((tmp / "cache").glob("*.pt"))  # real statistics cached on the first epoch
+    assert list((tmp / "run" / "images").glob("val_epoch002_generations.png"))
+    module = TransformerModule.load_from_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt").eval()
+    dm = obj["datamodule"]
+    ds = dm.val_dataloader().dataset
+    items = [ds[i] for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:12].tolist()]
+    captions = [it["caption"] for it in items]
+    model = module.sampling_model()
+    images = []
+    for start in range(0, 12, 5):
+        caps = captions[start:start + 5]
+        out = draw(model, module.image_tokenizer, dm.tokenizer.encode(caps, model.text_len), caps, 1, None,
+                   torch.Generator().manual_seed(start), temperature=1.0, use_cache=True)
+        images.append(out.images)
+    fake = to_uint8(torch.cat(images))
+    real = to_uint8(decode_codes(module.image_tokenizer, torch.stack([torch.as_tensor(it["codes"]) for it in items]).long()))
+    fid = FrechetInceptionDistance(feature=TinyFeatures())
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    inception = InceptionScore(feature=TinyFeatures(num_features=10, seed=1), splits=2)
+    inception.update(fake)
+    torch.manual_seed(0)
+    assert metrics["val/fid"] == pytest.approx(float(fid.compute()), rel=1e-4)
+    assert metrics["val/is_mean"] == pytest.approx(float(inception.compute()[0]), rel=1e-4)
+
+
+def eval_cfg(tmp_path, *overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("t2i.conf", version_base="1.3"):
+        return compose("eval", overrides=[f"paths.root_dir={tmp_path}", f"output={tmp_path}/out",
+                                          f"metrics.cache_dir={tmp_path}/cache", "progress=false", "device=cpu",
+                                          *overrides])
+
+
+def test_t2i_eval_shapes(trained, tmp_path):
+    from t2i.cli.evaluate import run
+
+    tmp, _, _, clip_ckpt = trained
+    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
+    args = ["eval=shapes", f"ckpt={ckpt}", f"clip.ckpt={clip_ckpt}", "eval.num_captions=12",
+            "eval.num_candidates=3", "batch_size=5", "metrics.extractor=null", "metrics.inception_score=false"]
+    result = run(eval_cfg(tmp_path, *args))
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["summary"] == pytest.approx(result["summary"])
+    s = saved["summary"]
+    assert {"acc_first", "acc_rerank", "acc_compositional_first", "acc_compositional_rerank", "fd_clip",
+            "clip_score"} <= set(s)
+    assert all(0 <= s[k] <= 1 for k in s if k.startswith("acc"))
+    test = saved["splits"]["test"]
+    assert set(test["acc_first"]) == {"color", "shape", "position", "size", "all"} and test["n"] == 12
+    assert saved["protocol"]["reranked"] and saved["versions"]["torch"] and saved["checkpoints"]["transformer_sha256"]
+    assert "clip_score" in saved["splits"]["compositional"]["extractors"]
+    assert not test["real_from_cache"]
+    assert (tmp_path / "out" / "samples.png").is_file() and "| **ours**" in (tmp_path / "out" / "metrics.md").read_text()
+    again = run(eval_cfg(tmp_path, *args))  # same command, same numbers; real statistics from the cache
+    assert again["splits"]["test"]["real_from_cache"]
+    assert again["summary"] == pytest.approx(result["summary"], rel=1e-6)
+
+
+def test_t2i_eval_reconstruction(trained, tmp_path):
+    from t2i.cli.evaluate import run
+
+    tmp, _, obj, _ = trained
+    tok_ckpt = obj["model"].hparams.image_tokenizer
+    result = run(eval_cfg(tmp_path, "eval=reconstruction", f"tokenizer_ckpt={tok_ckpt}", "eval.image_size=16",
+                          "eval.num_captions=20", "batch_size=8", f"metrics.extractor={TINY}", "metrics.lpips=false"))
+    m = result["splits"]["test"]
+    assert m["n"] == 20 and 10 < m["psnr"] < 60 and 0 < m["ssim"] <= 1 and m["rfid"] >= 0
+    assert 0 < m["codebook_used"] <= 64
+    assert (tmp_path / "out" / "reconstructions.png").is_file()
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["summary"]["psnr"] == pytest.approx(m["psnr"])
+
+
+def test_t2i_eval_errors(tmp_path):
+    from t2i.cli.evaluate import run
+    from t2i.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs ckpt="):
+        run(eval_cfg(tmp_path, "eval=shapes"))
+    with pytest.raises(ConfigError, match="needs tokenizer_ckpt="):
+        run(eval_cfg(tmp_path, "eval=reconstruction"))
