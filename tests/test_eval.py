@@ -318,3 +318,38 @@ def test_t2i_eval_errors(tmp_path):
         run(eval_cfg(tmp_path, "eval=shapes"))
     with pytest.raises(ConfigError, match="needs tokenizer_ckpt="):
         run(eval_cfg(tmp_path, "eval=reconstruction"))
+
+
+def test_t2i_eval_coco30k_protocol_on_a_tiny_val2014(trained, tmp_path):
+    """The generation protocol path (data source, seeded caption pick, FID + IS, anchors table) on six
+    COCO-style images laid out by experiments/coco30k/prepare.py; one image is corrupt."""
+    import importlib.util
+
+    from PIL import Image
+
+    from t2i.cli.evaluate import run
+
+    spec = importlib.util.spec_from_file_location("prepare", "experiments/coco30k/prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    val = tmp_path / "val2014"
+    val.mkdir()
+    images, anns = [], []
+    for i in range(7):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        images.append({"id": i, "file_name": name})
+        anns += [{"image_id": i, "caption": f"a photo number {i}"}, {"image_id": i, "caption": f"picture {i} "}]
+        if i < 6:
+            Image.new("RGB", (24, 20), (30 * i, 100, 200 - 20 * i)).save(val / name)
+    (val / images[5]["file_name"]).write_bytes(b"not a jpeg")
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    assert prepare.prepare(tmp_path / "captions.json", val) == {"images": 7, "written": 6, "missing_images": 1}
+    tmp, _, _, _ = trained
+    result = run(eval_cfg(tmp_path, "eval=coco30k", f"ckpt={tmp}/run/checkpoints/last.ckpt", f"eval.split={val}",
+                          "eval.num_captions=10", "eval.max_bad_fraction=0.5", "batch_size=4",
+                          f"metrics.extractor={TINY}", f"metrics.is_extractor={TINY_IS}", "metrics.is_splits=2"))
+    m = result["splits"]["val2014"]
+    assert m["n"] == 6 and m["real_skipped"] == 1  # all six pairs drawn; the corrupt image left out of the real side
+    assert {"fid", "is_mean", "is_std"} <= set(result["summary"]) and "clip_score" not in result["summary"]
+    md = (tmp_path / "out" / "metrics.md").read_text()
+    assert "| model | fid | is_mean | is_std |" in md
