@@ -306,7 +306,10 @@ def test_t2i_eval_reconstruction(trained, tmp_path):
     m = result["splits"]["test"]
     assert m["n"] == 20 and 10 < m["psnr"] < 60 and 0 < m["ssim"] <= 1 and m["rfid"] >= 0
     assert 0 < m["codebook_used"] <= 64
-    assert (tmp_path / "out" / "reconstructions.png").is_file()
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "out" / "reconstructions.png")  # 8 (original, reconstruction) pairs
+    assert grid.size == (2 + 8 * 18, 2 + 2 * 18)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["summary"]["psnr"] == pytest.approx(m["psnr"])
 
 
@@ -318,6 +321,12 @@ def test_t2i_eval_errors(tmp_path):
         run(eval_cfg(tmp_path, "eval=shapes"))
     with pytest.raises(ConfigError, match="needs tokenizer_ckpt="):
         run(eval_cfg(tmp_path, "eval=reconstruction"))
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "t2i.cli.evaluate", "eval=shapes", f"paths.root_dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 1 and "error: eval=shapes needs ckpt=" in res.stderr, res.stderr[-1000:]
 
 
 def test_t2i_eval_coco30k_protocol_on_a_tiny_val2014(trained, tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
@@ -262,8 +262,9 @@ def reconstruction(cfg: DictConfig, device) -> dict:
         if scores.frechet:
             scores.update_real(x)
             scores.update_fake(y)
-        if len(shown) < 8:
-            shown.append(torch.stack([x[: 8 - len(shown)], y[: 8 - len(shown)]], 1).flatten(0, 1).cpu())
+        room = 8 - sum(len(s) for s in shown) // 2  # 8 (original, reconstruction) pairs
+        if room > 0:
+            shown.append(torch.stack([x[:room], y[:room]], 1).flatten(0, 1).cpu())
         n += len(x)
     if n == 0:
         raise T2IError(f"eval=reconstruction: no readable images in {p.get('split')}")
@@ -278,7 +279,7 @@ def reconstruction(cfg: DictConfig, device) -> dict:
     metrics.update(n=n, seconds=time.perf_counter() - t0, real_skipped=items.skipped.get("count", 0),
                    extractors=scores.describe())
     pics = torch.cat(shown)
-    save_image((pics + 1) / 2, Path(cfg.output) / "reconstructions.png", nrow=2 * min(4, len(pics) // 2 or 1))
+    save_image((pics + 1) / 2, Path(cfg.output) / "reconstructions.png", nrow=min(8, len(pics)))
     return {"splits": {str(p.get("shapes_split", "val")): metrics},
             "summary": {k: metrics[k] for k in ("rfid", "psnr", "ssim", "lpips") if k in metrics},
             "checkpoints": {"tokenizer": str(cfg.tokenizer_ckpt), "tokenizer_sha256": sha256(cfg.tokenizer_ckpt)},
@@ -335,7 +336,7 @@ def main(cfg: DictConfig) -> None:
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     OmegaConf.resolve(cfg)
-    with OmegaConf.open_dict(cfg):
+    with open_dict(cfg):
         cfg.overrides = overrides
     run(cfg)
 
