@@ -148,6 +148,7 @@ def scores_for(cfg, clip, device, split: str, image_size: int, n: int):
 def generation(cfg: DictConfig, device) -> dict:
     from t2i.cli.generate import build, encode_prompts
     from t2i.data.oracle import score as oracle
+    from t2i.data.shapes import caption as shapes_caption
     from t2i.metrics.generation import Loop
     from t2i.viz import captioned_rows
 
@@ -177,6 +178,8 @@ def generation(cfg: DictConfig, device) -> dict:
                 hits["chosen"].append(oracle(drawn.images, specs) | {"n": len(specs)})
             if len(keep["rows"]) < 8:
                 for i, c in enumerate(captions[: 8 - len(keep["rows"])]):
+                    if items.specs is not None:  # Shapes: the English caption, legible without a CJK font
+                        c = shapes_caption(items.specs[start + i], "en")
                     keep["rows"].append((c, drawn.candidates[i, : min(8, n_cand)], int(drawn.chosen[i])))
             bar.update(len(captions))
 
