@@ -17,7 +17,6 @@ printed table beside the protocol's published anchors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from t2i.cli.common import clear_errors
 from t2i.cli.tokenize import pick_device
+from t2i.data.codes import file_sha256
 from t2i.errors import ConfigError, T2IError
 
 log = logging.getLogger("t2i.eval")
@@ -99,13 +99,7 @@ def source_items(p: DictConfig, image_size: int) -> Items:
 
 # -- reproducibility ----------------------------------------------------------------------------
 def sha256(path) -> str | None:
-    if not path or not Path(str(path)).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path) if path and Path(str(path)).is_file() else None
 
 
 def versions() -> dict:

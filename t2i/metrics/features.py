@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from t2i.data.codes import file_sha256
 from t2i.errors import T2IError
 from t2i.losses.perceptual import torch_cache_dir
 
@@ -77,12 +78,9 @@ class CLIPFeatures(nn.Module):
 
 
 @lru_cache(maxsize=16)
-def file_sha256(path: str, mtime: float) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def cached_sha256(path: str, mtime: float) -> str:
+    """A weights file's SHA-256, hashed once per (path, modification time)."""
+    return file_sha256(path)
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -100,7 +98,7 @@ def fingerprint(extractor: nn.Module, source: str | None = None) -> dict:
     extractor. ``source`` is a weights file to hash instead of the module's tensors."""
     path = source or getattr(extractor, "weights", None)
     if path is not None and Path(str(path)).is_file():
-        digest = file_sha256(str(path), Path(str(path)).stat().st_mtime)
+        digest = cached_sha256(str(path), Path(str(path)).stat().st_mtime)
     else:
         digest = weights_hash(extractor)
     return {"name": getattr(extractor, "name", type(extractor).__name__), "weights_sha256": digest}

@@ -29,7 +29,7 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
-from t2i.metrics.features import CLIPFeatures, fingerprint
+from t2i.metrics.features import CLIPFeatures, fingerprint, weights_hash
 
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
@@ -79,15 +79,20 @@ class GenerationScores(nn.Module):
         self.clip_score = CLIPScore(clip) if clip is not None else None
         self.seed = seed
         self.real_loaded = False
+        self._description = None
 
     def describe(self) -> dict:
-        """What ``metrics.json`` records about each extractor (name and weights hash)."""
-        out = {name: fingerprint(m.inception) for name, m in self.frechet.items()}
-        if self.inception_score is not None:
-            out["is"] = fingerprint(self.inception_score.inception)
-        if self.clip_score is not None:
-            out["clip_score"] = fingerprint(CLIPFeatures(self.clip_score.clip))
-        return out
+        """What ``metrics.json`` and cache keys record about each extractor (name and weights hash);
+        hashed once, since the extractors are frozen."""
+        if self._description is None:
+            out = {name: fingerprint(m.inception) for name, m in self.frechet.items()}
+            if self.inception_score is not None:
+                out["is"] = fingerprint(self.inception_score.inception)
+            if self.clip_score is not None:
+                out["clip_score"] = out.get("fd_clip") or {"name": "clip",
+                                                           "weights_sha256": weights_hash(self.clip_score.clip)}
+            self._description = out
+        return self._description
 
     @torch.no_grad()
     def update_real(self, images: torch.Tensor) -> None:

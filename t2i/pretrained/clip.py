@@ -55,7 +55,19 @@ def preprocess(images: torch.Tensor, size: int, mean, std, crop: bool = True) ->
     return (x - mean) / std
 
 
-class OpenCLIPReranker(nn.Module):
+class FeatureReranker(nn.Module):
+    """What the file-backed backends share: ``self.model``'s device, and ``score`` as the dot product
+    of their normalised ``image_features`` and ``text_features``."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return (self.image_features(images) * self.text_features(texts)).sum(-1)
+
+
+class OpenCLIPReranker(FeatureReranker):
     def __init__(self, model_name: str, checkpoint: str):
         super().__init__()
         try:
@@ -77,10 +89,6 @@ class OpenCLIPReranker(nn.Module):
         self.size = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         x = preprocess(images.to(self.device), self.size, self.mean, self.std)
@@ -89,9 +97,6 @@ class OpenCLIPReranker(nn.Module):
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device), normalize=True).float()
-
-    def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        return (self.image_features(images) * self.text_features(texts)).sum(-1)
 
 
 CN_CLIP_HINT = ("download it on a connected machine, e.g. `python -c \"from cn_clip.clip import load_from_name; "
@@ -127,7 +132,7 @@ def cn_clip_config(model_name: str) -> tuple[dict, int]:
     return info, int(info["image_resolution"])
 
 
-class CNCLIPReranker(nn.Module):
+class CNCLIPReranker(FeatureReranker):
     def __init__(self, model_name: str, checkpoint: str):
         super().__init__()
         try:
@@ -159,10 +164,6 @@ class CNCLIPReranker(nn.Module):
         self.context_length = min(52, info.get("text_max_position_embeddings", 52))
         self.tokenize = tokenize
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         x = preprocess(images.to(self.device), self.size, OPENAI_MEAN, OPENAI_STD, crop=False)
@@ -172,6 +173,3 @@ class CNCLIPReranker(nn.Module):
     def text_features(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenize(list(texts), context_length=self.context_length).to(self.device)
         return F.normalize(self.model.encode_text(ids).float(), dim=-1)
-
-    def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        return (self.image_features(images) * self.text_features(texts)).sum(-1)
