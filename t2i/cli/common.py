@@ -10,6 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import t2i.conf  # noqa: F401  (registers the run-folder resolver before Hydra composes)
 from t2i.errors import T2IError
 
 

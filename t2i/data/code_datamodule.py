@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from t2i.data.codes import load_codes, read_manifest
+from t2i.data.sampler import sample_rng, train_sampler
 from t2i.data.skips import DataError
 from t2i.data.tokenizer import TextTokenizer, check_same
 
@@ -32,12 +33,13 @@ class CodePairs(Dataset):
         return len(self.index)
 
     def __getitem__(self, n):
+        n, rng = sample_rng(n)
         if self.every_caption:
             i, j = self.index[n]
             caption = self.captions[i][j]
         else:
             i = n
-            caption = random.choice(self.captions[i]) if self.captions[i] else ""
+            caption = (rng or random).choice(self.captions[i]) if self.captions[i] else ""
         return {"codes": self.codes[i], "caption": caption, "key": self.keys[i]}
 
 
@@ -96,8 +98,12 @@ class CodesDataModule(pl.LightningDataModule):
         self.setup()
         if split not in self.splits:
             raise DataError(f"code shards {self.hparams.codes} have no {split} split")
-        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, drop_last=shuffle,
+        ds, bs = self.splits[split], self.hparams.batch_size
+        # eval loaders get their own generator too: creating an iterator then leaves the global RNG alone
+        sampler, generator = train_sampler(self, ds, bs, self.hparams.seed) if shuffle else \
+            (None, torch.Generator().manual_seed(self.hparams.seed))
+        return DataLoader(ds, batch_size=bs, sampler=sampler, generator=generator,
+                          num_workers=self.hparams.num_workers,
                           collate_fn=CodeCollate(self.tokenizer, self.hparams.text_len),
                           persistent_workers=self.hparams.num_workers > 0)
 

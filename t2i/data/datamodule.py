@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from t2i.data.base import Record, Source
 from t2i.data.formats import open_source
+from t2i.data.sampler import sample_rng, train_sampler
 from t2i.data.skips import BadSample, DataError, SkipLog
 from t2i.data.streaming import StreamingPairs
 from t2i.data.tokenizer import TextTokenizer, check_same
@@ -44,7 +45,8 @@ class CaptionedImages(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, idx: int) -> dict:
+    def __getitem__(self, idx) -> dict:
+        idx, rng = sample_rng(idx)
         i, c = self.items[idx]
         rec = self.records[i]
         try:
@@ -52,7 +54,7 @@ class CaptionedImages(Dataset):
         except BadSample as e:
             return {"bad": (e.reason, e.where)}
         if c < 0:
-            c = int(torch.randint(len(rec.captions), ()).item())
+            c = rng.randrange(len(rec.captions)) if rng else int(torch.randint(len(rec.captions), ()).item())
         return {"image": self.transform(image), "caption": rec.captions[c], "key": rec.key}
 
 
@@ -228,10 +230,15 @@ class ImageTextDataModule(pl.LightningDataModule):
         ds = self.datasets[split]
         workers = self.hparams.num_workers
         bs = self.hparams.batch_size if split == "train" else (self.hparams.eval_batch_size or self.hparams.batch_size)
+        # eval loaders get their own generator too: creating an iterator then leaves the global RNG alone
+        sampler, generator = None, torch.Generator().manual_seed(self.hparams.seed)
+        if shuffle and not isinstance(ds, IterableDataset):
+            sampler, generator = train_sampler(self, ds, bs, self.hparams.seed)
         return DataLoader(
             ds,
             batch_size=bs,
-            shuffle=shuffle and not isinstance(ds, IterableDataset),
+            sampler=sampler,
+            generator=generator,
             num_workers=workers,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),

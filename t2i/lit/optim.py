@@ -42,3 +42,13 @@ def adamw_warmup_cosine(module, model: nn.Module, no_decay: Callable[[str, nn.Pa
     schedule = lr_lambda(h.warmup_steps, total_steps(module), h.schedule, h.min_lr_ratio)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
                                                "interval": "step"}}
+
+
+def clip_grad_norm(module, optimizer, max_norm: float) -> None:
+    """Clip the gradient norm; under FSDP through the sharded root (Lightning's norm clipping cannot
+    see the other ranks' shards)."""
+    wrapped = module.trainer.strategy.model if module._trainer is not None else None
+    if wrapped is not None and hasattr(wrapped, "clip_grad_norm_"):
+        wrapped.clip_grad_norm_(max_norm)
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from t2i.errors import ConfigError, T2IError
-from t2i.lit.optim import adamw_warmup_cosine
+from t2i.lit.optim import adamw_warmup_cosine, clip_grad_norm
 from t2i.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class TransformerModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val or self.hparams.grad_clip
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            clip_grad_norm(self, optimizer, clip)
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model, no_decay)

@@ -11,6 +11,7 @@ Differences from taming-transformers' ``VQLPIPSWithDiscriminator``, on purpose:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,9 +35,16 @@ def generator_adv(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
 
 def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
                     max_weight: float = 1e4) -> torch.Tensor:
-    """``||dNLL/dW|| / (||dG/dW|| + 1e-4)`` at the decoder's last layer ``W``, clamped, no gradient."""
+    """``||dNLL/dW|| / (||dG/dW|| + 1e-4)`` at the decoder's last layer ``W``, clamped, no gradient.
+
+    Under DDP both gradients are averaged over ranks first, so the weight is the global batch's (as one
+    process would compute it), not a per-rank value that differs between ranks (taming's behaviour)."""
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.stack([nll_grad, g_grad])
+        dist.all_reduce(both)
+        nll_grad, g_grad = both / dist.get_world_size()
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
