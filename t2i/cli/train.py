@@ -178,7 +178,9 @@ def metric_value(metrics: dict, name: str | None) -> float | None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @clear_errors
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    metrics, obj = train(cfg)
+    if obj["status"] != "finished":  # preempted: exit 0, the checkpoint is saved; resume=auto continues
+        return None
     return metric_value(metrics, cfg.get("optimized_metric"))
 
 
