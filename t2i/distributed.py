@@ -82,3 +82,23 @@ def check_launch(num_nodes: int) -> None:
     if num_nodes > 1 and not any(v in os.environ for v in ("LOCAL_RANK", "SLURM_PROCID", "TORCHELASTIC_RUN_ID")):
         raise ConfigError(f"trainer.num_nodes={num_nodes}: launch every node's processes with torchrun or srun "
                           "(experiments/launch/torchrun.sh, experiments/launch/slurm.sbatch or hydra/launcher=slurm)")
+
+
+def unsharded(trainer, pl_module, everywhere: bool = False):
+    """``pl_module`` itself, or under FSDP a plain copy with the full weights for work outside the training
+    forward (sampling for image grids and metrics): a sharded module cannot run a forward pass on one rank.
+    Collective: call it on every rank. The copy exists on rank 0 (``None`` elsewhere) or, with
+    ``everywhere``, on every rank."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+    root = getattr(trainer.strategy, "model", None)
+    if not isinstance(root, FullyShardedDataParallel):
+        return pl_module
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=not everywhere)
+    with FullyShardedDataParallel.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
+        state = root.state_dict()
+    if not (everywhere or trainer.is_global_zero):
+        return None
+    plain = type(pl_module)(**pl_module.hparams)
+    plain.load_state_dict(state)
+    return plain.to(pl_module.device).eval()

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from t2i.distributed import unsharded
 from t2i.metrics.generation import Loop, build_scores
 from t2i.metrics.scores import RealStatsCache
 
@@ -82,7 +83,8 @@ class GenerationMetrics(pl.Callback):
             return
         if self.scores is None:
             self._build(pl_module)
-        captions, real, source, size = self._items(trainer, pl_module)
+        plain = unsharded(trainer, pl_module, everywhere=True)  # itself unless FSDP shards it
+        captions, real, source, size = self._items(trainer, plain)
         cache = None
         if self.scores.frechet and self.metrics_cfg.get("cache_dir") and not self.scores.real_loaded:
             dm = trainer.datamodule
@@ -95,8 +97,8 @@ class GenerationMetrics(pl.Callback):
             if state is not None:
                 self.scores.load_real_state(state, trainer.global_rank)
         tokenizer = trainer.datamodule.tokenizer
-        model = pl_module.sampling_model()
-        loop = Loop(model, pl_module.image_tokenizer, lambda caps: tokenizer.encode(caps, model.text_len),
+        model = plain.sampling_model()
+        loop = Loop(model, plain.image_tokenizer, lambda caps: tokenizer.encode(caps, model.text_len),
                     self.scores, self.clip, self.num_candidates, self.batch_size, self.seed, self.sample,
                     trainer.global_rank, trainer.world_size, keep=self.table_rows)
         out = loop.run(captions, real if not self.scores.real_loaded else None)

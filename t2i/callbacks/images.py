@@ -1,5 +1,5 @@
 """One callback for every module's ``log_images(batch) -> dict[str, Tensor]``: PNG grids on disk
-(``<run>/images/``) and, when a W&B logger is attached, ``wandb.Image`` panels. Rank zero only."""
+(``<run>/images/``) and, when a W&B logger is attached, ``wandb.Image`` panels. Rank zero only (under FSDP from a gathered, unsharded copy)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torchvision.utils import make_grid, save_image
+
+from t2i.distributed import unsharded
 
 
 class ImageLogger(pl.Callback):
@@ -23,13 +25,16 @@ class ImageLogger(pl.Callback):
         batch, self._batch = self._batch, None
         if batch is None or not hasattr(pl_module, "log_images"):
             return
-        if trainer.current_epoch % self.every_n_epochs or not trainer.is_global_zero:
+        if trainer.current_epoch % self.every_n_epochs:
             return
-        was_training = pl_module.training
-        pl_module.eval()
+        module = unsharded(trainer, pl_module)  # FSDP: every rank helps gather, rank 0 gets a plain copy
+        if not trainer.is_global_zero:
+            return
+        was_training = module.training
+        module.eval()
         with torch.no_grad():
-            images = pl_module.log_images(batch)
-        pl_module.train(was_training)
+            images = module.log_images(batch)
+        module.train(was_training)
         self.save(trainer, images, f"val_epoch{trainer.current_epoch:03d}")
 
     def save(self, trainer, images: dict, stem: str) -> dict[str, Path]:
