@@ -36,7 +36,7 @@ def test_defaults(tmp_path):
     cfg = make(tmp_path=tmp_path)
     assert cfg.get("model") is None and cfg.get("experiment") is None
     assert cfg.data._target_ == "t2i.data.datamodule.ImageTextDataModule"
-    assert cfg.logger.wandb.offline is True
+    assert cfg.logger.wandb.offline is None  # auto: offline unless an API key is configured (test below)
     assert cfg.data.shapes.output == f"{tmp_path}/data/shapes_64_zh"
     OmegaConf.resolve(cfg)  # every interpolation resolves
 
@@ -89,12 +89,19 @@ def test_gpu_trainer_config():
 
 
 @pytest.mark.parametrize("logger", options("logger"))
-def test_loggers_instantiate(tmp_path, logger):
+def test_loggers_instantiate(tmp_path, logger, monkeypatch):
+    from t2i.cli.train import build_loggers
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     cfg = make([f"logger={logger}"], tmp_path)
-    loggers = instantiate_group(cfg.logger)
+    loggers = build_loggers(cfg.logger, tmp_path)
     assert len(loggers) == 1 and isinstance(loggers[0], pl.loggers.Logger)
     if logger == "wandb":
-        assert loggers[0]._offline is True and loggers[0]._wandb_init["project"] == "t2i"
+        lg = loggers[0]
+        assert lg._offline is True and lg._log_model is False and lg._wandb_init["project"] == "t2i"
+        assert lg._wandb_init["id"] == (tmp_path / "wandb" / "run_id").read_text().strip()
 
 
 def test_callbacks_instantiate(tmp_path):
@@ -110,3 +117,20 @@ def test_bad_override_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigCompositionException, match="trainer"):
         make(["trainer=tpu_pod"], tmp_path)
+
+
+def test_wandb_is_offline_unless_a_key_is_configured(tmp_path, monkeypatch):
+    from t2i.cli.train import wandb_online
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not wandb_online()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")  # `wandb login`
+    assert wandb_online()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert not wandb_online()
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_online()

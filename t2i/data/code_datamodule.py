@@ -100,7 +100,7 @@ class CodesDataModule(pl.LightningDataModule):
             raise DataError(f"code shards {self.hparams.codes} have no {split} split")
         ds, bs = self.splits[split], self.hparams.batch_size
         # eval loaders get their own generator too: creating an iterator then leaves the global RNG alone
-        sampler, generator = train_sampler(self, ds, bs, self.hparams.seed) if shuffle else \
+        sampler, generator = train_sampler(self, ds, bs, self.hparams.seed, drop_last=True) if shuffle else \
             (None, torch.Generator().manual_seed(self.hparams.seed))
         return DataLoader(ds, batch_size=bs, sampler=sampler, generator=generator,
                           num_workers=self.hparams.num_workers,

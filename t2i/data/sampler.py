@@ -69,13 +69,18 @@ def sample_rng(item) -> tuple[int, random.Random | None]:
     return item, None
 
 
-def train_sampler(datamodule, dataset, batch_size: int, seed: int) -> tuple[BatchBlockSampler, torch.Generator]:
+def train_sampler(datamodule, dataset, batch_size: int, seed: int,
+                  drop_last: bool | None = None) -> tuple[BatchBlockSampler, torch.Generator]:
     """The sampler (and the DataLoader generator it reseeds) for a datamodule's training split; on a
-    resumed fit it starts after the batches the checkpoint's epoch already consumed."""
+    resumed fit it starts after the batches the checkpoint's epoch already consumed. ``drop_last``
+    (default: only with several processes, where ranks must see equally many batches) drops the last
+    partial global batch."""
     trainer = getattr(datamodule, "trainer", None)
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     g = torch.Generator().manual_seed(seed)
-    sampler = BatchBlockSampler(dataset, batch_size, rank, world, shuffle=True, seed=seed, generator=g)
+    drop_last = world > 1 if drop_last is None else drop_last
+    sampler = BatchBlockSampler(dataset, batch_size, rank, world, shuffle=True, seed=seed, drop_last=drop_last,
+                                generator=g)
     if trainer is not None:
         sampler.skip_batches = resumed_batches(trainer)
     return sampler, g
