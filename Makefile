@@ -23,11 +23,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-demo: $(STAMP)  ## run the Shapes chain available so far (data -> text tokenizer -> shards -> inspect)
-	$(BIN)/t2i-data shapes output=$(DEMO)/shapes n_train=2000 n_val=200 n_test=200 n_compositional=200 image_size=64
-	$(BIN)/t2i-data tokenizer input=$(DEMO)/shapes/shapes_train.tsv output=$(DEMO)/tokenizer.json vocab_size=1000
-	$(BIN)/t2i-data convert source=easynlp_tsv input=$(DEMO)/shapes/shapes_train.tsv output=$(DEMO)/shards/train shard_size=500 overwrite=true
-	$(BIN)/t2i-data inspect source=wds input='$(DEMO)/shards/train/*.tar' tokenizer=$(DEMO)/tokenizer.json output=$(DEMO)/inspect
+demo: $(STAMP)  ## the whole Shapes chain: VQGAN -> tokenize -> transformer -> CLIP -> generate + rerank -> eval
+	$(BIN)/t2i-demo output=$(DEMO)
 
 test: $(STAMP)  ## fast test suite (< 10 min on 2 CPU cores)
 	$(BIN)/python -m pytest -q
