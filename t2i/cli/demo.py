@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -35,7 +35,6 @@ class Stage:
     module: str
     args: list[str]
     done: Path                      # exists when the stage finished
-    summary: dict = field(default_factory=dict)
 
 
 def shapes_args(cfg: DictConfig) -> list[str]:

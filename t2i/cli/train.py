@@ -132,7 +132,7 @@ def build_loggers(group: DictConfig | None, out: Path, resumed: bool = False) ->
 
 
 def wandb_run_id(path: Path, resumed: bool) -> str:
-    """The W&B run id of this run folder: kept on a resume, new otherwise (all ranks read rank 0's file)."""
+    """The W&B run id of this run folder: kept on a resume, new otherwise (only rank 0's is used and saved)."""
     if resumed and path.is_file():
         return path.read_text().strip()
     run_id = f"{time.strftime('%Y%m%d%H%M%S')}-{os.urandom(4).hex()}"
