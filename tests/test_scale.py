@@ -29,7 +29,7 @@ CPU_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "train
 def transformer_args(codes_dir, steps: int, batch: int) -> list[str]:
     return ["experiment=shapes_transformer", f"data.codes={codes_dir}", f"data.batch_size={batch}",
             "model.model.n_layer=2", "model.model.d_model=64", "model.model.n_head=2", "model.warmup_steps=0",
-            "model.cond_drop_prob=0", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
+            "model.cond_drop_prob=0", "model.ema_decay=null", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
             f"trainer.val_check_interval={steps}", "trainer.check_val_every_n_epoch=null", *QUIET]
 
 

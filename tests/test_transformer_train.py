@@ -35,7 +35,7 @@ def compose_transformer(tmp_path, codes, *overrides):
             "experiment=shapes_transformer", "logger=csv", f"paths.output_dir={tmp_path}/run",
             f"paths.data_dir={tmp_path}/data", f"data.codes={codes}", "data.batch_size=32",
             "model.model.n_layer=2", "model.model.d_model=64", "model.model.n_head=2",
-            "callbacks.rich_summary=null", "trainer.enable_progress_bar=false", *overrides])
+            "model.ema_decay=null", "trainer.precision=32-true", "callbacks.rich_summary=null", "trainer.enable_progress_bar=false", *overrides])
 
 
 def unigram_entropy(codes: torch.Tensor, vocab: int) -> float:
