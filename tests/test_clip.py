@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from hydra import compose, initialize_config_module
 
 from t2i.cli.train import train
+from t2i.errors import ConfigError
 from t2i.lit.clip import CLIPModule, retrieval_recall
 from t2i.losses.clip import ContrastiveLoss
 from t2i.models.clip import CLIP
@@ -120,6 +121,19 @@ def test_clip_model_shapes_and_padding():
         assert m.encode_image(torch.rand(1, 3, 24, 24)).shape == (1, 8)  # other sizes are resized
 
 
+def test_clip_math_attention_equals_sdpa():
+    torch.manual_seed(0)
+    kw = dict(vocab_size=50, text_len=6, pad_id=0, image_size=16, embed_dim=8, patch_size=4, vision_width=16,
+              vision_layers=2, vision_heads=2, text_width=16, text_layers=2, text_heads=2)
+    a, b = CLIP(**kw).eval(), CLIP(**kw, attn_impl="math").eval()
+    b.load_state_dict(a.state_dict())
+    img = torch.rand(3, 3, 16, 16) * 2 - 1
+    ids = torch.tensor([[5, 6, 0, 0, 0, 0], [7, 8, 9, 10, 11, 12], [0, 0, 0, 0, 0, 0]])  # pads, full, empty
+    assert torch.allclose(a.logits(img, ids), b.logits(img, ids), atol=1e-5)
+    with pytest.raises(ConfigError, match="attn_impl='flex'"):
+        CLIP(**kw, attn_impl="flex")
+
+
 def compose_clip(tmp_path, *overrides):
     with initialize_config_module("t2i.conf", version_base="1.3"):
         return compose("train", overrides=[
@@ -173,7 +187,7 @@ def test_open_clip_backend_scores_like_open_clip(tmp_path):
     open_clip = pytest.importorskip("open_clip")
     import json
 
-    from t2i.errors import ConfigError, T2IError
+    from t2i.errors import T2IError
 
     (tmp_path / "t2i-tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))
     open_clip.add_model_config(tmp_path / "t2i-tiny.json")  # a small architecture, registered like theirs

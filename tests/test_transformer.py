@@ -163,6 +163,31 @@ def test_gradients_reach_every_parameter():
     assert not missing
 
 
+@pytest.mark.parametrize("attention", ["full", "dalle", "axial_row"])
+def test_math_attention_equals_sdpa(attention):
+    """attn_impl=math (explicit softmax) gives sdpa's logits and gradients, and caches the same."""
+    a = tiny(attention=attention, attn_impl="sdpa", dropout=0.0)
+    b = tiny(attention=attention, attn_impl="math", dropout=0.0)
+    b.load_state_dict(a.state_dict())
+    text, img = captions(), torch.randint(0, 24, (2, 12))
+    for m in (a, b):
+        tl, il = m.loss(text, img)
+        (tl + 7 * il).backward()
+    assert torch.allclose(a(text, img)[1], b(text, img)[1], atol=1e-5)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name
+    with torch.no_grad():
+        ca, cb = (generate(m, text, 2, top_k=5, generator=torch.Generator().manual_seed(3)) for m in (a, b))
+    assert torch.equal(ca, cb)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # bf16 matmuls, float32 softmax
+        assert torch.allclose(a(text, img)[1].float(), b(text, img)[1].float(), atol=0.1)
+
+
+def test_unknown_attn_impl_is_a_config_error():
+    with pytest.raises(ConfigError, match="attn_impl='fast'.*sdpa, math, flex"):
+        tiny(attn_impl="fast")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["full", "dalle"])
 def test_flex_equals_sdpa(attention):

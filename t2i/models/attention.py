@@ -15,9 +15,11 @@ token attends causally to earlier text; every image token attends to all text an
 attention on layers ``i`` with ``(i - 2) % 4 == 0`` counting from 1, row on the others, conv on the
 last), or an explicit list with one name per layer.
 
-:class:`Attention` runs a layer either through ``scaled_dot_product_attention`` with a boolean mask
-(``attn_impl=sdpa``, exact, the default) or FlexAttention block masks (``attn_impl=flex``: sparse layers
-skip fully masked blocks on GPU and compiled CPU). Incremental decoding always uses the mask rows of
+:class:`Attention` runs a layer through ``scaled_dot_product_attention`` with a boolean mask
+(``attn_impl=sdpa``, exact, the default), through :func:`math_attention` (``attn_impl=math``: explicit
+matmul / softmax, the fast one for bf16 training of short sequences on CPU, where PyTorch's flash
+kernel's backward is 3x slower; see ``experiments/attention_cpu``) or FlexAttention block masks
+(``attn_impl=flex``: sparse layers skip fully masked blocks on GPU and compiled CPU). Incremental decoding always uses the mask rows of
 the new positions against the cached keys, so every pattern is cached.
 """
 
@@ -33,6 +35,29 @@ from t2i.errors import ConfigError
 
 PATTERNS = ("full", "row", "column", "conv", "axial_row")
 SCHEDULES = ("full", "dalle")
+IMPLS = ("sdpa", "math", "flex")
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` written out: the two matmuls run in the inputs' dtype, the masked
+    softmax in float32. ``mask`` is boolean (True: attend), broadcastable to ``[B, H, Tq, Tk]``. Same
+    result as ``scaled_dot_product_attention``; it materialises the scores, so it is for short sequences."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    scores = scores.float()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    att = scores.softmax(-1)
+    if dropout_p > 0:
+        att = F.dropout(att, p=dropout_p)
+    return att.to(v.dtype) @ v
+
+
+def attend(q, k, v, mask=None, dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
+    """Dense attention by ``impl``: ``sdpa`` (PyTorch picks the kernel) or ``math`` (:func:`math_attention`)."""
+    if impl == "math":
+        return math_attention(q, k, v, mask, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def image_mask(pattern: str, h: int, w: int, kernel: int = 11) -> torch.Tensor:
@@ -157,8 +182,8 @@ class Attention(nn.Module):
         super().__init__()
         if d_model % n_head:
             raise ConfigError(f"model.d_model={d_model} is not divisible by model.n_head={n_head}")
-        if impl not in ("sdpa", "flex"):
-            raise ConfigError(f"model.attn_impl={impl!r} is unknown; use sdpa or flex")
+        if impl not in IMPLS:
+            raise ConfigError(f"model.attn_impl={impl!r} is unknown; use one of {', '.join(IMPLS)}")
         self.n_head, self.head_dim = n_head, d_model // n_head
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
@@ -184,7 +209,7 @@ class Attention(nn.Module):
         elif self.impl == "flex" and block_mask is not None and cache is None:
             y = flex(q, k, v, block_mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start:end, :end], dropout_p=p)
+            y = attend(q, k, v, mask[start:end, :end], p, "math" if self.impl == "math" else "sdpa")
         return self.proj(y.transpose(1, 2).reshape(B, t, -1))
 
     def _pb_relax_attention(self, q, k, v, mask, p):

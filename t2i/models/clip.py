@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i.errors import ConfigError
+from t2i.models.attention import attend
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -23,11 +24,11 @@ MAX_LOGIT_SCALE = math.log(100.0)
 class EncoderBlock(nn.Module):
     """Pre-LN transformer block with bidirectional attention and an optional key padding mask."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, attn_impl: str = "sdpa"):
         super().__init__()
         if width % heads:
             raise ConfigError(f"CLIP width {width} is not divisible by heads {heads}")
-        self.heads = heads
+        self.heads, self.attn_impl = heads, attn_impl
         self.ln_1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -38,13 +39,13 @@ class EncoderBlock(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln_1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         mask = keep[:, None, None, :] if keep is not None else None  # [B, 1, 1, T]: attend to kept keys
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, mask, impl=self.attn_impl)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln_2(x))
 
 
 class ViT(nn.Module):
-    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int):
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, attn_impl: str = "sdpa"):
         super().__init__()
         if image_size % patch_size:
             raise ConfigError(f"CLIP image_size {image_size} is not divisible by patch_size {patch_size}")
@@ -52,7 +53,7 @@ class ViT(nn.Module):
         n = (image_size // patch_size) ** 2
         self.cls = nn.Parameter(torch.randn(width) * width**-0.5)
         self.pos = nn.Parameter(torch.randn(n + 1, width) * 0.01)
-        self.blocks = nn.ModuleList(EncoderBlock(width, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(EncoderBlock(width, heads, attn_impl=attn_impl) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
         self.width = width
 
@@ -97,11 +98,12 @@ class _ResBlock(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, vocab_size: int, text_len: int, width: int, layers: int, heads: int, pad_id: int):
+    def __init__(self, vocab_size: int, text_len: int, width: int, layers: int, heads: int, pad_id: int,
+                 attn_impl: str = "sdpa"):
         super().__init__()
         self.tok = nn.Embedding(vocab_size, width)
         self.pos = nn.Parameter(torch.randn(text_len, width) * 0.01)
-        self.blocks = nn.ModuleList(EncoderBlock(width, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(EncoderBlock(width, heads, attn_impl=attn_impl) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
         self.pad_id, self.text_len, self.width = pad_id, text_len, width
 
@@ -125,15 +127,17 @@ class CLIP(nn.Module):
     def __init__(self, vocab_size: int, text_len: int, pad_id: int = 0, image_size: int = 32, embed_dim: int = 128,
                  image_encoder: str = "vit", patch_size: int = 4, vision_width: int = 128, vision_layers: int = 4,
                  vision_heads: int = 4, text_width: int = 128, text_layers: int = 4, text_heads: int = 4,
-                 init_logit_scale: float = math.log(1 / 0.07)):
+                 init_logit_scale: float = math.log(1 / 0.07), attn_impl: str = "sdpa"):
         super().__init__()
+        if attn_impl not in ("sdpa", "math"):
+            raise ConfigError(f"CLIP attn_impl={attn_impl!r} is unknown; use sdpa or math")
         if image_encoder == "vit":
-            self.visual = ViT(image_size, patch_size, vision_width, vision_layers, vision_heads)
+            self.visual = ViT(image_size, patch_size, vision_width, vision_layers, vision_heads, attn_impl)
         elif image_encoder == "resnet":
             self.visual = ResNet(vision_width, vision_layers)
         else:
             raise ConfigError(f"CLIP image_encoder={image_encoder!r} is unknown; use vit or resnet")
-        self.text = TextEncoder(vocab_size, text_len, text_width, text_layers, text_heads, pad_id)
+        self.text = TextEncoder(vocab_size, text_len, text_width, text_layers, text_heads, pad_id, attn_impl)
         self.image_proj = nn.Linear(self.visual.width, embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text.width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
