@@ -19,8 +19,9 @@ last), or an explicit list with one name per layer.
 (``attn_impl=sdpa``, exact, the default), through :func:`math_attention` (``attn_impl=math``: explicit
 matmul / softmax, the fast one for bf16 training of short sequences on CPU, where PyTorch's flash
 kernel's backward is 3x slower; see ``experiments/attention_cpu``) or FlexAttention block masks
-(``attn_impl=flex``: sparse layers skip fully masked blocks on GPU and compiled CPU). Incremental decoding always uses the mask rows of
-the new positions against the cached keys, so every pattern is cached.
+(``attn_impl=flex``: sparse layers skip fully masked blocks on GPU and compiled CPU). Incremental
+decoding always uses the mask rows of the new positions against the cached keys, so every pattern
+is cached.
 """
 
 from __future__ import annotations
