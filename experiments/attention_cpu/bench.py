@@ -50,7 +50,7 @@ def attention_rows(reps: int) -> list[str]:
             for grad in (True, False):
                 q, k, v = (torch.randn(B, H, L, 64, dtype=dtype, requires_grad=grad) for _ in range(3))
 
-                def call(f):
+                def call(f, q=q, k=k, v=v, mask=mask, grad=grad):
                     def run():
                         with torch.set_grad_enabled(grad):
                             y = f(q, k, v, mask)
