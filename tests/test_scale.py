@@ -146,7 +146,7 @@ def test_fsdp_cpu_checkpoint_loads_without_fsdp(tmp_path, codes):  # noqa: F811
     fresh = TransformerModule(**{k: v for k, v in plain.hparams.items()})
     assert any(not torch.equal(state[k], fresh.state_dict()[k]) for k in state)  # trained, not initial weights
     # the plain model's validation loss is the one the sharded run logged with the same weights
-    dm = CodesDataModule(codes=str(codes), text_len=24, batch_size=16)
+    dm = CodesDataModule(codes=str(codes), text_len=plain.model.text_len, batch_size=16)
     val = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False) \
         .validate(plain, datamodule=dm, verbose=False)[0]
     assert val["val/loss"] == pytest.approx(summary(run)["metrics"]["val/loss"], rel=1e-4)
