@@ -44,8 +44,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """``softmax(q k^T / sqrt(d)) v`` written out: the two matmuls run in the inputs' dtype, the masked
     softmax in float32. ``mask`` is boolean (True: attend), broadcastable to ``[B, H, Tq, Tk]``. Same
     result as ``scaled_dot_product_attention``; it materialises the scores, so it is for short sequences."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    scores = scores.float()
+    scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     att = scores.softmax(-1)
@@ -55,7 +54,8 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 def attend(q, k, v, mask=None, dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
-    """Dense attention by ``impl``: ``sdpa`` (PyTorch picks the kernel) or ``math`` (:func:`math_attention`)."""
+    """Dense attention: ``impl="math"`` is :func:`math_attention`, anything else ``scaled_dot_product_attention``
+    (a ``flex`` layer's dense path: cached decoding)."""
     if impl == "math":
         return math_attention(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -210,7 +210,7 @@ class Attention(nn.Module):
         elif self.impl == "flex" and block_mask is not None and cache is None:
             y = flex(q, k, v, block_mask)
         else:
-            y = attend(q, k, v, mask[start:end, :end], p, "math" if self.impl == "math" else "sdpa")
+            y = attend(q, k, v, mask[start:end, :end], p, self.impl)
         return self.proj(y.transpose(1, 2).reshape(B, t, -1))
 
     def _pb_relax_attention(self, q, k, v, mask, p):
