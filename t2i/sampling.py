@@ -12,9 +12,40 @@ samples the rest.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from tqdm.auto import tqdm
+
+from t2i.errors import ConfigError
+
+
+def check_sampling(num_samples=1, top_k=None, top_p=None, temperature=1.0, cfg_scale=None, prefix: str = "") -> None:
+    """Raise one :class:`ConfigError` naming the first sampling setting that cannot work.
+
+    ``prefix`` is prepended to the key in the message (``"sample."`` for ``t2i-eval``'s keys).
+    ``temperature=0`` is allowed and means greedy (always the most likely code); ``top_k``/``top_p``
+    ``None`` mean no filtering; ``top_p=1`` keeps every token.
+    """
+    def bad(key, value, rule):
+        raise ConfigError(f"{prefix}{key}={value} {rule}")
+
+    def number(key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad(key, value, "must be a finite number")
+        return float(value)
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        bad("num_samples", num_samples, "must be an integer >= 1")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        bad("top_k", top_k, "must be an integer >= 1 (null: no top-k filtering)")
+    if top_p is not None and not 0 < number("top_p", top_p) <= 1:
+        bad("top_p", top_p, "must be in (0, 1] (1 keeps every token; null: no top-p filtering)")
+    if number("temperature", temperature) < 0:
+        bad("temperature", temperature, "must be >= 0 (0 is greedy: always the most likely code; 1 samples "
+                                         "the model's distribution)")
+    if cfg_scale is not None:
+        number("cfg_scale", cfg_scale)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -34,7 +65,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
     logits = logits.float()
-    if temperature <= 0:  # greedy
+    if temperature == 0:  # greedy
         return logits.argmax(-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -59,7 +90,20 @@ def generate(model, text_ids: torch.Tensor, num_samples: int = 1, top_k: int | N
     branch; ``None`` samples conditionally only (the model should be trained with ``cond_drop_prob > 0``
     for guidance to help). ``prime [B, n]`` (or ``[B, h, w]``, the first ``n`` codes kept) primes
     every sample of a caption with the first ``n`` image codes.
+
+    Settings that cannot work (``top_p`` outside (0, 1], a negative ``temperature``, ``top_k < 1``,
+    ``num_samples < 1``, ids outside the text vocabulary or a ``text_len`` the model does not read)
+    raise :class:`~t2i.errors.ConfigError` naming the argument; ``temperature=0`` is greedy.
     """
+    check_sampling(num_samples, top_k, top_p, temperature, cfg_scale)
+    if text_ids.dim() != 2 or text_ids.shape[1] != model.text_len:
+        raise ConfigError(f"text_ids has shape {list(text_ids.shape)}; the model reads [batch, {model.text_len}] "
+                          f"(encode the captions with text_len={model.text_len})")
+    if text_ids.is_floating_point() or text_ids.is_complex():
+        raise ConfigError(f"text_ids has dtype {text_ids.dtype}; pass integer token ids")
+    if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= model.text_vocab):
+        raise ConfigError(f"text_ids holds ids outside [0, {model.text_vocab}) (the model's text vocabulary): "
+                          f"encode the captions with the tokenizer the model was trained with")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -99,7 +99,7 @@ def test_t2i_generate(trained, tmp_path, caplog):
     caption = obj["datamodule"].splits["val"].captions[0][0]
     long = caption * 6
     result = run(generate_cfg(tmp_path, f"ckpt={ckpt}", f"prompts=['{caption}','{long}','火星上的x']", "num_samples=3",
-                              "top_k=16", "batch_size=4", "cfg_scale=2.0"))
+                              "top_k=16", "batch_size=4", "cfg_scale=2.0", "allow_unk=true"))
     out = tmp_path / "gen"
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert result["count"] == 9 and len(rows) == 9
@@ -110,7 +110,7 @@ def test_t2i_generate(trained, tmp_path, caplog):
     assert "unknown to the text tokenizer" in caplog.text and "the rest is cut" in caplog.text
     # the same command twice gives the same images
     run(generate_cfg(tmp_path, f"ckpt={ckpt}", f"prompts=['{caption}','{long}','火星上的x']", "num_samples=3",
-                     "top_k=16", "batch_size=4", "cfg_scale=2.0", f"output={tmp_path}/again"))
+                     "top_k=16", "batch_size=4", "cfg_scale=2.0", "allow_unk=true", f"output={tmp_path}/again"))
     assert (out / "p002_s01.png").read_bytes() == (tmp_path / "again" / "p002_s01.png").read_bytes()
 
 

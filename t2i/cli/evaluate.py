@@ -147,6 +147,13 @@ def generation(cfg: DictConfig, device) -> dict:
     from t2i.viz import captioned_rows
 
     p = cfg.eval
+    from t2i.sampling import check_sampling  # settings that cannot work fail before any model loads
+
+    check_sampling(1, cfg.sample.top_k, cfg.sample.top_p, cfg.sample.temperature, cfg.sample.cfg_scale,
+                   prefix="sample.")
+    for key, v in (("eval.num_candidates", p.num_candidates), ("batch_size", cfg.batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{key}={v} must be an integer >= 1")
     model, image_tok, tok = build(cfg, device)
     clip = load_clip(cfg, device)
     size = image_tok.downsample * model.grid[0]

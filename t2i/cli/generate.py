@@ -11,6 +11,11 @@ checkpoint) the ``num_samples`` candidates of a prompt are scored by CLIP and wr
 only the best ones. Prompts are sampled ``batch_size // num_samples`` at a time, each
 batch from a generator seeded with ``seed + index of its first prompt`` (recorded per sample): the
 same command gives the same images; another ``batch_size`` gives other (equally valid) samples.
+
+Settings that cannot work stop the run with one line before any model is loaded: ``top_p`` outside
+(0, 1], a negative ``temperature`` (``0`` is greedy), ``top_k``/``num_samples``/``batch_size`` below 1,
+an empty prompt. Prompts with pieces the model's text tokenizer does not know get one warning listing
+them all; a prompt that is more than half ``[UNK]`` is an error unless ``allow_unk=true``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,22 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("no prompts: pass prompts='[caption one, caption two]' or prompts_file=<one caption a line>")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ConfigError(f"prompts[{i}] is empty (it would sample without any caption): remove it or write "
+                              f"the caption")
     return prompts
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Reject settings that cannot work before any model is loaded (one ConfigError naming the key)."""
+    from t2i.sampling import check_sampling
+
+    for key in ("num_samples", "batch_size"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{key}={v} must be an integer >= 1")
+    check_sampling(cfg.num_samples, cfg.top_k, cfg.top_p, cfg.temperature, cfg.cfg_scale)
 
 
 def load_checkpoint(path) -> dict:
@@ -75,14 +95,37 @@ def text_tokenizer(cfg: DictConfig, ckpt: dict) -> TextTokenizer:
     raise T2IError(f"ckpt={cfg.ckpt} carries no text tokenizer; pass text_tokenizer=<tokenizer.json of its run>")
 
 
-def encode_prompts(tok: TextTokenizer, prompts: list[str], text_len: int) -> torch.Tensor:
-    for i, p in enumerate(prompts):
+def check_prompts(tok: TextTokenizer, prompts: list[str], text_len: int, allow_unk: bool = True) -> None:
+    """One warning for all prompts with pieces unknown to the text tokenizer (mapped to [UNK]) and one
+    for all prompts longer than ``text_len``; a ConfigError for a prompt that encodes to no token, or
+    (unless ``allow_unk``) one whose tokens are more than half [UNK] - the model would not see its caption."""
+    lengths = tok.lengths(prompts)
+    unknown, long = [], []
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        if n == 0:
+            raise ConfigError(f"prompts[{i}]={p!r} encodes to no token (it would sample without any caption): "
+                              f"remove it or write the caption")
         unk = tok.unknown(p)
         if unk:
-            log.warning("prompt %d: %s unknown to the text tokenizer, mapped to [UNK]", i, ", ".join(map(repr, unk)))
-        n = tok.lengths([p])[0]
+            if not allow_unk and 2 * len(unk) > n:
+                raise ConfigError(
+                    f"prompts[{i}]={p!r}: {len(unk)} of its {n} tokens are unknown to the model's text tokenizer "
+                    f"({', '.join(map(repr, unk[:5]))}): write it in the model's language/vocabulary, or pass "
+                    f"allow_unk=true to sample anyway")
+            unknown.append(f"{i} ({', '.join(map(repr, unk[:3]))}{', ...' if len(unk) > 3 else ''})")
         if n > text_len:
-            log.warning("prompt %d has %d tokens; the model reads %d (text_len), the rest is cut", i, n, text_len)
+            long.append(f"{i} ({n})")
+    if unknown:
+        log.warning("%d of %d prompt(s) have pieces unknown to the text tokenizer, read as [UNK]: prompt %s",
+                    len(unknown), len(prompts), "; ".join(unknown[:10]) + ("; ..." if len(unknown) > 10 else ""))
+    if long:
+        log.warning("%d prompt(s) have more tokens than the model reads (text_len=%d), the rest is cut: prompt %s",
+                    len(long), text_len, ", ".join(long[:10]) + (", ..." if len(long) > 10 else ""))
+
+
+def encode_prompts(tok: TextTokenizer, prompts: list[str], text_len: int, allow_unk: bool = True) -> torch.Tensor:
+    """``[len(prompts), text_len]`` ids after :func:`check_prompts` (one summary warning per call)."""
+    check_prompts(tok, prompts, text_len, allow_unk)
     return tok.encode(prompts, text_len)
 
 
@@ -107,8 +150,7 @@ def build(cfg: DictConfig, device: torch.device):
 def run(cfg: DictConfig) -> dict:
     from t2i.sampling import decode_codes, generate
 
-    if int(cfg.num_samples) < 1:
-        raise ConfigError(f"num_samples={cfg.num_samples} must be at least 1")
+    check_settings(cfg)
     prompts = read_prompts(cfg)
     device = pick_device(str(cfg.device))
     model, image_tok, tok = build(cfg, device)
@@ -117,7 +159,7 @@ def run(cfg: DictConfig) -> dict:
         from t2i.rerank import load_reranker
 
         clip = load_reranker(cfg.rerank.ckpt, cfg.rerank.backend, cfg.rerank.get("model_name")).to(device)
-    text = encode_prompts(tok, prompts, model.text_len)
+    text = encode_prompts(tok, prompts, model.text_len, allow_unk=bool(cfg.get("allow_unk", False)))
     out = Path(str(cfg.output)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: cfg[k] for k in SETTINGS}
