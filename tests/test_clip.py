@@ -214,6 +214,37 @@ def test_open_clip_backend_scores_like_open_clip(tmp_path):
         load_reranker(path, backend="nope")
 
 
+@pytest.mark.parametrize("h,w", [(48, 64), (45, 70), (32, 35), (100, 37), (64, 40)])
+def test_open_clip_preprocessing_equals_open_clip_on_non_square_images(tmp_path, h, w):
+    """Resize / crop geometry as open_clip's own eval transform: the long side truncated (48x64 -> 32x42,
+    45x70 -> 32x49), the crop offset rounded (32x35 starts at column 2); against its transform on the
+    same float tensors (exact) and on PIL images of the same pixels (PIL's uint8 resampling)."""
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "t2i-tiny.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(tmp_path / "t2i-tiny.json")
+    torch.manual_seed(1)
+    ref = open_clip.create_model("t2i-tiny").eval()
+    torch.save(ref.state_dict(), tmp_path / "tiny.pt")
+    clip = load_reranker(tmp_path / "tiny.pt", backend="open_clip", model_name="t2i-tiny")
+    transform = open_clip.image_transform(32, is_train=False, mean=clip.mean, std=clip.std)
+    tok = open_clip.get_tokenizer("t2i-tiny")
+    pixels = torch.randint(0, 256, (3, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(h * w))
+    images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+    texts = ["a red circle", "a blue square", "a green triangle"]
+    with torch.no_grad():
+        ft = ref.encode_text(tok(texts), normalize=True)
+        on_tensors = (ref.encode_image(transform((images + 1) / 2), normalize=True) * ft).sum(-1)
+        x = torch.stack([transform(Image.fromarray(p.numpy())) for p in pixels])
+        on_pil = (ref.encode_image(x, normalize=True) * ft).sum(-1)
+    ours = score(clip, images, texts)
+    assert torch.allclose(ours, on_tensors, atol=1e-6)
+    assert torch.allclose(ours, on_pil, atol=2e-3)
+
+
 TINY_CN_CLIP = {  # cn_clip's CLIP kwargs: a 2-layer ViT and a 2-layer BERT over its Chinese vocabulary
     "embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 64, "vision_patch_size": 8,
     "vision_head_width": 32, "vocab_size": 21128, "text_attention_probs_dropout_prob": 0.0,

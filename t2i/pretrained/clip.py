@@ -11,9 +11,11 @@ Nothing is downloaded: a missing file is one error naming it and where to fetch 
 machine.
 
 Images arrive as the pipeline's ``[N, 3, H, W]`` in [-1, 1] and get the backend's own preprocessing
-on tensors: open_clip resizes the shorter side to the model's input size (bicubic, antialiased),
-centre-crops and normalises with its ``preprocess_cfg``; cn_clip resizes straight to a square (its
-``image_transform`` does not crop) and normalises with the OpenAI CLIP mean / std.
+on tensors, on the model's device: open_clip follows its eval ``image_transform`` for the model's
+``preprocess_cfg`` (``resize_mode`` shortest: torchvision's ``Resize(size)`` + ``CenterCrop(size)``,
+whose geometry :func:`open_clip_preprocess` reproduces; squash: a direct resize) and normalises with
+its mean / std; cn_clip resizes straight to a square (its ``image_transform`` does not crop) and
+normalises with the OpenAI CLIP mean / std.
 """
 
 from __future__ import annotations
@@ -37,22 +39,48 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
 def preprocess(images: torch.Tensor, size: int, mean, std, crop: bool = True) -> torch.Tensor:
-    """[-1, 1] images -> the backend's input: shorter side to ``size`` (bicubic) and centre crop, or
-    (``crop=False``) a direct resize to ``size x size``; then normalise."""
+    """[-1, 1] images -> the backend's input: shorter side to ``size`` (bicubic) and centre crop as
+    open_clip does (:func:`open_clip_preprocess`), or (``crop=False``, cn_clip) a direct resize to
+    ``size x size``; then normalise."""
+    if crop:
+        return open_clip_preprocess(images, size, mean, std)
+    x = (images.float() + 1) / 2
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return normalise(x, mean, std)
+
+
+def open_clip_preprocess(images: torch.Tensor, size: int, mean, std, resize_mode: str = "shortest",
+                         interpolation: str = "bicubic") -> torch.Tensor:
+    """open_clip's eval transform on a batch of [-1, 1] float tensors. ``shortest`` is torchvision's
+    ``Resize(size)`` then ``CenterCrop(size)`` on tensors: the shorter side becomes ``size``, the longer
+    ``int(size * long / short)`` (truncated), nothing is resized when that is the input size already;
+    the crop starts at ``int(round((side - size) / 2))`` (Python's round, halves to even).
+    ``squash`` resizes straight to ``size x size``. Antialiased, not clamped (as torchvision on floats)."""
+    if resize_mode not in ("shortest", "squash"):
+        raise ConfigError(f"open_clip preprocess_cfg resize_mode={resize_mode!r} is not supported here; "
+                          "t2i reproduces 'shortest' and 'squash'")
+    mode = "bilinear" if interpolation == "bilinear" else "bicubic"
     x = (images.float() + 1) / 2
     h, w = x.shape[-2:]
-    if not crop and (h, w) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    elif (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top:top + size, left:left + size]
-    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    if resize_mode == "squash":
+        target = (size, size)
+    elif h <= w:
+        target = (size, int(size * w / h))
+    else:
+        target = (int(size * h / w), size)
+    if target != (h, w):
+        x = F.interpolate(x, size=target, mode=mode, antialias=True, align_corners=False)
+    h, w = x.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return normalise(x[..., top:top + size, left:left + size], mean, std)
 
 
 class FeatureReranker(nn.Module):
@@ -88,10 +116,15 @@ class OpenCLIPReranker(FeatureReranker):
         size = cfg.get("size", self.model.visual.image_size)
         self.size = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
+        self.resize_mode = cfg.get("resize_mode", "shortest")
+        self.interpolation = cfg.get("interpolation", "bicubic")
+        open_clip_preprocess(torch.zeros(1, 3, self.size, self.size), self.size, self.mean, self.std,
+                             self.resize_mode, self.interpolation)  # an unsupported resize_mode fails here
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = preprocess(images.to(self.device), self.size, self.mean, self.std)
+        x = open_clip_preprocess(images.to(self.device), self.size, self.mean, self.std, self.resize_mode,
+                                 self.interpolation)
         return self.model.encode_image(x, normalize=True).float()
 
     @torch.no_grad()
