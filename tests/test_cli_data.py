@@ -210,3 +210,19 @@ def test_filter_rules_report_and_clip_threshold(tmp_path):
     assert 1 <= half["kept"] <= 3 and half["dropped_images"]["clip_score"] == 4 - half["kept"]
     res = t2i_data(tmp_path, "filter", f"input={tsv}", f"output={tmp_path}/z", "filter.clip.threshold=0.2")
     assert res.returncode == 1 and "filter.clip.ckpt" in res.stderr
+
+
+def test_convert_empty_folder_and_file_output_are_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = t2i_data(tmp_path, "convert", "source=folder", f"input={tmp_path}/empty", f"output={tmp_path}/s")
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"error: input={tmp_path}/empty: no samples found for source=folder; check the path and the source reader "
+        f"(nothing was written)"]
+    assert not (tmp_path / "s").exists()
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text(f"1\tred\t{_png_b64()}\n", encoding="utf-8")
+    (tmp_path / "out.tar").write_bytes(b"")
+    res = t2i_data(tmp_path, "convert", f"input={tsv}", f"output={tmp_path}/out.tar")
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"error: output={tmp_path}/out.tar: {tmp_path}/out.tar is a file; give a folder for the shards (it is "
+        f"created when missing)"]

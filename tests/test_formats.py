@@ -73,19 +73,19 @@ def easynlp(tmp_path):
 def test_easynlp_records_and_parse_skips(easynlp):
     log = SkipLog(name="t")
     recs = EasyNLPTSV(easynlp).records(log)
-    assert [r.key for r in recs] == ["1_1", "2", "3", "4", "5", "1_10"]
+    assert [r.key for r in recs] == ["1", "2", "3", "4", "5"]  # the repeated id 1 (line 10) is a duplicate
     assert [r.captions for r in recs] == [
         ["一只猫"],
         ["两只狗"],
         ["红色的花"],
         ["坏的"],
         ["截断"],
-        ["重复的编号"],
     ]
-    assert [r.where for r in recs] == [f"{easynlp}:{n}" for n in (1, 2, 3, 4, 5, 10)]
+    assert [r.where for r in recs] == [f"{easynlp}:{n}" for n in (1, 2, 3, 4, 5)]
     assert all(isinstance(r.ref, tuple) and r.ref[0] == easynlp for r in recs)  # offsets, not payloads
     assert log.n_ok == 0
-    assert dict(log.by_reason) == {"bad_columns": 2, "empty_caption": 1, "bad_utf8": 1}
+    assert dict(log.by_reason) == {"bad_columns": 2, "empty_caption": 1, "bad_utf8": 1, "duplicate": 1}
+    assert log.examples["duplicate"] == [f"{easynlp}:10"]
     assert log.examples["bad_columns"] == [f"{easynlp}:6", f"{easynlp}:11"]
     assert log.examples["empty_caption"] == [f"{easynlp}:7"]
     assert log.examples["bad_utf8"] == [f"{easynlp}:8"]
@@ -93,13 +93,13 @@ def test_easynlp_records_and_parse_skips(easynlp):
 
 def test_easynlp_iteration_loads_images_and_counts_load_failures(easynlp):
     got, log = run(EasyNLPTSV(easynlp))
-    assert list(got) == ["1_1", "2", "3", "1_10"]
+    assert list(got) == ["1", "2", "3"]
     assert got["2"][1] == ["两只狗"]
-    for key, seed in (("1_1", 1), ("2", 2), ("3", 3)):
+    for key, seed in (("1", 1), ("2", 2), ("3", 3)):
         assert got[key][0].mode == "RGB" and same_pixels(got[key][0], make_image(seed))
-    assert got["1_10"][0].size == (64, 48)
-    assert log.n_ok == 4
+    assert log.n_ok == 3
     assert dict(log.by_reason) == {
+        "duplicate": 1,
         "bad_columns": 2,
         "empty_caption": 1,
         "bad_utf8": 1,
@@ -110,11 +110,12 @@ def test_easynlp_iteration_loads_images_and_counts_load_failures(easynlp):
     assert log.examples["bad_image"] == [f"{easynlp}:5"]
     assert log.summary() == "\n".join(
         [
-            "easynlp_tsv: 4 ok, 6 skipped (60.00%)",
+            "easynlp_tsv: 3 ok, 7 skipped (70.00%)",
             f"  bad_columns: 2 (e.g. {easynlp}:6, {easynlp}:11)",
             f"  bad_base64: 1 (e.g. {easynlp}:4)",
             f"  bad_image: 1 (e.g. {easynlp}:5)",
             f"  bad_utf8: 1 (e.g. {easynlp}:8)",
+            f"  duplicate: 1 (e.g. {easynlp}:10)",
             f"  empty_caption: 1 (e.g. {easynlp}:7)",
         ]
     )
@@ -134,9 +135,9 @@ def test_check_raises_naming_worst_file_only_past_the_limit(easynlp, tmp_path):
     log.max_bad_fraction = 0.5
     with pytest.raises(DataError) as e:
         log.check()
-    assert f"worst file: {easynlp} (6 bad)" in str(e.value)
-    assert "7 of 11 samples were bad" in str(e.value)
-    log.max_bad_fraction = 0.7
+    assert f"worst file: {easynlp} (7 bad)" in str(e.value)
+    assert "8 of 11 samples were bad" in str(e.value)
+    log.max_bad_fraction = 0.75
     log.check()
 
 
@@ -173,13 +174,10 @@ def test_easynlp_two_column_file(tmp_path):
     log = SkipLog()
     src = EasyNLPTSV(path, require_images=False)
     recs = src.records(log)
-    assert [(r.key, r.captions, r.ref) for r in recs] == [
-        ("a_1", ["cap a"], None),
-        ("b", ["cap b"], None),
-        ("a_5", ["cap a again"], None),
-    ]
-    assert dict(log.by_reason) == {"empty_caption": 1, "bad_columns": 1}
-    assert src.read_captions(SkipLog()) == [("a_1", "cap a"), ("b", "cap b"), ("a_5", "cap a again")]
+    assert [(r.key, r.captions, r.ref) for r in recs] == [("a", ["cap a"], None), ("b", ["cap b"], None)]
+    assert dict(log.by_reason) == {"empty_caption": 1, "bad_columns": 1, "duplicate": 1}
+    assert log.examples["duplicate"] == [f"{path}:5"]  # the repeated id: the first line is kept
+    assert src.read_captions(SkipLog()) == [("a", "cap a"), ("b", "cap b")]
     with pytest.raises(BadSample) as e:
         src.load(recs[0])
     assert e.value.reason == "missing_image"
@@ -187,8 +185,8 @@ def test_easynlp_two_column_file(tmp_path):
 
 def test_easynlp_read_captions_of_a_three_column_file(easynlp):
     caps = EasyNLPTSV(easynlp).read_captions(SkipLog())
-    assert caps[:3] == [("1_1", "一只猫"), ("2", "两只狗"), ("3", "红色的花")]
-    assert len(caps) == 6
+    assert caps[:3] == [("1", "一只猫"), ("2", "两只狗"), ("3", "红色的花")]
+    assert len(caps) == 5
 
 
 def test_missing_path_names_path_and_key(tmp_path):

@@ -103,7 +103,7 @@ def test_keys_are_sanitised_and_unique(tmp_path):
     assert sanitize_key("x.y/z\\w") == "x_y_z_w"
 
 
-def test_too_many_bad_rows_raises_after_writing_the_good_ones(tmp_path, capsys):
+def test_too_many_bad_rows_raises_and_leaves_nothing(tmp_path, capsys):
     path = write_lines(
         tmp_path / "bad.tsv",
         [f"1\t好\t{b64(png(1))}", "2\t坏\t###", f"3\t截断\t{b64(truncated_jpeg(3))}", "4\tno image"],
@@ -116,7 +116,18 @@ def test_too_many_bad_rows_raises_after_writing_the_good_ones(tmp_path, capsys):
         "bad_base64=1" in str(e.value) and "bad_image=1" in str(e.value) and "bad_columns=1" in str(e.value)
     )
     assert "easynlp_tsv: 1 ok, 3 skipped (75.00%)" in capsys.readouterr().out
-    assert [k for k, _, _ in WebDataset(out)] == ["1"]
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))  # no shards, no staging folder left
+
+    # overwrite=true: a failed run keeps the old shards; a good one replaces them whole
+    good = write_lines(tmp_path / "good.tsv", [f"{i}\t好\t{b64(png(i))}" for i in range(3)])
+    convert(EasyNLPTSV(good), out, shard_size=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    with pytest.raises(DataError, match="samples were bad"):
+        convert(EasyNLPTSV(path), out, progress=False, max_bad_fraction=0.5, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    convert(EasyNLPTSV(path), out, progress=False, max_bad_fraction=0.8, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["shard-000000.tar"] and [k for k, _, _ in WebDataset(out)] == ["1"]
 
     summary = convert(EasyNLPTSV(path), tmp_path / "out2", progress=False, max_bad_fraction=0.8)
     assert summary["written"] == 1
@@ -173,3 +184,49 @@ def test_resharding_in_place_is_refused_before_anything_is_touched(folder, tmp_p
     summary = convert(WebDataset(out), out, prefix="re", shard_size=10, progress=False)
     assert summary["written"] == 4 and (out / "re-000000.tar").is_file()
     assert convert(WebDataset(out / "shard-*.tar"), tmp_path / "other", progress=False)["written"] == 4
+
+
+def test_empty_input_and_all_bad_input_fail_and_write_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError) as e:
+        convert(ImageFolder(empty), tmp_path / "out", progress=False)
+    assert str(e.value) == (f"input={empty}: no samples found for source=folder; check the path and the source "
+                            f"reader (nothing was written)")
+    bad = write_lines(tmp_path / "bad.tsv", ["1\t坏\t###", "2\t坏\t###"])
+    with pytest.raises(DataError, match=f"input={bad}: all 2 samples were skipped"):
+        convert(EasyNLPTSV(bad), tmp_path / "out", progress=False, max_bad_fraction=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tsv", "empty"]
+
+
+def test_output_that_is_a_file_is_a_clear_error(folder, tmp_path):
+    f = tmp_path / "shards.tar"
+    f.write_bytes(b"x")
+    for output in (f, f / "sub"):
+        with pytest.raises(DataError, match=f"output={output}: {f} is a file; give a folder for the shards"):
+            convert(ImageFolder(folder), output, progress=False, max_bad_fraction=1)
+    assert f.read_bytes() == b"x"
+
+
+def test_duplicate_ids_are_skipped_with_their_location(tmp_path, capsys):
+    """The same id twice (here across two webdataset shards) keeps the first sample; the rest count as skipped."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    with ShardWriter(a, prefix="x") as w:
+        w.write("k1", make_image(1), ["一"])
+        w.write("k2", make_image(2), ["二"])
+    with ShardWriter(b, prefix="y") as w:
+        w.write("k2", make_image(3), ["三"])
+        w.write("k3", make_image(4), ["四"])
+    out = tmp_path / "out"
+    summary = convert(WebDataset([a / "x-000000.tar", b / "y-000000.tar"]), out, progress=False,
+                      max_bad_fraction=0.5)
+    assert summary["written"] == 3 and summary["skipped"] == {"duplicate": 1}
+    got = {k: caps for k, _, caps in WebDataset(out)}
+    assert got == {"k1": ["一"], "k2": ["二"], "k3": ["四"]}
+    printed = capsys.readouterr().out
+    assert "3 ok, 1 skipped (25.00%)" in printed and f"duplicate: 1 (e.g. {b / 'y-000000.tar'}:k2)" in printed
+    # an EasyNLP TSV with a repeated idx: the first line is kept, the later one is reported by line
+    tsv = write_lines(tmp_path / "d.tsv", [f"1\t一\t{b64(png(1))}", f"2\t二\t{b64(png(2))}",
+                                           f"1\t重复\t{b64(png(3))}"])
+    summary = convert(EasyNLPTSV(tsv), tmp_path / "out2", progress=False, max_bad_fraction=0.5)
+    assert summary["written"] == 2 and summary["log"].examples["duplicate"] == [f"{tsv}:3"]

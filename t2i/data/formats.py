@@ -54,8 +54,9 @@ class EasyNLPTSV(Source):
 
     The file's column count (2 or 3) is the one most of its lines have; other lines are
     ``bad_columns``. Each line is its own record with key ``idx``; an idx used on several
-    good lines becomes ``f"{idx}_{line}"`` on each of them. Checks per line, first failing
-    wins: bad_columns, bad_utf8 (idx/text), empty_caption. A 2-column file (captions only)
+    good lines keeps its first line, the later ones are skipped as duplicate (file:line).
+    Checks per line, first failing wins: bad_columns, bad_utf8 (idx/text), empty_caption,
+    duplicate. A 2-column file (captions only)
     with ``require_images`` is a DataError: it has no image column.
     """
 
@@ -79,7 +80,7 @@ class EasyNLPTSV(Source):
                 f"`idx \\t text`, captions only); give the 3-column `idx \\t text \\t base64` file, "
                 f"or read captions only with {images_off_hint(self.key)}"
             )
-        out = []
+        out, seen = [], set()
         for lineno, offset, fields in rows:
             where = f"{self.path}:{lineno}"
             if len(fields) != ncols:
@@ -93,11 +94,11 @@ class EasyNLPTSV(Source):
             if not text:
                 log.skip(EMPTY_CAPTION, where)
                 continue
+            if idx in seen:
+                log.skip(DUPLICATE, where)
+                continue
+            seen.add(idx)
             out.append(Record(idx, [text], (self.path, offset) if ncols == 3 else None, where))
-        used = Counter(r.key for r in out)
-        for r in out:
-            if used[r.key] > 1:
-                r.key = f"{r.key}_{r.where.rsplit(':', 1)[1]}"
         return out
 
     def records(self, log: SkipLog) -> list[Record]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from t2i.data.base import Source
-from t2i.data.skips import BadSample, DataError
+from t2i.data.skips import DUPLICATE, BadSample, DataError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -143,6 +145,33 @@ def check_not_input(source: Source, output, prefix: str = "shard") -> None:
         )
 
 
+def input_name(source: Source) -> str:
+    """What ``source`` reads, for messages: its folder or file, else its input files, else its name."""
+    for attr in ("root", "path"):
+        if getattr(source, attr, None) is not None:
+            return str(getattr(source, attr))
+    files = source.inputs()
+    if files:
+        return str(files[0]) + (f" and {len(files) - 1} more" if len(files) > 1 else "")
+    return source.name
+
+
+def check_output(output) -> Path:
+    """``output`` as a Path; a DataError when it names an existing file (shards go in a folder)."""
+    out = Path(output).expanduser()
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise DataError(f"output={output}: {p} is a file; give a folder for the shards "
+                            f"(it is created when missing)")
+    return out
+
+
+def staging_dir(out: Path) -> Path:
+    """A private sibling folder the shards are written to before they move into ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent / f".{out.name}.converting-{os.getpid()}"
+
+
 def convert(
     source: Source,
     output: str | Path,
@@ -156,14 +185,19 @@ def convert(
 ) -> dict:
     """Write every good sample of ``source`` to shards in ``output``; bad ones are counted in ``source.log``.
 
-    Prints the skip summary, then raises DataError (after the shards are complete) if the bad
-    fraction passes ``max_bad_fraction`` (default: the source log's own). Refuses to mix with
-    ``{prefix}-*.tar`` shards already in ``output`` unless ``overwrite`` (which deletes them), and
-    always refuses to write over the shards ``source`` reads from.
+    The shards are written to a temporary sibling folder (``.{name}.converting-{pid}``) and moved
+    into ``output`` only when the run succeeds: a run that fails - too many bad rows (past
+    ``max_bad_fraction``, default the source log's own), no sample at all, an interrupt - leaves
+    ``output`` as it was and the temporary folder removed. A repeated id (the same source key
+    twice) keeps its first sample; the others are skipped as ``duplicate`` with their location.
+    Refuses to mix with ``{prefix}-*.tar`` shards already in ``output`` unless ``overwrite`` (which
+    replaces them once the new ones are complete), always refuses to write over the shards
+    ``source`` reads from, and refuses an ``output`` that is a file.
     Returns {"written", "skipped": {reason: n}, "shards": [paths], "log"}.
     """
-    check_not_input(source, output, prefix)
-    old = existing_shards(output, prefix)
+    out = check_output(output)
+    check_not_input(source, out, prefix)
+    old = existing_shards(out, prefix)
     if old and not overwrite:
         raise DataError(
             f"output={output} already holds {len(old)} shard(s) named {prefix}-*.tar; "
@@ -174,8 +208,9 @@ def convert(
     if max_bad_fraction is not None:
         log.max_bad_fraction = float(max_bad_fraction)
     records = source.records(log)
-    for p in old:
-        p.unlink()
+    if not records and not log.n_bad:
+        raise DataError(f"{source.key}={input_name(source)}: no samples found for source={source.name}; "
+                        f"check the path and the source reader (nothing was written)")
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -183,27 +218,46 @@ def convert(
         TextColumn("{task.fields[bad]} bad"),
         TimeRemainingColumn(),
     ]
-    with (
-        ShardWriter(output, prefix, shard_size, quality, reencode) as writer,
-        Progress(*columns, disable=not progress) as bar,
-    ):
-        task = bar.add_task(escape(f"{source.name} -> {output}"), total=len(records), bad=log.n_bad)
-        for rec in records:
-            try:
-                data, image = source.load_sample(rec)
-            except BadSample as e:
-                log.skip(e.reason, e.where)
-            else:
-                writer.write(rec.key, image, rec.captions, rec.where, data)
-                log.ok()
-            bar.update(task, advance=1, bad=log.n_bad)
-    print(log.summary())
-    print(f"wrote {writer.count} samples to {len(writer.shards)} shard(s) in {output}")
-    summary = {
+    stage = staging_dir(out)
+    shutil.rmtree(stage, ignore_errors=True)
+    seen: set[str] = set()
+    try:
+        with (
+            ShardWriter(stage, prefix, shard_size, quality, reencode) as writer,
+            Progress(*columns, disable=not progress) as bar,
+        ):
+            task = bar.add_task(escape(f"{source.name} -> {output}"), total=len(records), bad=log.n_bad)
+            for rec in records:
+                if rec.key in seen:
+                    log.skip(DUPLICATE, rec.where)
+                else:
+                    try:
+                        data, image = source.load_sample(rec)
+                    except BadSample as e:
+                        log.skip(e.reason, e.where)
+                    else:
+                        writer.write(rec.key, image, rec.captions, rec.where, data)
+                        seen.add(rec.key)
+                        log.ok()
+                bar.update(task, advance=1, bad=log.n_bad)
+        print(log.summary())
+        log.check()
+        if writer.count == 0:
+            raise DataError(f"{source.key}={input_name(source)}: all {log.n_bad} samples were skipped "
+                            f"(see the summary above); nothing was written")
+        out.mkdir(parents=True, exist_ok=True)
+        for p in existing_shards(out, prefix):  # overwrite: the old shards go once the new ones are whole
+            p.unlink()
+        shards = []
+        for p in writer.shards:
+            shards.append(out / p.name)
+            shutil.move(str(p), str(shards[-1]))  # a rename on one file system
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"wrote {writer.count} samples to {len(shards)} shard(s) in {output}")
+    return {
         "written": writer.count,
         "skipped": dict(log.by_reason),
-        "shards": [str(p) for p in writer.shards],
+        "shards": [str(p) for p in shards],
         "log": log,
     }
-    log.check()
-    return summary
