@@ -132,24 +132,45 @@ def test_real_statistics_cache_reused_and_invalidated(tmp_path):
     assert cache.load() is None
 
 
-def _fid_rank(rank, world, port, out):
+def all_scores(seed=0):
+    """FID, IS, CLIPScore and FD-CLIP, each extractor seeded (the same in every process)."""
+    torch.manual_seed(seed)
+    return GenerationScores(TinyFeatures(), TinyFeatures(num_features=10, seed=1), FakeCLIP(), is_splits=3, seed=5)
+
+
+def feed(scores, rank=0, world=1, n=40, batch=8):
+    """Batch k of ``n`` images to rank ``k % world`` as the eval loop deals them: 5 batches here, so with
+    two ranks rank 0 gets three (one of them short when n is not a multiple of 8) and rank 1 two."""
+    real, fake = fake_real(n)
+    texts = ["a" * (i % 5 + 1) for i in range(n)]
+    for k, start in enumerate(range(0, n, batch)):
+        if k % world == rank:
+            scores.update_real(real[start:start + batch])
+            scores.update_fake(fake[start:start + batch], texts[start:start + batch], start)
+
+
+def _scores_rank(rank, world, port, out):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    real, fake = fake_real()
-    scores = GenerationScores(TinyFeatures())
-    scores.update_real(real[rank::world])
-    scores.update_fake(fake[rank::world])
+    scores = all_scores()
+    feed(scores, rank, world, n=37)
     state = scores.real_state()
-    value = scores.compute()["fid"]
+    first = scores.compute()
+    scores.reset()  # a second round in which rank 1 draws nothing at all (fewer batches than ranks)
+    feed(scores, rank, world, n=6)
+    second = scores.compute()
     if rank == 0:
-        torch.save({"fid": value, "n": int(state["fid"]["real_features_num_samples"])}, out)
+        torch.save({"first": first, "second": second, "n": int(state["fid"]["real_features_num_samples"])}, out)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_fid_two_gloo_ranks_equals_one_process(tmp_path):
+def test_metrics_two_gloo_ranks_with_uneven_batches_equal_one_process(tmp_path):
+    """FID, IS, CLIPScore and FD-CLIP with one rank holding an extra (and a short) batch, and with a rank
+    holding none, equal one process (torchmetrics' IS gathered its logits list tensor by tensor and hung
+    or crashed there; FID crashed on a rank without images)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -157,15 +178,21 @@ def test_fid_two_gloo_ranks_equals_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "fid.pt"
-    mp.spawn(_fid_rank, args=(2, port, str(out)), nprocs=2)
-    real, fake = fake_real()
-    single = GenerationScores(TinyFeatures())
-    single.update_real(real)
-    single.update_fake(fake)
+    out = tmp_path / "scores.pt"
+    mp.spawn(_scores_rank, args=(2, port, str(out)), nprocs=2)
+    single = all_scores()
+    feed(single, n=37)
+    want = single.compute()
+    single.reset()
+    feed(single, n=6)
+    want_second = single.compute()
     got = torch.load(out)
-    assert got["n"] == 40  # the cached real state holds both ranks' images
-    assert got["fid"] == pytest.approx(single.compute()["fid"], rel=1e-6)
+    assert got["n"] == 37  # the cached real state holds both ranks' images
+    assert set(want) == {"fid", "fd_clip", "is_mean", "is_std", "clip_score"} == set(got["first"])
+    for k in want:
+        assert got["first"][k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), k
+        assert got["second"][k] == pytest.approx(want_second[k], rel=1e-6, abs=1e-9), k
+    assert want["is_mean"] != pytest.approx(want_second["is_mean"])  # the rounds differ: a real comparison
 
 
 def test_missing_inception_weights_say_where(tmp_path, monkeypatch):

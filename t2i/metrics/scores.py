@@ -5,8 +5,10 @@ Images arrive as the pipeline's float ``[N, 3, H, W]`` in [-1, 1] and are quanti
 once (what a saved PNG holds), so scores computed here equal torchmetrics on the saved images.
 
 - ``fid``: ``FrechetInceptionDistance`` over any extractor (:mod:`t2i.metrics.features`).
-- ``is_mean`` / ``is_std``: ``InceptionScore`` over a logits extractor (``splits`` splits,
-  permutation seeded).
+- ``is_mean`` / ``is_std``: torchmetrics' ``InceptionScore`` arithmetic over a logits extractor
+  (``splits`` splits, permutation seeded), with the logits gathered from every rank in caption order
+  (:class:`InceptionScore`), so ranks may see different numbers of batches and the value equals one
+  process's.
 - ``clip_score``: CLIPScore as torchmetrics defines it, ``mean(max(100 * cos(image, caption), 0))``,
   with any reranker backend.
 - ``fd_clip``: the Fréchet distance in that CLIP's normalised image-embedding space.
@@ -24,10 +26,10 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.inception import InceptionScore
 
 from t2i.metrics.features import CLIPFeatures, fingerprint, weights_hash
 
@@ -39,6 +41,77 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[n, ...]`` from every rank, concatenated in rank order; ranks may hold different ``n``
+    (zero included; the trailing shape must agree). Collective under torch.distributed, ``x`` itself
+    otherwise."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:c] for part, c in zip(parts, counts)])
+
+
+class FID(FrechetInceptionDistance):
+    """torchmetrics' FID (sum states, so uneven batch counts per rank are fine), also on a rank that saw
+    no images (torchmetrics sets the result dtype only in ``update``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.orig_dtype = torch.float32
+
+
+class InceptionScore(Metric):
+    """torchmetrics' ``InceptionScore`` arithmetic (softmax of the logits, ``splits`` chunks of a seeded
+    permutation, ``exp(mean KL(p(y|x) || p(y)))`` per chunk; mean and std over chunks), DDP-safe: each
+    rank keeps its logits with the global index of every image, ``compute`` gathers them all with padding
+    (any number of batches per rank, none included) and restores the index order, so N processes give
+    the one-process value. ``update(images, index)``: ``index`` is the first image's position in the
+    whole set (default: this rank's running count)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, feature: nn.Module, splits: int = 10, seed: int = 0, **kwargs):
+        super().__init__(sync_on_compute=False, **kwargs)  # compute gathers itself (uneven sizes)
+        self.inception = feature
+        self.splits, self.seed = int(splits), int(seed)
+        classes = getattr(feature, "num_features", None)
+        if classes is None:
+            with torch.no_grad():
+                classes = feature(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape[-1]
+        self.num_classes = int(classes)
+        self.add_state("logits", [], dist_reduce_fx=None)
+        self.add_state("index", [], dist_reduce_fx=None)
+
+    def update(self, images: torch.Tensor, index: int | None = None) -> None:
+        logits = self.inception(images).float()
+        start = sum(len(i) for i in self.index) if index is None else int(index)
+        self.logits.append(logits)
+        self.index.append(torch.arange(start, start + len(logits), device=logits.device))
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        local = torch.cat(self.logits) if self.logits else torch.zeros(0, self.num_classes, device=self.device)
+        where = torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.long, device=self.device)
+        logits, where = gather_rows(local), gather_rows(where)
+        logits = logits[where.argsort(stable=True)]
+        perm = torch.randperm(len(logits), generator=torch.Generator().manual_seed(self.seed))
+        logits = logits[perm.to(logits.device)]
+        prob, log_prob = logits.softmax(dim=1), logits.log_softmax(dim=1)
+        kl = []
+        for p, lp in zip(prob.chunk(self.splits, dim=0), log_prob.chunk(self.splits, dim=0)):
+            marginal = p.mean(dim=0, keepdim=True)
+            kl.append((p * (lp - marginal.log())).sum(dim=1).mean().exp())
+        kl = torch.stack(kl)
+        return kl.mean(), kl.std()
 
 
 class CLIPScore(Metric):
@@ -55,12 +128,15 @@ class CLIPScore(Metric):
 
     def update(self, images: torch.Tensor, captions: list[str]) -> None:
         x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
-        cos = (self.clip.image_features(x) * self.clip.text_features(list(captions))).sum(-1)
+        cos = (self.clip.image_features(x).float() * self.clip.text_features(list(captions)).float()).sum(-1)
         self.total += (100 * cos.clamp(min=0)).sum().to(self.total)
         self.count += len(captions)
 
     def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+        """The mean over every rank's images; NaN when no rank scored any."""
+        if int(self.count) == 0:
+            return torch.tensor(float("nan"))
+        return (self.total / self.count).float()
 
 
 class GenerationScores(nn.Module):
@@ -72,10 +148,10 @@ class GenerationScores(nn.Module):
         super().__init__()
         self.frechet = nn.ModuleDict()
         if extractor is not None:
-            self.frechet["fid"] = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+            self.frechet["fid"] = FID(feature=extractor, reset_real_features=False)
         if clip is not None and fd_clip:
-            self.frechet["fd_clip"] = FrechetInceptionDistance(feature=CLIPFeatures(clip), reset_real_features=False)
-        self.inception_score = InceptionScore(feature=logits, splits=is_splits) if logits is not None else None
+            self.frechet["fd_clip"] = FID(feature=CLIPFeatures(clip), reset_real_features=False)
+        self.inception_score = InceptionScore(logits, is_splits, seed) if logits is not None else None
         self.clip_score = CLIPScore(clip) if clip is not None else None
         self.seed = seed
         self.real_loaded = False
@@ -101,12 +177,13 @@ class GenerationScores(nn.Module):
             m.update(x, real=True)
 
     @torch.no_grad()
-    def update_fake(self, images: torch.Tensor, captions: list[str] | None = None) -> None:
+    def update_fake(self, images: torch.Tensor, captions: list[str] | None = None, start: int | None = None) -> None:
+        """``start``: the batch's position among all captions (orders the IS logits across ranks)."""
         x = to_uint8(images)
         for m in self.frechet.values():
             m.update(x, real=False)
         if self.inception_score is not None:
-            self.inception_score.update(x)
+            self.inception_score.update(x, start)
         if self.clip_score is not None and captions is not None:
             self.clip_score.update(x, captions)
 
@@ -114,12 +191,12 @@ class GenerationScores(nn.Module):
     def compute(self) -> dict[str, float]:
         out = {name: float(m.compute()) for name, m in self.frechet.items()}
         if self.inception_score is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)  # IS permutes the features before splitting
-                mean, std = self.inception_score.compute()
+            mean, std = self.inception_score.compute()  # permutes with its own generator, seeded
             out["is_mean"], out["is_std"] = float(mean), float(std)
-        if self.clip_score is not None and int(self.clip_score.count) > 0:
-            out["clip_score"] = float(self.clip_score.compute())
+        if self.clip_score is not None:  # computed on every rank (a collective), reported when any rank scored
+            value = float(self.clip_score.compute())
+            if value == value:
+                out["clip_score"] = value
         return out
 
     def reset(self) -> None:
