@@ -236,7 +236,7 @@ def reconstruction(cfg: DictConfig, device) -> dict:
     p = cfg.eval
     if not cfg.tokenizer_ckpt:
         raise ConfigError("eval=reconstruction needs tokenizer_ckpt=<a t2i-train experiment=*_vqgan / *_dvae .ckpt>")
-    tok = load_tokenizer(cfg.tokenizer_ckpt).to(device).eval()
+    tok = load_tokenizer(cfg.tokenizer_ckpt, key="tokenizer_ckpt").to(device).eval()  # also a transformer .ckpt
     size = int(p.image_size)
     items = (shapes_items(str(p.shapes_split), int(p.num_captions), int(p.caption_seed), size, "zh")
              if p.source == "shapes" else source_items(p, size))

@@ -131,20 +131,29 @@ def encode_prompts(tok: TextTokenizer, prompts: list[str], text_len: int, allow_
 
 def build(cfg: DictConfig, device: torch.device):
     from t2i.lit.transformer import TransformerModule
-    from t2i.models import load_tokenizer
 
     ckpt = load_checkpoint(cfg.ckpt)  # read once: the module is rebuilt from it, not from the file again
     module = TransformerModule(**ckpt["hyper_parameters"])
     module.load_state_dict(ckpt["state_dict"])
     model = (module.ema if cfg.ema and module.ema is not None else module.model).to(device).eval()
-    image_ckpt = cfg.image_tokenizer or module.hparams.image_tokenizer
-    if not image_ckpt:
-        raise T2IError(f"ckpt={cfg.ckpt} names no image tokenizer; pass image_tokenizer=<stage-1 .ckpt>")
-    image_tok = load_tokenizer(image_ckpt).to(device)
+    image_tok = image_tokenizer(cfg, ckpt).to(device)
     if image_tok.codebook_size != model.image_vocab:
-        raise T2IError(f"image_tokenizer={image_ckpt} has {image_tok.codebook_size} codes; the transformer was "
-                       f"trained on {model.image_vocab}: pass the tokenizer its codes came from")
+        raise T2IError(f"the image tokenizer ({cfg.image_tokenizer or 'carried by the checkpoint'}) has "
+                       f"{image_tok.codebook_size} codes; the transformer was trained on {model.image_vocab}: "
+                       f"pass the tokenizer its codes came from (image_tokenizer=)")
     return model, image_tok, text_tokenizer(cfg, ckpt)
+
+
+def image_tokenizer(cfg: DictConfig, ckpt: dict):
+    """The override (a tokenizer .ckpt or a spec, see :func:`t2i.models.load_tokenizer`), else the tokenizer
+    the transformer checkpoint carries, else (checkpoints from before it carried one) the one its
+    hyper-parameters name."""
+    from t2i.models import IMAGE_TOKENIZER_KEY, load_tokenizer
+
+    source = cfg.image_tokenizer or ckpt.get(IMAGE_TOKENIZER_KEY) or ckpt["hyper_parameters"].get("image_tokenizer")
+    if not source:
+        raise T2IError(f"ckpt={cfg.ckpt} carries no image tokenizer; pass image_tokenizer=<stage-1 .ckpt>")
+    return load_tokenizer(source, key="image_tokenizer")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -58,7 +58,6 @@ from t2i.data.codes import (
     code_dtype,
     code_files,
     describe,
-    file_sha256,
     merge_manifests,
     rank_file,
     rank_files,
@@ -105,12 +104,14 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError(f"device={name}: not a torch device; use auto, cpu, cuda or cuda:N") from None
 
 
-def load_image_tokenizer(cfg: DictConfig) -> tuple[nn.Module, Path]:
-    """The image tokenizer ``tokenizer_kind`` names, and the file that identifies it (hashed into the manifest).
+def load_image_tokenizer(cfg: DictConfig, output=None) -> tuple[nn.Module, Path, dict]:
+    """The image tokenizer ``tokenizer_kind`` names, the file that identifies it (hashed into the manifest)
+    and its spec (every file: absolute path, sha256, path relative to ``output``), which the manifest
+    records so that stage 2 finds and checks the same files (:func:`t2i.models.load_tokenizer`).
 
-    ``t2i``: our own checkpoint (:func:`t2i.models.load_tokenizer`). ``taming`` / ``openai_dvae``: public
-    weights through :mod:`t2i.pretrained` (``tokenizer_config``: the taming YAML; ``tokenizer_decoder``:
-    the dVAE's decoder.pkl, with ``tokenizer_ckpt`` its encoder.pkl).
+    ``t2i``: our own checkpoint. ``taming`` / ``openai_dvae``: public weights through :mod:`t2i.pretrained`
+    (``tokenizer_config``: the taming YAML, default the one beside the .ckpt; ``tokenizer_decoder``: the
+    dVAE's decoder.pkl, with ``tokenizer_ckpt`` its encoder.pkl).
     """
     kind, ckpt = cfg.tokenizer_kind, cfg.tokenizer_ckpt
     if kind not in KINDS:
@@ -122,25 +123,36 @@ def load_image_tokenizer(cfg: DictConfig) -> tuple[nn.Module, Path]:
     if not path.is_file():
         raise ConfigError(f"tokenizer_ckpt={ckpt}: no such file (give a .ckpt from `t2i-train experiment=*_vqgan` "
                           "or *_dvae)")
-    if kind == "t2i":
-        from t2i.models import load_tokenizer
+    from t2i.models import load_tokenizer, tokenizer_spec
 
-        model = load_tokenizer(path)
-    else:
-        try:
-            from t2i import pretrained
-        except ImportError:
-            raise ConfigError(f"tokenizer_kind={kind}: the public-checkpoint importers (t2i.pretrained) are not "
-                              "part of this version yet; use a t2i checkpoint (tokenizer_kind=t2i)") from None
-        if kind == "taming":
-            model = pretrained.load_taming_vqgan(str(path), cfg.get("tokenizer_config"))
-        else:
-            model = pretrained.load_openai_dvae(str(path), cfg.get("tokenizer_decoder"))
+    spec = tokenizer_spec(kind, path, cfg.get("tokenizer_config"), cfg.get("tokenizer_decoder"),
+                          relative_to=output,
+                          names={"ckpt": "tokenizer_ckpt", "config": "tokenizer_config", "decoder": "tokenizer_decoder"})
+    model = load_tokenizer(spec, key="tokenizer_ckpt", check_hash=False)  # hashed just now
     for attr in ("codebook_size", "downsample"):
         if not isinstance(getattr(model, attr, None), int):
             raise ConfigError(f"tokenizer_ckpt={ckpt}: {type(model).__name__} has no integer `{attr}`; it does not "
                               "follow the image-tokenizer contract (t2i.models)")
-    return model.eval(), path
+    return model.eval(), path, spec
+
+
+def embed_text_tokenizer(cfg: DictConfig, out: Path) -> dict:
+    """Manifest entries naming the data config's text tokenizer so a moved code folder keeps it: a copy
+    ``text_tokenizer.json`` beside the manifest (when the file exists now) and its absolute path and
+    path relative to ``out``."""
+    from t2i.data.tokenizer import TextTokenizer
+
+    name = cfg.data.get("tokenizer")
+    if not name:
+        return {}
+    src = Path(str(name)).expanduser().resolve()
+    entries = {"text_tokenizer_source": {"path": str(src), "relative": os.path.relpath(src, out.resolve())}}
+    if src.exists():
+        tmp = out / f"text_tokenizer.json.{os.getpid()}.tmp"
+        tmp.write_text(TextTokenizer.from_file(src, key="data.tokenizer").to_str(), encoding="utf-8")
+        tmp.replace(out / "text_tokenizer.json")
+        entries["text_tokenizer"] = "text_tokenizer.json"
+    return entries
 
 
 def build_datamodule(cfg: DictConfig, wanted: tuple[str, ...]):
@@ -393,7 +405,8 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError("t2i-tokenize: `output=...` (the folder for the code shards) is required")
     if int(cfg.shard_size) < 1 or int(cfg.batch_size) < 1:
         raise ConfigError(f"shard_size={cfg.shard_size} batch_size={cfg.batch_size}: both must be >= 1")
-    tokenizer, ckpt = load_image_tokenizer(cfg)
+    out = Path(str(cfg.output)).expanduser()
+    tokenizer, ckpt, spec = load_image_tokenizer(cfg, out)
     f, k, size = int(tokenizer.downsample), int(tokenizer.codebook_size), int(cfg.data.image_size)
     if size % f:
         lower, upper = size - size % f, size - size % f + f
@@ -401,11 +414,10 @@ def run(cfg: DictConfig) -> dict:
                         f"(use e.g. data.image_size={upper}" + (f" or {lower})" if lower else ")"))
     grid = [size // f, size // f]
     header = {
-        "version": VERSION, "tokenizer_ckpt": str(ckpt), "tokenizer_sha256": file_sha256(ckpt),
-        "tokenizer_kind": cfg.tokenizer_kind, "grid": grid, "codebook_size": k, "downsample": f,
+        "version": VERSION, "tokenizer_ckpt": str(ckpt), "tokenizer_sha256": spec["sha256"]["ckpt"],
+        "tokenizer_kind": cfg.tokenizer_kind, "image_tokenizer": spec, "grid": grid, "codebook_size": k, "downsample": f,
         "image_size": size, "dtype": code_dtype(k), "data": OmegaConf.to_container(cfg.data, resolve=True),
     }
-    out = Path(str(cfg.output)).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output={cfg.output} is a file; give a folder for the code shards")
     distributed = init_distributed(world)
@@ -423,6 +435,7 @@ def run(cfg: DictConfig) -> dict:
     if rank != 0:
         dm.prepare_data()
     dm.setup(None)
+    header.update(embed_text_tokenizer(cfg, out))  # after prepare_data: Shapes builds its tokenizer there
     splits = [s for s in wanted if s in dm.datasets]
     if cfg.split != "all" and not splits:
         raise DataError(f"data.{cfg.split} is not set: give the {cfg.split} split's path with `data.{cfg.split}=...`")

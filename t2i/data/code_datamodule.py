@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from t2i.data.codes import load_codes, read_manifest
+from t2i.data.codes import image_tokenizer_spec, load_codes, read_manifest, text_tokenizer_path
 from t2i.data.sampler import sample_rng, train_sampler
 from t2i.data.skips import DataError
 from t2i.data.tokenizer import TextTokenizer, check_same
@@ -63,10 +63,7 @@ class CodesDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.manifest = read_manifest(codes)
-        path = tokenizer or (self.manifest.get("data") or {}).get("tokenizer")
-        if not path:
-            raise DataError(f"code shards {codes} do not name a text tokenizer; set data.tokenizer=<tokenizer.json>")
-        self.tokenizer = TextTokenizer.from_file(path, key="data.tokenizer")
+        self.tokenizer = TextTokenizer.from_file(text_tokenizer_path(self.manifest, tokenizer), key="data.tokenizer")
         self.splits: dict[str, CodePairs] = {}
 
     @property
@@ -124,13 +121,18 @@ class CodesDataModule(pl.LightningDataModule):
             check_same(TextTokenizer.from_str(state["tokenizer"]), self.tokenizer, where="being resumed")
 
 
-def stage2_info(codes: str, tokenizer: str | None = None) -> dict:
+def stage2_info(codes: str, tokenizer: str | None = None, image_tokenizer: bool = True) -> dict:
     """What a transformer config needs from its data: ``text_vocab``, ``text_pad_id``, ``image_vocab``,
-    ``image_grid`` and the image tokenizer checkpoint the codes were made with."""
+    ``image_grid`` and ``image_tokenizer``: the image tokenizer the codes were made with, as a
+    :func:`t2i.models.load_tokenizer` spec whose files exist here and match their recorded sha256
+    (found at the recorded path or relative to the moved code folder; ``model.image_tokenizer=`` overrides)."""
+    from t2i.models import resolve_spec
+
     manifest = read_manifest(codes)
-    path = tokenizer or (manifest.get("data") or {}).get("tokenizer")
-    if not path:
-        raise DataError(f"code shards {codes} do not name a text tokenizer; set data.tokenizer=<tokenizer.json>")
-    tok = TextTokenizer.from_file(path, key="data.tokenizer")
-    return {"text_vocab": tok.vocab_size, "text_pad_id": tok.pad_id, "image_vocab": int(manifest["codebook_size"]),
-            "image_grid": [int(g) for g in manifest["grid"]], "tokenizer_ckpt": manifest.get("tokenizer_ckpt")}
+    tok = TextTokenizer.from_file(text_tokenizer_path(manifest, tokenizer), key="data.tokenizer")
+    info = {"text_vocab": tok.vocab_size, "text_pad_id": tok.pad_id, "image_vocab": int(manifest["codebook_size"]),
+            "image_grid": [int(g) for g in manifest["grid"]]}
+    if image_tokenizer:
+        info["image_tokenizer"] = resolve_spec(image_tokenizer_spec(manifest), base=manifest["path"],
+                                               key="model.image_tokenizer")
+    return info

@@ -20,8 +20,17 @@ finish, or under ``torchrun`` by rank 0 after a barrier. It holds::
 
     {"version": 1, "count": {split: n}, "shards": {split: [file names]}, "grid": [h, w],
      "codebook_size", "downsample", "image_size", "dtype", "tokenizer_ckpt", "tokenizer_sha256",
-     "tokenizer_kind", "data": <resolved data config>, "splits": {split: {"world_size",
-     "shard_size", "records", "skipped": {reason: n}}}}
+     "tokenizer_kind", "image_tokenizer": {"kind", "files", "sha256", "relative"},
+     "text_tokenizer": "text_tokenizer.json", "text_tokenizer_source": {"path", "relative"},
+     "data": <resolved data config>, "splits": {split: {"world_size", "shard_size", "records",
+     "skipped": {reason: n}}}}
+
+The folder is self-describing wherever it is moved: ``image_tokenizer`` (a spec for
+:func:`t2i.models.load_tokenizer`) records every file of the image tokenizer with its sha256, its
+absolute path and its path relative to the folder (tried when the absolute one is gone);
+``text_tokenizer`` is a copy of the data config's text tokenizer beside the manifest (when it existed
+at tokenize time; ``text_tokenizer_source`` otherwise names it absolutely and relatively).
+:func:`text_tokenizer_path` and :func:`image_tokenizer_spec` resolve both.
 
 Readers: :class:`CodeShards` (iterate ``(key, codes, captions)``), :func:`load_codes` (a whole split
 in memory), :func:`read_manifest` and :func:`check_manifest` (does the transformer config fit?).
@@ -208,8 +217,10 @@ def merge_manifests(output) -> dict | None:
         return None
     manifest = {"version": VERSION, "count": {s: v["count"] for s, v in splits.items()},
                 "shards": {s: v["shards"] for s, v in splits.items()}}
-    for k in (*HEADER_KEYS, "tokenizer_ckpt", "tokenizer_kind", "data"):
-        manifest[k] = first.get(k)
+    for k in (*HEADER_KEYS, "tokenizer_ckpt", "tokenizer_kind", "image_tokenizer", "text_tokenizer",
+              "text_tokenizer_source", "data"):
+        if k in first:
+            manifest[k] = first[k]
     manifest["splits"] = {s: {k: v for k, v in d.items() if k not in ("count", "shards")} for s, d in splits.items()}
     write_json(out / MANIFEST, manifest)
     return manifest
@@ -237,6 +248,45 @@ def read_manifest(output) -> dict:
         raise DataError(f"{path}: manifest version {manifest.get('version')} is not {VERSION}; re-tokenize")
     manifest["path"] = str(out)
     return manifest
+
+
+def text_tokenizer_path(manifest: dict, override=None, key: str = "data.tokenizer") -> str:
+    """The text tokenizer of a manifest (from :func:`read_manifest`): ``override`` if given, else the copy
+    beside the manifest, else the data config's file (its absolute path, its path relative to the code
+    folder, or - old manifests - the path as written). One :class:`DataError` naming ``key`` otherwise."""
+    if override:
+        return str(override)
+    folder = Path(manifest.get("path", "."))
+    if manifest.get("text_tokenizer") and (folder / manifest["text_tokenizer"]).is_file():
+        return str(folder / manifest["text_tokenizer"])
+    source = manifest.get("text_tokenizer_source") or {}
+    written = (manifest.get("data") or {}).get("tokenizer")
+    tried = [Path(source["path"])] if source.get("path") else []
+    tried += [folder / source["relative"]] if source.get("relative") else []
+    if not source and written:
+        tried += [Path(str(written)).expanduser(), folder / str(written)]
+    if not tried:
+        raise DataError(f"code shards {folder} do not name a text tokenizer; set {key}=<tokenizer.json>")
+    hit = next((p for p in tried if p.exists()), None)
+    if hit is None:
+        raise DataError(f"code shards {folder}: their text tokenizer {tried[0]} no longer exists (nor "
+                        f"{', '.join(map(str, tried[1:])) or 'a copy beside the manifest'}); set "
+                        f"{key}=<tokenizer.json>")
+    return str(hit)
+
+
+def image_tokenizer_spec(manifest: dict) -> dict:
+    """The manifest's image tokenizer as a :func:`t2i.models.load_tokenizer` spec (old manifests: built
+    from ``tokenizer_ckpt`` / ``tokenizer_sha256``); resolve it with ``t2i.models.resolve_spec(spec,
+    base=manifest["path"])``."""
+    spec = manifest.get("image_tokenizer")
+    if spec:
+        return dict(spec)
+    if not manifest.get("tokenizer_ckpt"):
+        raise DataError(f"code shards {manifest.get('path')}: the manifest names no image tokenizer; set "
+                        "model.image_tokenizer=<tokenizer .ckpt>")
+    return {"kind": manifest.get("tokenizer_kind") or "t2i", "files": {"ckpt": manifest["tokenizer_ckpt"]},
+            "sha256": {"ckpt": manifest.get("tokenizer_sha256")}}
 
 
 def check_manifest(manifest: dict, grid, codebook_size: int, grid_key: str = "model.image_grid",

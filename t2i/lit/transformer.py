@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -22,6 +24,7 @@ from torch import nn
 
 from t2i.errors import ConfigError, T2IError
 from t2i.lit.optim import adamw_warmup_cosine, clip_grad_norm
+from t2i.models import SPEC_HINT
 from t2i.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -42,11 +45,11 @@ class TransformerModule(pl.LightningModule):
                  max_bad_steps: int = 20, sample: dict | None = None, image_size: int | None = None):
         super().__init__()
         model = dict(model)
-        if any(model.get(k) is None for k in INFERRED):
+        if any(model.get(k) is None for k in INFERRED):  # the first build (not a rebuild from a checkpoint)
             info = self._infer_sizes(codes, text_tokenizer, image_tokenizer, image_size)
             for k in INFERRED:
                 model[k] = info[k] if model.get(k) is None else model[k]
-            image_tokenizer = image_tokenizer or info["tokenizer_ckpt"]
+            image_tokenizer = info["image_tokenizer"]  # files checked here, recorded as absolute paths
         if schedule not in ("constant", "cosine"):
             raise ConfigError(f"model.schedule={schedule!r} is unknown; use constant or cosine")
         self.save_hyperparameters()  # reads the locals now: the filled-in model sizes, the tokenizer path
@@ -54,26 +57,42 @@ class TransformerModule(pl.LightningModule):
         self.ema = None
         if ema_decay:
             self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self._image_tokenizer = None
+        self._image_tokenizer = None  # [module]: built on first use, not a submodule (not in state_dict)
+        self._image_tokenizer_record = None  # the tokenizer carried by the checkpoint this module was loaded from
         self.bad_steps = 0
 
     @staticmethod
     def _infer_sizes(codes, text_tokenizer, image_tokenizer, image_size) -> dict:
-        """Sizes from the code shards' manifest, or (images encoded on the fly) from the image tokenizer
-        checkpoint, ``image_size`` and the text tokenizer file."""
+        """Sizes from the code shards' manifest, or (images encoded on the fly) from the image tokenizer,
+        ``image_size`` and the text tokenizer file; plus ``image_tokenizer``: the stage-1 tokenizer as a
+        spec of existing, hash-checked files (the codes' own unless ``model.image_tokenizer`` is set)."""
+        from t2i.models import load_tokenizer, resolve_spec, tokenizer_spec
+
+        def checked(source):
+            if isinstance(source, Mapping):
+                return resolve_spec(source, key="model.image_tokenizer")
+            if not Path(str(source)).expanduser().is_file():
+                raise ConfigError(f"model.image_tokenizer={source}: no such file (a tokenizer .ckpt from "
+                                  f"`t2i-train experiment=*_vqgan` or *_dvae, or for public weights {SPEC_HINT})")
+            return tokenizer_spec("t2i", source, names={"ckpt": "model.image_tokenizer"})
+
         if codes:
             from t2i.data.code_datamodule import stage2_info
 
-            return stage2_info(codes, text_tokenizer)
+            info = stage2_info(codes, text_tokenizer, image_tokenizer=not image_tokenizer)
+            if image_tokenizer:
+                info["image_tokenizer"] = checked(image_tokenizer)
+            return info
         if image_tokenizer and image_size and text_tokenizer:
             from t2i.data.tokenizer import TextTokenizer
-            from t2i.models import load_tokenizer
 
-            tok, image_tok = TextTokenizer.from_file(text_tokenizer, key="model.text_tokenizer"), \
-                load_tokenizer(image_tokenizer)
+            spec = checked(image_tokenizer)
+            tok = TextTokenizer.from_file(text_tokenizer, key="model.text_tokenizer")
+            with torch.random.fork_rng(devices=[]):  # building modules draws from the global RNG
+                image_tok = load_tokenizer(spec, key="model.image_tokenizer")
             side = int(image_size) // image_tok.downsample
             return {"text_vocab": tok.vocab_size, "text_pad_id": tok.pad_id, "image_vocab": image_tok.codebook_size,
-                    "image_grid": [side, side], "tokenizer_ckpt": image_tokenizer}
+                    "image_grid": [side, side], "image_tokenizer": spec}
         raise ConfigError("model.model sizes (text_vocab, text_pad_id, image_vocab, image_grid) are not set and "
                           "nothing to read them from: train on code shards (data=codes) or set "
                           "model.image_tokenizer, model.text_tokenizer and model.image_size")
@@ -81,12 +100,34 @@ class TransformerModule(pl.LightningModule):
     # -- data --------------------------------------------------------------------------------
     @property
     def image_tokenizer(self) -> nn.Module | None:
-        """The frozen stage-1 model (loaded on first use, never saved with this module's weights)."""
-        if self._image_tokenizer is None and self.hparams.image_tokenizer:
+        """The frozen stage-1 model: the one this module's checkpoint carries, else the one ``hparams.image_tokenizer``
+        names (a path or a spec, see :func:`t2i.models.load_tokenizer`). Built on first use without touching
+        the global RNG (a resumed run draws the same numbers); saved in checkpoints under
+        ``t2i_image_tokenizer`` (weights + constructor arguments), not with this module's weights."""
+        if self._image_tokenizer is None and (self._image_tokenizer_record or self.hparams.image_tokenizer):
             from t2i.models import load_tokenizer
 
-            self._image_tokenizer = [load_tokenizer(self.hparams.image_tokenizer).requires_grad_(False)]
+            with torch.random.fork_rng(devices=[]):
+                tok = load_tokenizer(self._image_tokenizer_record or self.hparams.image_tokenizer,
+                                     key="model.image_tokenizer")
+            self._image_tokenizer = [tok.requires_grad_(False)]
         return self._image_tokenizer[0].to(self.device) if self._image_tokenizer else None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The image tokenizer travels with the checkpoint: ``load_tokenizer(<this .ckpt>)`` rebuilds it."""
+        from t2i.models import IMAGE_TOKENIZER_KEY, tokenizer_record
+
+        if self._image_tokenizer_record is None and self.image_tokenizer is not None:
+            self._image_tokenizer_record = tokenizer_record(self._image_tokenizer[0])  # frozen: made once
+        if self._image_tokenizer_record is not None:
+            checkpoint[IMAGE_TOKENIZER_KEY] = self._image_tokenizer_record
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from t2i.models import IMAGE_TOKENIZER_KEY
+
+        record = checkpoint.get(IMAGE_TOKENIZER_KEY)
+        if record is not None:
+            self._image_tokenizer_record, self._image_tokenizer = record, None
 
     def _codes(self, batch: dict) -> torch.Tensor:
         if "codes" in batch:
