@@ -79,7 +79,8 @@ class CodesDataModule(pl.LightningDataModule):
         have = self.manifest["shards"]
         if "train" not in have and stage in (None, "fit"):
             raise DataError(f"code shards {self.hparams.codes} have no train split (have: {', '.join(have)})")
-        data = {s: load_codes(self.hparams.codes, s) for s in ("train", "val", "test") if s in have}
+        # int16/int32 as stored: no int64 copy of the split (collate makes each batch long)
+        data = {s: load_codes(self.hparams.codes, s, dtype=None) for s in ("train", "val", "test") if s in have}
         if "val" not in data and "train" in data and self.hparams.val_fraction > 0:
             keys, codes, caps = data["train"]
             perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()

@@ -371,6 +371,12 @@ class CodeShards(IterableDataset):
         return urls[info.id :: info.num_workers] if info is not None else urls
 
     def __iter__(self):
+        for key, codes, captions in self.arrays():
+            yield key, torch.from_numpy(codes.astype(np.int64)), captions
+
+    def arrays(self):
+        """Like iterating, but each grid is the stored numpy array (int16, or int32 for codebooks over
+        32767 codes) - no int64 copy; :func:`load_codes` reads through this."""
         grid = self.manifest["grid"] if self.manifest else None
         for url in self.my_urls():
             for name, parts in _samples(url):
@@ -385,16 +391,40 @@ class CodeShards(IterableDataset):
                     key, captions = meta["key"], meta["captions"]
                 else:
                     key, captions = name, [c for c in parts.get("txt", b"").decode("utf-8").split("\n") if c]
-                yield key, torch.from_numpy(codes.astype(np.int64)), captions
+                yield key, codes, captions
 
 
-def load_codes(source, split: str | None = None) -> tuple[list[str], torch.Tensor, list[list[str]]]:
-    """A whole split in memory: (keys, codes LongTensor[N, h, w], captions per image)."""
-    keys, grids, captions = [], [], []
-    for key, codes, caps in CodeShards(source, split):
+def load_codes(source, split: str | None = None,
+               dtype: torch.dtype | None = torch.long) -> tuple[list[str], torch.Tensor, list[list[str]]]:
+    """A whole split in memory: (keys, codes ``[N, h, w]``, captions per image).
+
+    The grids are copied one by one into a single array of their stored type (int16, or int32 for
+    codebooks over 32767 codes): preallocated from the manifest's count, or grown in place when
+    reading loose tars - no per-sample int64 copies and no list of tensors to stack, so the peak is
+    the array itself (``experiments/code_loading`` measures it). ``dtype=None`` returns that array as
+    it is (what :class:`~t2i.data.code_datamodule.CodesDataModule` holds); the default ``torch.long``
+    converts the finished array once.
+    """
+    shards = CodeShards(source, split)
+    count = int(shards.manifest["count"].get(split, 0)) if shards.manifest else 0
+    keys, captions, buf, n = [], [], None, 0
+    for key, codes, caps in shards.arrays():
+        if buf is None:
+            buf = np.empty((count or 1024, *codes.shape), dtype=codes.dtype)
+        if codes.shape != buf.shape[1:]:
+            raise DataError(f"code shards {source} ({split}): sample {key} has a {list(codes.shape)} grid, "
+                            f"earlier ones {list(buf.shape[1:])}; re-tokenize")
+        if codes.dtype != buf.dtype:  # mixed int16/int32 shards: widen once
+            buf = buf.astype(np.promote_types(buf.dtype, codes.dtype))
+        if n == len(buf):
+            buf.resize((2 * n, *buf.shape[1:]), refcheck=False)  # realloc: grows in place when it can
+        buf[n] = codes
         keys.append(key)
-        grids.append(codes)
         captions.append(caps)
-    if not grids:
+        n += 1
+    if buf is None:
         raise DataError(f"code shards {source} ({split}): no samples")
-    return keys, torch.stack(grids), captions
+    if n != len(buf):
+        buf.resize((n, *buf.shape[1:]), refcheck=False)
+    out = torch.from_numpy(buf)
+    return keys, (out if dtype is None else out.to(dtype)), captions
