@@ -1,6 +1,6 @@
 """t2i-generate: captions -> sampled code grids -> images, with the transformer checkpoint's own tokenizers.
 
-    t2i-generate ckpt=<run>/checkpoints/best.ckpt prompts='[一个大的红色圆形在左上角]' num_samples=8
+    t2i-generate ckpt=<run>/checkpoints/best.ckpt prompts='["一个大的红色圆形在左上角"]' num_samples=8
     t2i-generate ckpt=... prompts_file=captions.txt num_samples=16 top_k=64 cfg_scale=3 output=samples/
 
 Output (``output``, default the Hydra run folder): ``p{prompt:03d}_s{sample:02d}.png`` per sample,

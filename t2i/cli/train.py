@@ -1,7 +1,7 @@
 """t2i-train: compose data + model + trainer + logger + callbacks with Hydra, fit, test the best checkpoint.
 
     t2i-train experiment=shapes_vqgan
-    t2i-train -m experiment=shapes_transformer model.attention=full,dalle
+    t2i-train -m experiment=shapes_transformer model.model.attention=full,dalle
 """
 
 from __future__ import annotations
