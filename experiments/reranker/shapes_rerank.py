@@ -18,7 +18,6 @@ import torch
 from t2i.data.oracle import score as oracle
 from t2i.data.shapes import make_split, parse_caption
 from t2i.lit.transformer import TransformerModule
-from t2i.models import load_tokenizer
 from t2i.rerank import load_reranker, score
 from t2i.sampling import decode_codes, generate
 
@@ -36,7 +35,7 @@ def main() -> None:
     model = module.sampling_model().eval()
     clip = load_reranker(args.clip)
     tok = clip.tokenizer  # the Shapes tokenizer both were trained with
-    image_tok = load_tokenizer(module.hparams.image_tokenizer)
+    image_tok = module.image_tokenizer  # carried by the transformer checkpoint
     size = image_tok.downsample * model.grid[0]
     samples = make_split(args.split, args.n, seed=1, image_size=size)
     captions = [s.caption for s in samples]
