@@ -44,6 +44,18 @@ def fake_real(n=40, seed=0, size=16):
     return real, fake
 
 
+def frechet_numpy(a, b) -> float:
+    """The Fréchet distance of two feature sets written from its definition with numpy / scipy:
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b))`` (unbiased covariances)."""
+    import numpy as np
+    from scipy import linalg
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(sa @ sb).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * root))
+
+
 def test_scores_equal_torchmetrics_on_the_same_images():
     real, fake = fake_real()
     scores = GenerationScores(TinyFeatures(), TinyFeatures(num_features=10, seed=1), is_splits=4, seed=3)
@@ -101,7 +113,11 @@ def test_clip_score_and_fd_clip():
     x = to_uint8(fake).float() / 127.5 - 1
     cos = (clip.image_features(x) * clip.text_features(texts)).sum(-1)
     assert out["clip_score"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-5)
-    assert "fd_clip" in out and out["fd_clip"] >= 0 and "fid" not in out
+    assert "fid" not in out
+    with torch.no_grad():  # FD-CLIP: the Fréchet distance of the CLIP embeddings of the saved (uint8) images
+        feats = [clip.image_features(to_uint8(x).float() / 127.5 - 1).numpy() for x in (real, fake)]
+    assert out["fd_clip"] == pytest.approx(frechet_numpy(*feats), rel=1e-4)
+    assert out["fd_clip"] > 1e-5  # the two sets differ: a non-trivial comparison
 
 
 def test_real_statistics_cache_reused_and_invalidated(tmp_path):
@@ -219,13 +235,22 @@ def test_inception_extractor_loads_local_weights(tmp_path):
     torch.manual_seed(0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-        net = Unloaded("inception-v3-compat", ["2048"])
+        net = Unloaded("inception-v3-compat", ["2048", "logits_unbiased"])
     path = tmp_path / INCEPTION_FILE
     torch.save(nn.Module.state_dict(net), path)
     ex = InceptionFeatures(str(path), "2048")
-    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    assert ex(x).shape == (2, 2048)
-    assert torch.equal(ex.net.state_dict()["fc.weight"], nn.Module.state_dict(net)["fc.weight"])
+    logits = InceptionFeatures(str(path), "logits_unbiased")
+    for name, t in nn.Module.state_dict(net).items():  # every tensor of the file, loaded
+        assert torch.equal(ex.net.state_dict()[name], t), name
+    x = torch.randint(0, 256, (2, 3, 40, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    net.eval()
+    with torch.no_grad():  # torch-fidelity's own forward (its TF1-style resize) of the same weights
+        want_pool, want_logits = net(x)
+    got_pool, got_logits = ex(x), logits(x)
+    assert got_pool.shape == (2, 2048) and got_logits.shape == (2, 1008)
+    assert torch.allclose(got_pool, want_pool, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got_pool[0], got_pool[1])  # two different images, two different features
     assert json.dumps(GenerationScores(ex).describe())  # hash of the weights file
 
 
@@ -323,15 +348,32 @@ def test_t2i_eval_shapes(trained, tmp_path):
     assert again["summary"] == pytest.approx(result["summary"], rel=1e-6)
 
 
-def test_t2i_eval_reconstruction(trained, tmp_path):
+def test_t2i_eval_reconstruction(trained, codes, tmp_path):  # noqa: F811
     from t2i.cli.evaluate import run
 
-    tmp, _, obj, _ = trained
-    tok_ckpt = obj["model"].hparams.image_tokenizer
+    tok_ckpt = codes.parent / "tok.ckpt"  # the stage-1 checkpoint the codes were made with
     result = run(eval_cfg(tmp_path, "eval=reconstruction", f"tokenizer_ckpt={tok_ckpt}", "eval.image_size=16",
                           "eval.num_captions=20", "batch_size=8", f"metrics.extractor={TINY}", "metrics.lpips=false"))
     m = result["splits"]["test"]
-    assert m["n"] == 20 and 10 < m["psnr"] < 60 and 0 < m["ssim"] <= 1 and m["rfid"] >= 0
+    assert m["n"] == 20 and 0 < m["ssim"] <= 1
+    # PSNR and rFID recomputed independently: the same 20 Shapes images through the tokenizer, the
+    # reconstructions quantised to uint8, PSNR per image from its MSE in numpy, rFID with scipy's sqrtm
+    import numpy as np
+
+    from t2i.cli.evaluate import shapes_items
+    from t2i.models import load_tokenizer
+
+    real = shapes_items("test", 20, 0, 16, "zh").real(0, 20)
+    tok = load_tokenizer(str(tok_ckpt)).eval()
+    with torch.no_grad():
+        recon = to_uint8(tok.decode(tok.encode(real.float() / 127.5 - 1)))
+    a, b = real.numpy().astype(np.float64) / 255, recon.numpy().astype(np.float64) / 255
+    mse = ((a - b) ** 2).reshape(20, -1).mean(1)
+    assert m["psnr"] == pytest.approx(float(np.mean(10 * np.log10(1 / mse))), rel=1e-5)
+    with torch.no_grad():
+        feats = [TinyFeatures()(x).numpy() for x in (real, recon)]
+    assert m["rfid"] == pytest.approx(frechet_numpy(*feats), rel=1e-4)
+    assert m["rfid"] > 1e-3 and 15 < m["psnr"] < 80  # imperfect reconstructions: the comparisons mean something
     assert 0 < m["codebook_used"] <= 64
     from PIL import Image
 
@@ -389,3 +431,69 @@ def test_t2i_eval_coco30k_protocol_on_a_tiny_val2014(trained, tmp_path):
     assert {"fid", "is_mean", "is_std"} <= set(result["summary"]) and "clip_score" not in result["summary"]
     md = (tmp_path / "out" / "metrics.md").read_text()
     assert "| model | fid | is_mean | is_std |" in md
+
+
+# -- several processes ------------------------------------------------------------------------------
+def _eval_rank(rank, world, port, cfgs, log):
+    """One torchrun-like process: the environment torchrun sets, then t2i-eval's own run()."""
+    import sys
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from t2i.cli.evaluate import run
+
+    try:
+        for cfg in cfgs:
+            run(cfg)
+    except BaseException:
+        import traceback
+
+        with open(f"{log}.{rank}", "w") as f:
+            traceback.print_exc(file=f)
+        sys.exit(1)
+
+
+@pytest.mark.slow  # ~35 s on 2 cores, mostly two interpreters importing torch and Lightning
+def test_t2i_eval_two_gloo_processes_equal_one(trained, codes, tmp_path):  # noqa: F811
+    """t2i-eval under two processes (gloo, as torchrun starts them) gives the one-process numbers: FID, IS,
+    CLIPScore, FD-CLIP, the oracle accuracies and the reconstruction metrics, with 10 captions in batches
+    of 4 (rank 0 draws two batches, one of them short; rank 1 one) and 20 images in batches of 8; rank 0
+    alone writes the outputs."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from t2i.cli.evaluate import run
+
+    tmp, _, _, clip_ckpt = trained
+    shapes = ["eval=shapes", f"ckpt={tmp}/run/checkpoints/last.ckpt", f"clip.ckpt={clip_ckpt}",
+              "eval.splits=[test]", "eval.num_captions=10", "eval.num_candidates=2", "batch_size=4", f"metrics.extractor={TINY}",
+              f"metrics.is_extractor={TINY_IS}", "metrics.is_splits=2"]
+    recon = ["eval=reconstruction", f"tokenizer_ckpt={codes.parent / 'tok.ckpt'}", "eval.image_size=16",
+             "eval.num_captions=20", "batch_size=8", f"metrics.extractor={TINY}", "metrics.lpips=false"]
+    one = tmp_path / "one"
+    single = [run(eval_cfg(one / "shapes", *shapes)), run(eval_cfg(one / "recon", *recon))]
+    two = tmp_path / "two"
+    cfgs = [eval_cfg(two / "shapes", *shapes), eval_cfg(two / "recon", *recon)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.spawn(_eval_rank, args=(2, port, cfgs, str(tmp_path / "error")), nprocs=2)
+    except Exception:
+        pytest.fail("\n".join(p.read_text() for p in tmp_path.glob("error.*")))
+    for want, name in zip(single, ("shapes", "recon")):
+        got = json.loads((two / name / "out" / "metrics.json").read_text())
+        assert got["protocol"]["processes"] == 2 and want["protocol"]["processes"] == 1
+        assert set(got["splits"]) == set(want["splits"])
+        for split, m in want["splits"].items():
+            numbers = {k: v for k, v in m.items() if isinstance(v, (int, float, dict)) and k not in (
+                "seconds", "extractors", "real_from_cache")}
+            assert numbers and got["splits"][split]["n"] == m["n"]
+            for k, v in numbers.items():
+                assert got["splits"][split][k] == pytest.approx(v, rel=1e-5, abs=1e-9), (name, split, k)
+    s = single[0]["summary"]
+    assert {"fid", "is_mean", "is_std", "clip_score", "fd_clip", "acc_first", "acc_rerank"} <= set(s)
+    assert {"rfid", "psnr", "ssim"} <= set(single[1]["summary"])
+    assert (two / "shapes" / "out" / "samples.png").is_file() and (two / "recon" / "out" / "reconstructions.png").is_file()

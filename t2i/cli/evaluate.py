@@ -13,18 +13,27 @@ use). Output in ``output`` (the Hydra run folder by default): ``metrics.json`` (
 everything needed to reproduce them: versions, checkpoints and extractor weights hashes, resize,
 counts, seeds), ``metrics.md`` (a markdown row), ``samples.png`` / ``reconstructions.png``, and a
 printed table beside the protocol's published anchors.
+
+Several processes (``torchrun --nproc_per_node=8 -m t2i.cli.evaluate ...`` or ``srun`` with one task
+per GPU) share the work: caption batch ``k`` goes to rank ``k % world_size`` (each batch seeded by its
+position, so the numbers do not depend on the number of processes), metric states and the oracle's
+counts are gathered on rank 0, which writes the outputs. ``autocast`` (``auto``: bf16 on CUDA, off on
+the CPU; ``bf16`` | ``fp16`` | ``null``) covers sampling, decoding, CLIP and the Inception extractors.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from contextlib import nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import hydra
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
@@ -37,6 +46,68 @@ from t2i.errors import ConfigError, T2IError
 log = logging.getLogger("t2i.eval")
 RESIZE = ("shorter side to image_size with PIL bicubic (antialiased), centre crop; generated images are "
           "quantised to uint8; Inception resizes to 299 with TF1-style bilinear (antialias=False)")
+
+
+# -- processes ------------------------------------------------------------------------------------
+def slurm_to_torchrun_env() -> None:
+    """Under ``srun`` (one task per GPU) name the ranks as torchrun does: RANK, WORLD_SIZE, LOCAL_RANK,
+    and MASTER_ADDR / MASTER_PORT when the batch script did not export them (the job's first node)."""
+    env = os.environ
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) < 2 or "SLURM_PROCID" not in env:
+        return
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    if "MASTER_ADDR" not in env:
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        env["MASTER_ADDR"] = SLURMEnvironment.resolve_root_node_address(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def start_processes(device: torch.device) -> bool:
+    """Join the process group torchrun / srun describe (WORLD_SIZE > 1): nccl on a GPU, gloo on the CPU.
+    True when this call made the group (and should end it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or (dist.is_available() and dist.is_initialized()):
+        return False
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start t2i-eval "
+                          "with torchrun (torchrun --nproc_per_node=N -m t2i.cli.evaluate ...) or srun")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
+    return True
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gathered(obj) -> list:
+    """``obj`` from every rank (rank order); ``[obj]`` in one process."""
+    rank, world = rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    """``autocast``: auto (bf16 on CUDA, off elsewhere), bf16, fp16 or null / false (float32)."""
+    value = cfg.get("autocast", "auto")
+    if value in (None, False, "null", "none", "false", "fp32", "float32"):
+        return None
+    if value == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if value not in dtypes:
+        raise ConfigError(f"autocast={value!r}: use auto, bf16, fp16 or null")
+    if dtypes[value] is torch.float16 and device.type == "cpu":
+        raise ConfigError("autocast=fp16 needs a GPU; use autocast=bf16 or null on the CPU")
+    return dtypes[value]
 
 
 # -- what gets evaluated ------------------------------------------------------------------------
@@ -134,8 +205,10 @@ def scores_for(cfg, clip, device, split: str, image_size: int, n: int):
                                extractors=scores.describe())
         state = cache.load()
         if state is not None:
-            scores.load_real_state(state)
+            scores.load_real_state(state, rank_world()[0])  # rank 0 holds the totals, the others zeros
             log.info("real statistics from %s", cache.path)
+        if rank_world()[1] > 1:
+            dist.barrier()  # every rank has decided before rank 0 may write the cache file
     return scores, cache
 
 
@@ -144,6 +217,7 @@ def generation(cfg: DictConfig, device) -> dict:
     from t2i.data.oracle import score as oracle
     from t2i.data.shapes import caption as shapes_caption
     from t2i.metrics.generation import Loop
+    from t2i.metrics.scores import to_uint8
     from t2i.viz import captioned_rows
 
     p = cfg.eval
@@ -161,6 +235,9 @@ def generation(cfg: DictConfig, device) -> dict:
     if clip is None and n_cand > 1:
         log.warning("no clip.ckpt: the first of %d candidates is scored, none is reranked", n_cand)
     sample = {k: cfg.sample[k] for k in ("top_k", "top_p", "temperature", "cfg_scale", "use_cache")}
+    rank, world = rank_world()
+    amp = autocast_dtype(cfg, device)
+    bs = int(cfg.batch_size)
     splits = list(p.splits) if p.kind == "shapes" else [str(p.get("split_name", "val"))]
     result, grids = {"splits": {}}, []
     for split in splits:
@@ -170,42 +247,50 @@ def generation(cfg: DictConfig, device) -> dict:
         scores, cache = scores_for(cfg, clip, device, split, size, n)
         hits = {"first": [], "chosen": []}
         keep = {"rows": []}
-        bar = tqdm(total=n, desc=f"{p.name} {split}", disable=not cfg.progress)
+        mine = sum(len(range(a, min(a + bs, n))) for k, a in enumerate(range(0, n, bs)) if k % world == rank)
+        bar = tqdm(total=mine, desc=f"{p.name} {split}" + (f" rank 0 of {world}" if world > 1 else ""),
+                   disable=not cfg.progress or rank != 0)
 
         def hook(start, captions, drawn, items=items, hits=hits, keep=keep, bar=bar):
-            if items.specs is not None:
+            if items.specs is not None:  # the oracle reads pixels on the CPU: uint8 crosses, once
                 specs = items.specs[start:start + len(captions)]
-                hits["first"].append(oracle(drawn.candidates[:, 0], specs) | {"n": len(specs)})
-                hits["chosen"].append(oracle(drawn.images, specs) | {"n": len(specs)})
-            if len(keep["rows"]) < 8:
-                for i, c in enumerate(captions[: 8 - len(keep["rows"])]):
-                    if items.specs is not None:  # Shapes: the English caption, legible without a CJK font
-                        c = shapes_caption(items.specs[start + i], "en")
-                    keep["rows"].append((c, drawn.candidates[i, : min(8, n_cand)], int(drawn.chosen[i])))
+                both = to_uint8(torch.stack([drawn.candidates[:, 0], drawn.images])).permute(0, 1, 3, 4, 2).cpu()
+                hits["first"].append(oracle(both[0].numpy(), specs) | {"n": len(specs)})
+                hits["chosen"].append(oracle(both[1].numpy(), specs) | {"n": len(specs)})
+            for i, c in enumerate(captions[: max(0, 8 - start)]):  # the first 8 captions, whichever rank drew them
+                if items.specs is not None:  # Shapes: the English caption, legible without a CJK font
+                    c = shapes_caption(items.specs[start + i], "en")
+                keep["rows"].append((start + i, c, drawn.candidates[i, : min(8, n_cand)].float().cpu(),
+                                     int(drawn.chosen[i])))
             bar.update(len(captions))
 
         loop = Loop(model, image_tok, lambda caps: encode_prompts(tok, caps, model.text_len), scores, clip, n_cand,
-                    int(cfg.batch_size), int(cfg.seed), sample)
+                    bs, int(cfg.seed), sample, rank=rank, world_size=world, autocast=amp)
         t0 = time.perf_counter()
         loop.run(items.captions, items.real, hook)
         bar.close()
         if cache is not None and not scores.real_loaded:
-            cache.save(scores.real_state())
+            state = scores.real_state()  # summed over the ranks (collective)
+            if rank == 0:
+                cache.save(state)
         metrics = scores.compute() if scores.frechet or scores.clip_score or scores.inception_score else {}
         for which in ("first", "chosen") if items.specs is not None else ():
-            total = sum(h["n"] for h in hits[which])
-            acc = {a: sum(h[a] * h["n"] for h in hits[which]) / total for a in hits[which][0] if a != "n"}
+            every = [h for part in gathered(hits[which]) for h in part]
+            total = sum(h["n"] for h in every)
+            acc = {a: sum(h[a] * h["n"] for h in every) / total for a in every[0] if a != "n"}
             metrics[f"acc_{which}"] = acc
         metrics.update(n=n, seconds=time.perf_counter() - t0, real_from_cache=scores.real_loaded,
-                       real_skipped=items.skipped.get("count", 0), extractors=scores.describe(),
+                       real_skipped=sum(gathered(items.skipped.get("count", 0))), extractors=scores.describe(),
                        real_cache=str(cache.path) if cache else None)
         result["splits"][split] = metrics
-        rows = keep["rows"]
-        if rows:
+        rows = sorted((r for part in gathered(keep["rows"]) for r in part), key=lambda r: r[0])
+        rows = [r[1:] for r in rows]
+        if rows and rank == 0:
             per = rows[0][1].shape[0]
             grids.append(captioned_rows(torch.cat([r[1] for r in rows]),
-                                        [f"{r[0]}  [{split}; chosen #{r[2]}]" for r in rows], per_row=per))
-    if grids:
+                                        [f"{r[0]}  [{split}; chosen #{r[2]}]" for r in rows], per_row=per,
+                                        marked=[r[2] if r[2] < per else None for r in rows]))  # red frame
+    if grids and rank == 0:
         width = max(g.shape[-1] for g in grids)
         pad = [torch.nn.functional.pad(g, (0, width - g.shape[-1]), value=1.0) for g in grids]
         save_image((torch.cat(pad, dim=2)[0] + 1) / 2, Path(cfg.output) / "samples.png")
@@ -221,7 +306,8 @@ def generation(cfg: DictConfig, device) -> dict:
                              "clip": cfg.clip.ckpt and str(cfg.clip.ckpt), "clip_sha256": sha256(cfg.clip.ckpt),
                              "clip_backend": cfg.clip.backend if cfg.clip.ckpt else None}
     result["protocol"] = {"image_size": size, "num_candidates": n_cand, "sample": sample,
-                          "reranked": clip is not None and n_cand > 1}
+                          "reranked": clip is not None and n_cand > 1, "processes": world,
+                          "autocast": str(amp).removeprefix("torch.") if amp else None}
     return result
 
 
@@ -243,11 +329,15 @@ def reconstruction(cfg: DictConfig, device) -> dict:
     metrics_cfg = OmegaConf.merge(cfg.metrics, {"inception_score": False, "clip_score": False, "fd_clip": False})
     scores = build_scores(metrics_cfg, None, device, seed=int(cfg.seed))
     lpips = LPIPS(cfg.metrics.get("vgg_path")).to(device) if cfg.metrics.get("lpips", True) else None
-    totals = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
-    counts = torch.zeros(tok.codebook_size, dtype=torch.long)
-    n, shown, t0 = 0, [], time.perf_counter()
+    rank, world = rank_world()
+    amp = autocast_dtype(cfg, device)  # the FID extractor only: the tokenizer and LPIPS run in float32
+    amp = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips sums; images
+    counts = torch.zeros(tok.codebook_size, dtype=torch.long, device=device)
+    shown, t0 = [], time.perf_counter()
     bs = int(cfg.batch_size)
-    for a in tqdm(range(0, len(items.captions), bs), desc="reconstruction", disable=not cfg.progress):
+    batches = [a for k, a in enumerate(range(0, len(items.captions), bs)) if k % world == rank]
+    for a in tqdm(batches, desc="reconstruction", disable=not cfg.progress or rank != 0):
         real = items.real(a, a + bs)
         if not len(real):
             continue
@@ -255,39 +345,44 @@ def reconstruction(cfg: DictConfig, device) -> dict:
         with torch.no_grad():
             codes = tok.encode(x)
             y = to_uint8(tok.decode(codes)).float() / 127.5 - 1  # scored as a saved PNG would be
-        counts += torch.bincount(codes.flatten().cpu(), minlength=tok.codebook_size)
-        x01, y01 = (x + 1) / 2, (y + 1) / 2
-        totals["psnr"] += float(peak_signal_noise_ratio(y01, x01, data_range=1.0, reduction="none",
-                                                        dim=(1, 2, 3)).sum())
-        totals["ssim"] += float(structural_similarity_index_measure(y01, x01, data_range=1.0, reduction="none").sum())
-        if lpips is not None:
-            with torch.no_grad():
-                totals["lpips"] += float(lpips(y, x).sum())
-        if scores.frechet:
-            scores.update_real(x)
-            scores.update_fake(y)
-        room = 8 - sum(len(s) for s in shown) // 2  # 8 (original, reconstruction) pairs
-        if room > 0:
-            shown.append(torch.stack([x[:room], y[:room]], 1).flatten(0, 1).cpu())
-        n += len(x)
+            counts += torch.bincount(codes.flatten(), minlength=tok.codebook_size)
+            x01, y01 = (x + 1) / 2, (y + 1) / 2
+            totals[0] += peak_signal_noise_ratio(y01, x01, data_range=1.0, reduction="none", dim=(1, 2, 3)).sum()
+            totals[1] += structural_similarity_index_measure(y01, x01, data_range=1.0, reduction="none").sum()
+            if lpips is not None:
+                totals[2] += lpips(y, x).sum()
+            totals[3] += len(x)
+            if scores.frechet:
+                with amp:
+                    scores.update_real(x)
+                    scores.update_fake(y)
+        if a < 8:  # the first 8 (original, reconstruction) pairs, whichever rank holds them
+            pairs = torch.stack([x[: 8 - a], y[: 8 - a]], 1).cpu()
+            shown += [(a + i, pair) for i, pair in enumerate(pairs)]
+    if world > 1:
+        dist.all_reduce(totals)
+        dist.all_reduce(counts)
+        shown = [s for part in gathered(shown) for s in part]
+    n = int(totals[3])
     if n == 0:
         raise T2IError(f"eval=reconstruction: no readable images in {p.get('split')}")
-    probs = counts.float() / counts.sum()
-    metrics = {"psnr": totals["psnr"] / n, "ssim": totals["ssim"] / n,
+    probs = counts.double() / counts.sum()
+    metrics = {"psnr": float(totals[0]) / n, "ssim": float(totals[1]) / n,
                "codebook_perplexity": float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum())),
                "codebook_used": int((counts > 0).sum()), "codebook_size": tok.codebook_size}
     if lpips is not None:
-        metrics["lpips"] = totals["lpips"] / n
+        metrics["lpips"] = float(totals[2]) / n
     if scores.frechet and n >= 2:
         metrics["rfid"] = scores.compute()["fid"]
-    metrics.update(n=n, seconds=time.perf_counter() - t0, real_skipped=items.skipped.get("count", 0),
+    metrics.update(n=n, seconds=time.perf_counter() - t0, real_skipped=sum(gathered(items.skipped.get("count", 0))),
                    extractors=scores.describe())
-    pics = torch.cat(shown)
-    save_image((pics + 1) / 2, Path(cfg.output) / "reconstructions.png", nrow=min(8, len(pics)))
+    if rank == 0:
+        pics = torch.cat([pair for _, pair in sorted(shown, key=lambda s: s[0])])
+        save_image((pics + 1) / 2, Path(cfg.output) / "reconstructions.png", nrow=min(8, len(pics)))
     return {"splits": {str(p.get("shapes_split", "val")): metrics},
             "summary": {k: metrics[k] for k in ("rfid", "psnr", "ssim", "lpips") if k in metrics},
             "checkpoints": {"tokenizer": str(cfg.tokenizer_ckpt), "tokenizer_sha256": sha256(cfg.tokenizer_ckpt)},
-            "protocol": {"image_size": size}}
+            "protocol": {"image_size": size, "processes": world}}
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -314,17 +409,30 @@ def run(cfg: DictConfig) -> dict:
     if p.kind != "reconstruction" and not cfg.ckpt:
         raise ConfigError(f"eval={p.name} needs ckpt=<a t2i-train experiment=*_transformer .ckpt>")
     torch.set_flush_denormal(True)
+    slurm_to_torchrun_env()
     device = pick_device(str(cfg.device))
+    autocast_dtype(cfg, device)  # a bad value fails before any model loads
     out = Path(str(cfg.output)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     cfg.output = str(out)
-    t0 = time.perf_counter()
-    result = reconstruction(cfg, device) if p.kind == "reconstruction" else generation(cfg, device)
-    result.update(protocol_name=p.name, wall_seconds=time.perf_counter() - t0, device=str(device),
+    started = start_processes(device)
+    try:
+        t0 = time.perf_counter()
+        result = reconstruction(cfg, device) if p.kind == "reconstruction" else generation(cfg, device)
+        wall = time.perf_counter() - t0
+        rank, world = rank_world()
+        if world > 1:
+            dist.barrier()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    result.update(protocol_name=p.name, wall_seconds=wall, device=str(device),
                   seed=int(cfg.seed), caption_seed=int(p.caption_seed), resize=RESIZE, versions=versions(),
                   metrics_config=OmegaConf.to_container(cfg.metrics, resolve=True),
                   overrides=list(cfg.get("overrides") or []))
     result["protocol"].update(OmegaConf.to_container(p, resolve=True))
+    if rank != 0:
+        return result  # rank 0 writes the outputs
     (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, default=str))
     text = table(cfg, result["summary"])
     (out / "metrics.md").write_text(text.splitlines()[0] + "\n" + text.splitlines()[1] + "\n"

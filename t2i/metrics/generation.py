@@ -4,11 +4,15 @@ one chosen image per caption -> metric updates.
 
 Captions are processed in fixed batches of ``batch_size``; batch ``k`` is drawn from a generator
 seeded with ``seed + k * batch_size`` and belongs to rank ``k % world_size``, so the same images are
-drawn whatever the number of processes (the metric states are summed across ranks).
+drawn whatever the number of processes (the metric states are summed, IS logits gathered in caption
+order, across ranks; ranks may get different numbers of batches). Sampling, decoding, reranking and
+the extractors run on the model's device, under ``autocast`` when one is given (bf16 / fp16); images
+leave the device only for what is written out.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -31,20 +35,24 @@ class Drawn:
 @torch.no_grad()
 def draw(model, image_tokenizer, text_ids: torch.Tensor, captions: list[str], num_candidates: int = 1,
          clip=None, generator: torch.Generator | None = None, **sample) -> Drawn:
-    """``num_candidates`` samples per caption; the chosen one is CLIP's best (or the first drawn)."""
-    from t2i.rerank import score
-    from t2i.sampling import decode_codes, generate
+    """``num_candidates`` samples per caption; the chosen one is CLIP's best (or the first drawn). Everything
+    stays on the device the codes are drawn on (decoding and scoring in chunks of ``chunk`` images)."""
+    from t2i.sampling import generate
 
+    chunk = 64
     codes = generate(model, text_ids, num_candidates, generator=generator, progress=False, **sample)
-    images = decode_codes(image_tokenizer, codes)
+    images = torch.cat([image_tokenizer.decode(codes[i:i + chunk]) for i in range(0, len(codes), chunk)]).float()
     b = len(captions)
     cands = images.view(b, num_candidates, *images.shape[1:])
+    rows = torch.arange(b, device=images.device)
     if clip is not None and num_candidates > 1:
-        s = score(clip, images, [c for c in captions for _ in range(num_candidates)]).view(b, num_candidates)
+        texts = [c for c in captions for _ in range(num_candidates)]
+        s = torch.cat([clip.score(images[i:i + chunk], texts[i:i + chunk]).float()
+                       for i in range(0, len(images), chunk)]).view(b, num_candidates)
         chosen = s.argmax(1)
     else:
-        s, chosen = None, torch.zeros(b, dtype=torch.long)
-    return Drawn(cands[torch.arange(b), chosen], cands, chosen, s)
+        s, chosen = None, torch.zeros(b, dtype=torch.long, device=images.device)
+    return Drawn(cands[rows, chosen.to(images.device)], cands, chosen, s)
 
 
 def build_scores(cfg: DictConfig | dict, clip=None, device="cpu", seed: int = 0) -> GenerationScores:
@@ -111,31 +119,43 @@ class Loop:
     rank: int = 0
     world_size: int = 1
     keep: int = 0                             # chosen images to keep (for the grid), from this rank
+    autocast: torch.dtype | None = None       # bf16 / fp16 for sampling, decoding, CLIP and the extractors
 
     @torch.no_grad()
     def run(self, captions: list[str], real=None, hook=None) -> dict:
         """``real(start, end)`` gives the real images of captions ``start:end`` (skipped when the real
         statistics came from the cache); ``hook(start, captions, drawn)`` sees every drawn batch."""
         device = next(self.model.parameters()).device
-        kept, records = [], []
+        kept, starts, chosen, picked = [], [], [], []
         need_real = real is not None and not self.scores.real_loaded
+        amp = torch.autocast(device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
         for k, start in enumerate(range(0, len(captions), self.batch_size)):
             if k % self.world_size != self.rank:
                 continue
             end = min(start + self.batch_size, len(captions))
             batch = captions[start:end]
             gen = torch.Generator(device=device).manual_seed(self.seed + start)
-            out = draw(self.model, self.image_tokenizer, self.encode(batch).to(device), batch,
-                       self.num_candidates, self.clip, gen, **self.sample)
-            self.scores.update_fake(out.images.to(device), batch)
-            if need_real:
-                self.scores.update_real(real(start, end).to(device))
+            with amp:
+                out = draw(self.model, self.image_tokenizer, self.encode(batch).to(device), batch,
+                           self.num_candidates, self.clip, gen, **self.sample)
+                self.scores.update_fake(out.images, batch, start)
+                if need_real:
+                    self.scores.update_real(real(start, end).to(device, non_blocking=True))
             if len(kept) < self.keep:
-                kept.append(out.images[: self.keep - len(kept)])
-            for i, c in enumerate(batch):
-                records.append({"index": start + i, "caption": c, "seed": self.seed + start,
-                                "chosen": int(out.chosen[i]),
-                                "clip_score": None if out.scores is None else float(out.scores[i, out.chosen[i]])})
+                kept.append(out.images[: self.keep - len(kept)].cpu())
+            starts.append(start)
+            chosen.append(out.chosen)
+            if out.scores is not None:
+                picked.append(out.scores.gather(1, out.chosen.view(-1, 1)).squeeze(1))
             if hook is not None:
                 hook(start, batch, out)
+        # per-caption records, read from the device once at the end
+        chosen = torch.cat(chosen).tolist() if chosen else []
+        picked = torch.cat(picked).tolist() if picked else [None] * len(chosen)
+        records, j = [], 0
+        for start in starts:
+            for i, c in enumerate(captions[start:start + self.batch_size]):
+                records.append({"index": start + i, "caption": c, "seed": self.seed + start,
+                                "chosen": chosen[j], "clip_score": picked[j]})
+                j += 1
         return {"images": torch.cat(kept) if kept else None, "records": records}
