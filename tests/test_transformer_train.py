@@ -107,6 +107,8 @@ def test_t2i_generate(trained, tmp_path, caplog):
     assert all((out / r["file"]).exists() for r in rows)
     assert [p.name for p in sorted(out.glob("grid_*.png"))] == ["grid_p000.png", "grid_p001.png", "grid_p002.png"]
     assert Image.open(out / rows[0]["file"]).size == (16, 16)
+    grid = Image.open(out / "grid_p000.png").convert("RGB")  # 16 px samples upscaled x8, 3 px grey frames
+    assert grid.size == (3 * (128 + 3) + 3, 128 + 3 + 3) and grid.getpixel((1, 1)) == (170, 170, 170)
     assert "unknown to the text tokenizer" in caplog.text and "the rest is cut" in caplog.text
     # the same command twice gives the same images
     run(generate_cfg(tmp_path, f"ckpt={ckpt}", f"prompts=['{caption}','{long}','火星上的x']", "num_samples=3",
@@ -190,3 +192,5 @@ def test_t2i_generate_reranks_with_clip(trained, tmp_path):
     assert len(rows) == 3 and all(r["reranked"] for r in rows)
     scores = [r["score"] for r in rows]
     assert scores == sorted(scores, reverse=True) and len({r["drawn"] for r in rows}) == 3
+    grid = Image.open(tmp_path / "gen" / "grid_p000.png").convert("RGB")  # the pick (s00) in a red frame
+    assert grid.getpixel((1, 64)) == (230, 30, 30) and grid.getpixel((3 * 131 + 1, 64)) == (170, 170, 170)

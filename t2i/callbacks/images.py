@@ -1,5 +1,6 @@
 """One callback for every module's ``log_images(batch) -> dict[str, Tensor]``: PNG grids on disk
-(``<run>/images/``) and, when a W&B logger is attached, ``wandb.Image`` panels. Rank zero only (under FSDP from a gathered, unsharded copy)."""
+(``<run>/images/``; small images upscaled to cells of at least ``min_cell`` px, nearest, in grey frames,
+see :func:`t2i.viz.sample_grid`) and, when a W&B logger is attached, ``wandb.Image`` panels. Rank zero only (under FSDP from a gathered, unsharded copy)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from t2i.distributed import unsharded
+from t2i.viz import sample_grid
 
 
 class ImageLogger(pl.Callback):
-    def __init__(self, every_n_epochs: int = 1, max_images: int = 16, dirname: str = "images"):
+    def __init__(self, every_n_epochs: int = 1, max_images: int = 16, dirname: str = "images", min_cell: int = 128):
         self.every_n_epochs, self.max_images, self.dirname = every_n_epochs, max_images, dirname
+        self.min_cell = min_cell  # small images are upscaled (nearest) to cells of at least this many px
         self._batch = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
@@ -42,7 +45,7 @@ class ImageLogger(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, x in images.items():
-            grid = make_grid(((x.detach().float().cpu().clamp(-1, 1) + 1) / 2), nrow=min(8, len(x)))
+            grid = sample_grid(x, nrow=min(8, len(x)), min_cell=self.min_cell, value_range=(-1.0, 1.0))
             paths[name] = out / f"{stem}_{name}.png"
             save_image(grid, paths[name])
         for logger in trainer.loggers:

@@ -4,6 +4,10 @@ Every stage is its own Hydra run (a subprocess of the same console scripts a use
 ``<output>/<stage>``, and hands its checkpoint to the next. A stage whose output exists is skipped
 unless ``force=true``; once a stage reruns, the later ones rerun too. At the end ``<output>`` holds
 ``metrics.json``, ``report.md``, ``samples.png`` and ``reconstructions.png``.
+
+The terminal gets one status line as a stage starts and one as it ends; everything a stage prints
+(progress bars, Lightning / Hydra / W&B messages and warnings) goes to ``<output>/logs/<stage>.log``
+(``verbose=true`` shows it on the terminal too). A failed stage prints the end of its log.
 """
 
 from __future__ import annotations
@@ -58,14 +62,34 @@ def best_checkpoint(run: Path) -> str:
     return ckpt
 
 
-def run_stage(stage: Stage, out: Path, index: int, total: int) -> float:
+def stage_log(out: Path, name: str) -> Path:
+    return out / "logs" / f"{name}.log"
+
+
+def run_stage(stage: Stage, out: Path, index: int, total: int, verbose: bool = False, tail: int = 25) -> float:
+    """Run one stage with its output in its log file (and on the terminal when ``verbose``)."""
     cmd = [sys.executable, "-m", stage.module, *stage.args]
-    print(f"[{index}/{total}] {stage.name}: {' '.join(cmd[2:])}", flush=True)
+    log_path = stage_log(out, stage.name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{index}/{total}] {stage.name}: running (log: {log_path})", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd)  # the stage's progress bars and log lines go straight to the terminal
-    if proc.returncode != 0:
-        raise StageError(f"stage {stage.name} failed (exit {proc.returncode}); its output is above and its "
-                         f"run folder is {out / stage.name}")
+    with open(log_path, "wb") as log_file:
+        log_file.write(f"$ {' '.join(cmd)}\n".encode())
+        log_file.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
+            log_file.write(chunk)
+            if verbose:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+        code = proc.wait()
+    if code != 0:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()
+        lines = [ln for ln in lines if ln.strip()][-tail:]
+        if not verbose:
+            print(f"--- the last {len(lines)} lines of {log_path} ---", *lines, "---", sep="\n", file=sys.stderr)
+        raise StageError(f"stage {stage.name} failed (exit {code}); its log is {log_path} and its run folder "
+                         f"{out / stage.name}")
     return time.perf_counter() - t0
 
 
@@ -179,7 +203,7 @@ def demo(cfg: DictConfig) -> dict:
             print(f"[{i}/{len(chain)}] {name}: done earlier ({times[name]:.0f} s): {status[name]}", flush=True)
             continue
         rerun = True  # everything after a rerun stage reruns too
-        times[name] = run_stage(stage, out, i, len(chain))
+        times[name] = run_stage(stage, out, i, len(chain), verbose=bool(cfg.get("verbose", False)))
         times_file.write_text(json.dumps(times, indent=2))
         status[name] = stage_status(name, out)
         print(f"[{i}/{len(chain)}] {name}: {times[name]:.0f} s: {status[name]}", flush=True)

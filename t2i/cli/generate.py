@@ -4,7 +4,8 @@
     t2i-generate ckpt=... prompts_file=captions.txt num_samples=16 top_k=64 cfg_scale=3 output=samples/
 
 Output (``output``, default the Hydra run folder): ``p{prompt:03d}_s{sample:02d}.png`` per sample,
-``grid_p{prompt:03d}.png`` per prompt and ``samples.jsonl`` (one line per sample: prompt, index, seed,
+``grid_p{prompt:03d}.png`` per prompt (small images upscaled to cells of at least 128 px, nearest; the
+reranked pick, ``s00``, in a red frame) and ``samples.jsonl`` (one line per sample: prompt, index, seed,
 file, sampling settings, CLIP score). With ``rerank.ckpt`` (a ``t2i-train experiment=*_clip``
 checkpoint) the ``num_samples`` candidates of a prompt are scored by CLIP and written best first
 (``s00`` is the chosen one; ``drawn`` is its position among the candidates); ``rerank.top`` keeps
@@ -28,13 +29,14 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from t2i.cli.common import clear_errors
 from t2i.cli.tokenize import pick_device
 from t2i.data.tokenizer import TextTokenizer, tokenizer_from_checkpoint
 from t2i.errors import ConfigError, T2IError
+from t2i.viz import sample_grid
 
 log = logging.getLogger("t2i.generate")
 SETTINGS = ("top_k", "top_p", "temperature", "cfg_scale", "use_cache", "ema")
@@ -197,7 +199,8 @@ def run(cfg: DictConfig) -> dict:
                 rows.append({"prompt": prompts[i], "prompt_index": i, "sample": j, "drawn": src,
                              "seed": int(cfg.seed) + start, "file": name, "settings": settings,
                              "score": sc, "reranked": clip is not None})
-            save_image(make_grid(pics, nrow=min(8, len(pics))), out / f"grid_p{i:03d}.png")
+            grid = sample_grid(pics, nrow=min(8, len(pics)), marked=[0] if clip is not None else [])
+            save_image(grid, out / f"grid_p{i:03d}.png")
             bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
