@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from numbers import Integral, Real
 
 import torch
 from tqdm.auto import tqdm
@@ -31,13 +32,13 @@ def check_sampling(num_samples=1, top_k=None, top_p=None, temperature=1.0, cfg_s
         raise ConfigError(f"{prefix}{key}={value} {rule}")
 
     def number(key, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
             bad(key, value, "must be a finite number")
         return float(value)
 
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, Integral) or num_samples < 1:
         bad("num_samples", num_samples, "must be an integer >= 1")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1):
         bad("top_k", top_k, "must be an integer >= 1 (null: no top-k filtering)")
     if top_p is not None and not 0 < number("top_p", top_p) <= 1:
         bad("top_p", top_p, "must be in (0, 1] (1 keeps every token; null: no top-p filtering)")

@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -55,6 +56,7 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
 def test_check_sampling_accepts_the_edges():
     check_sampling(1, top_k=1, top_p=1.0, temperature=0.0, cfg_scale=3)  # greedy, everything kept: fine
     check_sampling(8, top_k=None, top_p=1e-6, temperature=2.5, cfg_scale=None)
+    check_sampling(np.int64(4), top_k=np.int32(16), top_p=np.float32(0.9), temperature=np.float64(0.7))
     with pytest.raises(ConfigError, match=r"^sample\.top_p=-1 must be in"):
         check_sampling(1, top_p=-1, prefix="sample.")
     with pytest.raises(ConfigError, match="num_samples=2.5 must be an integer"):
