@@ -165,12 +165,12 @@ def run(cfg: DictConfig) -> dict:
     prompts = read_prompts(cfg)
     device = pick_device(str(cfg.device))
     model, image_tok, tok = build(cfg, device)
+    text = encode_prompts(tok, prompts, model.text_len, allow_unk=bool(cfg.get("allow_unk", False)))
     clip = None
-    if cfg.rerank.ckpt:
+    if cfg.rerank.ckpt:  # loaded once the prompts are known to be usable
         from t2i.rerank import load_reranker
 
         clip = load_reranker(cfg.rerank.ckpt, cfg.rerank.backend, cfg.rerank.get("model_name")).to(device)
-    text = encode_prompts(tok, prompts, model.text_len, allow_unk=bool(cfg.get("allow_unk", False)))
     out = Path(str(cfg.output)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: cfg[k] for k in SETTINGS}
