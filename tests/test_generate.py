@@ -120,3 +120,20 @@ def test_sampler_checks_its_arguments():
     # greedy is temperature 0, and equals top_k=1
     g = torch.Generator().manual_seed(0)
     assert torch.equal(generate(m, text, 2, temperature=0.0), generate(m, text, 2, top_k=1, generator=g))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sample.top_p=2", "sample.top_p=2 must be in (0, 1]"),
+    ("sample.temperature=-1", "sample.temperature=-1 must be >= 0"),
+    ("eval.num_candidates=0", "eval.num_candidates=0 must be an integer >= 1"),
+    ("batch_size=0", "batch_size=0 must be an integer >= 1"),
+])
+def test_t2i_eval_checks_its_sampling_settings_first(tmp_path, override, message):
+    from t2i.cli.evaluate import run as evaluate
+
+    with initialize_config_module("t2i.conf", version_base="1.3"):
+        cfg = compose("eval", overrides=["eval=shapes", f"ckpt={tmp_path}/missing.ckpt", f"output={tmp_path}/out",
+                                         f"paths.log_dir={tmp_path}/logs", "progress=false", override])
+    with pytest.raises(ConfigError) as e:
+        evaluate(cfg)
+    assert message in str(e.value)
