@@ -76,22 +76,23 @@ def has_cjk_glyphs(path) -> bool:
     return any(han) and han != ink("\U0010fffd\U0010fffd")
 
 
-def _system_fonts() -> list[str]:
-    """Candidate CJK font files: common paths, then fontconfig's Chinese fonts, then matplotlib's list."""
-    found = [p for p in CJK_FONTS if Path(p).is_file()]
+def _system_fonts():
+    """Candidate CJK font files, lazily: common paths, then fontconfig's Chinese fonts, then matplotlib's
+    list (imported only when nothing earlier was found)."""
+    yield from (p for p in CJK_FONTS if Path(p).is_file())
     if shutil.which("fc-list"):
         try:
             out = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True, timeout=10).stdout
-            found += sorted(line.split(":")[0].strip() for line in out.splitlines() if line.strip())
+            yield from sorted(line.split(":")[0].strip() for line in out.splitlines() if line.strip())
         except (OSError, subprocess.SubprocessError):
             pass
     try:
         from matplotlib import font_manager
 
-        found += sorted(f.fname for f in font_manager.fontManager.ttflist if CJK_NAMES.search(f.name))
+        fonts = sorted(f.fname for f in font_manager.fontManager.ttflist if CJK_NAMES.search(f.name))
     except Exception:  # matplotlib missing or its font cache unreadable: the other sources still count
-        pass
-    return list(dict.fromkeys(found))
+        fonts = []
+    yield from fonts
 
 
 @lru_cache(maxsize=1)
