@@ -378,7 +378,7 @@ def test_t2i_eval_reconstruction(trained, codes, tmp_path):  # noqa: F811
     from PIL import Image
 
     grid = Image.open(tmp_path / "out" / "reconstructions.png")  # 8 (original, reconstruction) pairs
-    assert grid.size == (2 + 8 * 18, 2 + 2 * 18)
+    assert grid.size == (3 + 8 * (128 + 3), 3 + 2 * (128 + 3))  # 16 px upscaled x8, 3 px frames
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["summary"]["psnr"] == pytest.approx(m["psnr"])
 
 

@@ -378,7 +378,10 @@ def reconstruction(cfg: DictConfig, device) -> dict:
                    extractors=scores.describe())
     if rank == 0:
         pics = torch.cat([pair for _, pair in sorted(shown, key=lambda s: s[0])])
-        save_image((pics + 1) / 2, Path(cfg.output) / "reconstructions.png", nrow=min(8, len(pics)))
+        from t2i.viz import sample_grid  # small images upscaled (nearest) to readable cells, framed
+
+        save_image(sample_grid(pics, nrow=min(8, len(pics)), value_range=(-1.0, 1.0)),
+                   Path(cfg.output) / "reconstructions.png")
     return {"splits": {str(p.get("shapes_split", "val")): metrics},
             "summary": {k: metrics[k] for k in ("rfid", "psnr", "ssim", "lpips") if k in metrics},
             "checkpoints": {"tokenizer": str(cfg.tokenizer_ckpt), "tokenizer_sha256": sha256(cfg.tokenizer_ckpt)},
