@@ -99,6 +99,11 @@ def unsharded(trainer, pl_module, everywhere: bool = False):
         state = root.state_dict()
     if not (everywhere or trainer.is_global_zero):
         return None
-    plain = type(pl_module)(**pl_module.hparams)
+    with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
+        plain = type(pl_module)(**pl_module.hparams)
     plain.load_state_dict(state)
+    getattr(pl_module, "image_tokenizer", None)  # built once on the module (frozen, not sharded), shared below
+    for name in ("_image_tokenizer", "_image_tokenizer_record"):
+        if hasattr(pl_module, name):
+            setattr(plain, name, getattr(pl_module, name))
     return plain.to(pl_module.device).eval()
