@@ -3,11 +3,14 @@
     t2i-tokenize tokenizer_ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt data=shapes output=data/codes/shapes
     t2i-tokenize tokenizer_ckpt=vqgan.ckpt data=muge output=data/codes/muge split=train batch_size=128
     torchrun --nproc_per_node=8 -m t2i.cli.tokenize tokenizer_ckpt=vqgan.ckpt data=muge output=data/codes/muge
+    t2i-tokenize tokenizer_kind=taming tokenizer_ckpt=vqgan_imagenet_f16_16384/checkpoints/last.ckpt data=muge ...
+    t2i-tokenize tokenizer_kind=openai_dvae tokenizer_ckpt=encoder.pkl tokenizer_decoder=decoder.pkl data=muge ...
 
 ``data=`` is the same config group as ``t2i-train`` (so ``data.image_size=...`` etc. work); images
 get the evaluation transform (resize + centre crop, no random crop), each image is encoded once and
 its shard record carries all of its captions. Output layout, sharding and the manifest: see
-:mod:`t2i.data.codes`.
+:mod:`t2i.data.codes`. The output folder can be moved: its manifest records the image tokenizer's
+files (sha256, absolute and relative paths) and a copy of the text tokenizer sits beside it.
 
 Resuming: a rerun with the same settings skips every finished shard (``resume=false`` re-encodes this
 rank's shards). An output written with another tokenizer, image size, world size, shard size or a
