@@ -390,6 +390,10 @@ def test_t2i_eval_errors(tmp_path):
         run(eval_cfg(tmp_path, "eval=shapes"))
     with pytest.raises(ConfigError, match="needs tokenizer_ckpt="):
         run(eval_cfg(tmp_path, "eval=reconstruction"))
+    with pytest.raises(ConfigError, match="autocast='fp8': use auto, bf16, fp16 or null"):
+        run(eval_cfg(tmp_path, "eval=shapes", "ckpt=x.ckpt", "autocast=fp8"))
+    with pytest.raises(ConfigError, match="autocast=fp16 needs a GPU"):
+        run(eval_cfg(tmp_path, "eval=shapes", "ckpt=x.ckpt", "autocast=fp16"))
     import subprocess
     import sys
 
@@ -424,10 +428,11 @@ def test_t2i_eval_coco30k_protocol_on_a_tiny_val2014(trained, tmp_path):
     assert prepare.prepare(tmp_path / "captions.json", val) == {"images": 7, "written": 6, "missing_images": 1}
     tmp, _, _, _ = trained
     result = run(eval_cfg(tmp_path, "eval=coco30k", f"ckpt={tmp}/run/checkpoints/last.ckpt", f"eval.split={val}",
-                          "eval.num_captions=10", "eval.max_bad_fraction=0.5", "batch_size=4",
+                          "eval.num_captions=10", "eval.max_bad_fraction=0.5", "batch_size=4", "autocast=bf16",
                           f"metrics.extractor={TINY}", f"metrics.is_extractor={TINY_IS}", "metrics.is_splits=2"))
     m = result["splits"]["val2014"]
     assert m["n"] == 6 and m["real_skipped"] == 1  # all six pairs drawn; the corrupt image left out of the real side
+    assert result["protocol"]["autocast"] == "bfloat16"  # sampling, decoding and extractors under CPU bf16 autocast
     assert {"fid", "is_mean", "is_std"} <= set(result["summary"]) and "clip_score" not in result["summary"]
     md = (tmp_path / "out" / "metrics.md").read_text()
     assert "| model | fid | is_mean | is_std |" in md

@@ -4,7 +4,8 @@ Every ``every_n_val_epochs`` validation epochs it takes a fixed, seeded subset o
 validation captions, draws ``num_candidates`` samples each with the module's sampling model
 (EMA weights when present), keeps CLIP's best when a ``clip`` is configured, and logs
 ``val/fid``, ``val/is_mean``, ``val/clip_score``, ``val/fd_clip`` (whichever are configured). Under DDP
-each rank draws its share of the caption batches and the metric states are summed across ranks.
+each rank draws its share of the caption batches (ranks may get different numbers) and the metric
+states are summed (IS logits gathered in caption order) across ranks: the values equal one process's.
 
 Real images come from the validation set: its images (image datamodules) or, for a codes
 datamodule, the ground-truth codes decoded by the image tokenizer (``real_source=reconstructions``
@@ -110,8 +111,8 @@ class GenerationMetrics(pl.Callback):
             self.scores.real_loaded = True  # in memory from now on (each rank keeps its share)
         values = self.scores.compute()
         self.scores.reset()
-        for k, v in values.items():
-            pl_module.log(f"val/{k}", v, sync_dist=False)
+        for k, v in values.items():  # already equal on every rank; the mean of equal values keeps them (and Lightning quiet)
+            pl_module.log(f"val/{k}", v, sync_dist=True)
         if trainer.is_global_zero and out["images"] is not None:
             self._save(trainer, out, values)
 
