@@ -402,6 +402,33 @@ def test_t2i_eval_errors(tmp_path):
     assert res.returncode == 1 and "error: eval=shapes needs ckpt=" in res.stderr, res.stderr[-1000:]
 
 
+def test_t2i_eval_process_group_from_srun_and_torchrun_variables(monkeypatch):
+    """srun's variables become torchrun's (rank, world, local rank, the job's first node as master);
+    a WORLD_SIZE without a master is one clear error, not a hang."""
+    from t2i.cli.evaluate import slurm_to_torchrun_env, start_processes
+    from t2i.errors import ConfigError
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    slurm_to_torchrun_env()
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "20123"}
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # an sbatch script's own export wins
+    monkeypatch.delenv("WORLD_SIZE")
+    slurm_to_torchrun_env()
+    assert os.environ["MASTER_ADDR"] == "10.0.0.1"
+    monkeypatch.delenv("MASTER_ADDR")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=4 but MASTER_ADDR not set: start t2i-eval with torchrun"):
+        start_processes(torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert start_processes(torch.device("cpu")) is False  # one process: no group
+
+
 def test_t2i_eval_coco30k_protocol_on_a_tiny_val2014(trained, tmp_path):
     """The generation protocol path (data source, seeded caption pick, FID + IS, anchors table) on six
     COCO-style images laid out by experiments/coco30k/prepare.py; one image is corrupt."""
