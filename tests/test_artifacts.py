@@ -168,6 +168,11 @@ def test_moved_code_folder_keeps_its_text_tokenizer_and_names_the_override(tmp_p
     save_checkpoint(tmp_path / "tok.ckpt", downsample=4, levels=5)  # a different tokenizer at that path
     with pytest.raises(T2IError, match=r"sha256 .* recorded when its codes were made.*model\.image_tokenizer="):
         stage2_info(str(tmp_path / "codes"))
+    from t2i.lit.transformer import TransformerModule
+
+    with pytest.raises(T2IError, match="has 125 codes; the transformer is set up for 64"):  # at once, not at validation
+        TransformerModule(model=dict(text_len=4, n_layer=1, n_head=2, d_model=16), codes=str(tmp_path / "codes"),
+                          image_tokenizer=str(tmp_path / "tok.ckpt"))
     (tmp_path / "codes" / "text_tokenizer.json").unlink()
     shutil.rmtree(tmp_path / "data")
     with pytest.raises(T2IError, match=r"text tokenizer .* no longer exists .*set data\.tokenizer="):

@@ -44,7 +44,7 @@ class TransformerModule(pl.LightningModule):
                  min_lr_ratio: float = 0.1, grad_clip: float | None = 1.0, ema_decay: float | None = None,
                  max_bad_steps: int = 20, sample: dict | None = None, image_size: int | None = None):
         super().__init__()
-        model = dict(model)
+        model, info = dict(model), None
         if any(model.get(k) is None for k in INFERRED):  # the first build (not a rebuild from a checkpoint)
             info = self._infer_sizes(codes, text_tokenizer, image_tokenizer, image_size)
             for k in INFERRED:
@@ -59,6 +59,13 @@ class TransformerModule(pl.LightningModule):
             self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self._image_tokenizer = None  # [module]: built on first use, not a submodule (not in state_dict)
         self._image_tokenizer_record = None  # the tokenizer carried by the checkpoint this module was loaded from
+        if info is not None and image_tokenizer:  # first build: a tokenizer that cannot load fails now, not later
+            tok = info.get("built") or self._load_image_tokenizer(image_tokenizer, check_hash=False)  # just hashed
+            if tok.codebook_size != self.model.image_vocab:
+                raise ConfigError(f"model.image_tokenizer has {tok.codebook_size} codes; the transformer is set up "
+                                  f"for {self.model.image_vocab} (the code shards' codebook): pass the tokenizer "
+                                  "the codes were made with")
+            self._image_tokenizer = [tok]
         self.bad_steps = 0
 
     @staticmethod
@@ -66,7 +73,7 @@ class TransformerModule(pl.LightningModule):
         """Sizes from the code shards' manifest, or (images encoded on the fly) from the image tokenizer,
         ``image_size`` and the text tokenizer file; plus ``image_tokenizer``: the stage-1 tokenizer as a
         spec of existing, hash-checked files (the codes' own unless ``model.image_tokenizer`` is set)."""
-        from t2i.models import load_tokenizer, resolve_spec, tokenizer_spec
+        from t2i.models import resolve_spec, tokenizer_spec
 
         def checked(source):
             if isinstance(source, Mapping):
@@ -88,11 +95,10 @@ class TransformerModule(pl.LightningModule):
 
             spec = checked(image_tokenizer)
             tok = TextTokenizer.from_file(text_tokenizer, key="model.text_tokenizer")
-            with torch.random.fork_rng(devices=[]):  # building modules draws from the global RNG
-                image_tok = load_tokenizer(spec, key="model.image_tokenizer")
+            image_tok = TransformerModule._load_image_tokenizer(spec, check_hash=False)
             side = int(image_size) // image_tok.downsample
             return {"text_vocab": tok.vocab_size, "text_pad_id": tok.pad_id, "image_vocab": image_tok.codebook_size,
-                    "image_grid": [side, side], "image_tokenizer": spec}
+                    "image_grid": [side, side], "image_tokenizer": spec, "built": image_tok}
         raise ConfigError("model.model sizes (text_vocab, text_pad_id, image_vocab, image_grid) are not set and "
                           "nothing to read them from: train on code shards (data=codes) or set "
                           "model.image_tokenizer, model.text_tokenizer and model.image_size")
@@ -105,13 +111,18 @@ class TransformerModule(pl.LightningModule):
         the global RNG (a resumed run draws the same numbers); saved in checkpoints under
         ``t2i_image_tokenizer`` (weights + constructor arguments), not with this module's weights."""
         if self._image_tokenizer is None and (self._image_tokenizer_record or self.hparams.image_tokenizer):
-            from t2i.models import load_tokenizer
-
-            with torch.random.fork_rng(devices=[]):
-                tok = load_tokenizer(self._image_tokenizer_record or self.hparams.image_tokenizer,
-                                     key="model.image_tokenizer")
-            self._image_tokenizer = [tok.requires_grad_(False)]
+            self._image_tokenizer = [self._load_image_tokenizer(self._image_tokenizer_record
+                                                                or self.hparams.image_tokenizer)]
         return self._image_tokenizer[0].to(self.device) if self._image_tokenizer else None
+
+    @staticmethod
+    def _load_image_tokenizer(source, check_hash: bool = True) -> nn.Module:
+        """Frozen, in eval mode, built without drawing from the global RNG (module init would)."""
+        from t2i.models import load_tokenizer
+
+        with torch.random.fork_rng(devices=[]):
+            tok = load_tokenizer(source, key="model.image_tokenizer", check_hash=check_hash)
+        return tok.requires_grad_(False).eval()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The image tokenizer travels with the checkpoint: ``load_tokenizer(<this .ckpt>)`` rebuilds it."""
