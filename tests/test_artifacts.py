@@ -103,6 +103,8 @@ def test_taming_tokenizer_through_tokenize_train_generate_eval(tmp_path, taming)
     assert same_weights(carried, original) and carried.config == original.config
 
     assert len(generate(tmp_path, last)) == 2
+    spec = f"{{kind:taming,files:{{ckpt:{ckpt},config:{ckpt.parent.parent}/configs/model.yaml}}}}"
+    assert len(generate(tmp_path / "override", last, f"image_tokenizer={spec}")) == 2  # the override, as typed
     result = evaluate(eval_cfg(tmp_path / "eval", "eval=shapes", f"ckpt={last}", "eval.num_captions=4",
                                "eval.num_candidates=1", "batch_size=4", "metrics.extractor=null",
                                "metrics.inception_score=false", "metrics.clip_score=false", "metrics.fd_clip=false"))

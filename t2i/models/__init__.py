@@ -117,7 +117,8 @@ def resolve_spec(spec: Mapping, base=None, key: str = "model.image_tokenizer", c
         if hit is None:
             where = " or ".join(str(p) for p in tried)
             raise T2IError(f"image tokenizer {role} file {where}: no such file (was it moved?); pass "
-                           f"{key}=<its path> (a t2i tokenizer .ckpt, or for public weights {key}={SPEC_HINT})")
+                           f"{key}=<its path> (a t2i tokenizer .ckpt or a transformer .ckpt that carries one, or "
+                           f"for public weights {key}={SPEC_HINT})")
         if check_hash and hashes.get(role):
             got = file_sha256(hit)
             if got != hashes[role]:
