@@ -139,6 +139,9 @@ def test_moved_tokenizer_codes_and_data_still_train_and_generate(tmp_path, monke
     shutil.rmtree(moved)  # the transformer checkpoint alone: tokenizers, data and codes gone
     images = generate(tmp_path, last)
     assert len(images) == 2 and all(p.stat().st_size > 0 for p in images)
+    from t2i.lit.transformer import TransformerModule
+
+    assert TransformerModule.load_from_checkpoint(last).image_tokenizer.codebook_size == 32
     assert os.getcwd() == str(elsewhere)
 
 
