@@ -1,13 +1,19 @@
 """Fault tolerance: exact resumption and clean preemption.
 
 ``RNGState`` puts every rank's Python / NumPy / torch (CPU and CUDA) generator states into each
-checkpoint and restores them just before the first training batch after a resume, so that dropout,
-caption dropout and random captions continue as if the run had never stopped. (The data order is
-restored by :mod:`t2i.data.sampler`.)
+checkpoint and restores them just before the next training batch -- after a resume, and also in the
+run that goes on, so whatever ran between the checkpoint and that batch (a new epoch's loader, ...)
+draws the same in both. Validation (image logging, the metrics callback, tokenizers built lazily on
+first use) runs on a copy of the states that is thrown away afterwards: it never shifts the training
+stream. Together, dropout, caption dropout and random captions continue as if the run had never
+stopped. (The data order is restored by :mod:`t2i.data.sampler`.)
 
-``Preemption`` turns SIGTERM and SIGUSR1 (SLURM's pre-timeout signal, ``--signal=USR1@120``) into:
-finish the current batch, agree across ranks, write ``checkpoints/last.ckpt``, write a ``PREEMPTED``
-marker in the run folder, and leave ``t2i-train`` with exit code 0 (``resume=auto`` continues).
+``Preemption`` turns the signals launchers send before they kill a job -- SIGTERM (torchrun, SLURM's
+``scancel`` and time limit, Kubernetes), SIGUSR1 (``sbatch --signal=USR1@120``, the launch scripts
+here) and SIGUSR2 (submitit, i.e. ``hydra/launcher=slurm``) -- into: finish the current batch, agree
+across ranks, write ``checkpoints/last.ckpt``, write a ``PREEMPTED`` marker in the run folder, and
+leave ``t2i-train`` with exit code 0 (``resume=auto`` continues). Under DDP the ranks agree every
+``check_every`` batches (a collective with a host sync); one process checks every batch for free.
 """
 
 from __future__ import annotations
@@ -57,9 +63,13 @@ def _set_rng_states(state: dict) -> None:
 class RNGState(pl.Callback):
     def __init__(self):
         self._pending: dict | None = None
+        self._before_validation: dict | None = None
 
     def state_dict(self) -> dict:
-        mine = _rng_states()
+        # training continues from these states (inside validation: from those before it), in this run at
+        # the next training batch, and the same in a run resumed from this checkpoint
+        mine = self._before_validation or _rng_states()
+        self._pending = mine
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ranks: list = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
@@ -80,10 +90,45 @@ class RNGState(pl.Callback):
             _set_rng_states(self._pending)
             self._pending = None
 
+    def on_validation_start(self, trainer, pl_module):
+        self._before_validation = _rng_states()
+
+    def on_validation_end(self, trainer, pl_module):
+        # runs before the checkpoint callbacks' on_validation_end (Lightning orders those last)
+        if self._before_validation is not None:
+            _set_rng_states(self._before_validation)
+            self._before_validation = None
+
+
+class DataPosition(pl.Callback):
+    """On a resumed fit, the training sampler (:class:`t2i.data.sampler.BatchBlockSampler`) continues
+    the checkpoint's epoch after the batches it had consumed. Lightning may build the loader, and its
+    iterator (with workers: the first indices too), before it restores its loop counters -- to estimate
+    the number of steps of an LR schedule when ``trainer.max_epochs`` is set -- and does not rebuild it
+    for the resumed epoch; the epoch would start over, in epoch 0's order. So at ``on_train_start``
+    (counters restored, no batch drawn yet) this sets the epoch and the batches to skip and rebuilds the
+    iterator."""
+
+    def on_train_start(self, trainer, pl_module):
+        from t2i.data.sampler import BatchBlockSampler, resumed_batches
+
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        if not trainer.ckpt_path or not isinstance(sampler, BatchBlockSampler):
+            return
+        done = resumed_batches(trainer)
+        if not 0 < done < trainer.num_training_batches:  # saved at an epoch's end: the next starts afresh
+            return
+        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)  # what Lightning sets next
+        sampler.skip_batches = done
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            iter(fetcher)  # a fresh iterator from the position just set (Lightning's setup does the same)
+
 
 class Preemption(pl.Callback):
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), marker: str = "PREEMPTED"):
-        self.signals, self.marker = tuple(signals), marker
+    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2"), marker: str = "PREEMPTED",
+                 check_every: int = 10):
+        self.signals, self.marker, self.check_every = tuple(signals), marker, max(1, int(check_every))
         self._received: str | None = None
         self._previous: dict = {}
 
@@ -101,6 +146,8 @@ class Preemption(pl.Callback):
             self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.world_size > 1 and (batch_idx + 1) % self.check_every:  # the same batches on every rank
+            return
         stop = trainer.strategy.reduce_boolean_decision(self._received is not None, all=False)
         if not stop:
             return

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
 from t2i.callbacks.config_saver import ConfigSaver
-from t2i.callbacks.resume import Preempted, Preemption, RNGState
+from t2i.callbacks.resume import DataPosition, Preempted, Preemption, RNGState
 from t2i.checkpoints import AtomicCheckpointIO, check_fits, resolve_resume
 from t2i.cli.common import clear_errors, instantiate_group, save_config
 from t2i.distributed import SameRunDir, check_launch
@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     model: pl.LightningModule = instantiate(cfg.model, _convert_="all")
     if ckpt_path:
         check_fits(ckpt_path, model, "resume" if cfg.get("resume") else "ckpt_path")
-    callbacks = instantiate_group(cfg.get("callbacks")) + [ConfigSaver(resolved), RNGState(), Preemption(),
+    callbacks = instantiate_group(cfg.get("callbacks")) + [ConfigSaver(resolved), RNGState(), DataPosition(), Preemption(),
                                                            SameRunDir()]
     loggers = build_loggers(cfg.get("logger"), out, resumed=bool(ckpt_path))
     trainer_cfg = cfg.trainer
@@ -165,8 +165,15 @@ def write_summary(out: Path, cfg: DictConfig, metrics: dict, status: str, traine
 
 
 def metric_value(metrics: dict, name: str | None) -> float | None:
-    """The value sweepers optimise; a clear error when the named metric was never logged."""
+    """The value sweepers optimise. None, with a warning, when its phase never ran (``val/...`` from a run
+    that stopped before its first validation, e.g. ``trainer.max_steps`` below an epoch); a clear error
+    when the phase ran but did not log it (a misspelt name)."""
     if not name:
+        return None
+    phase = name.split("/", 1)[0] + "/" if "/" in name else None
+    if name not in metrics and phase and not any(k.startswith(phase) for k in metrics):
+        log.warning("optimized_metric=%s: the run logged no %s metrics (it ended before the first %s); "
+                    "returning no value", name, phase, "validation" if phase == "val/" else phase.rstrip("/"))
         return None
     if name not in metrics:
         raise ConfigError(

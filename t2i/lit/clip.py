@@ -14,8 +14,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from t2i.errors import ConfigError
-from t2i.lit.optim import adamw_warmup_cosine
+from t2i.errors import ConfigError, T2IError
+from t2i.lit.optim import StepGuard, adamw_warmup_cosine, clip_grad_norm
 from t2i.losses.clip import ContrastiveLoss
 from t2i.models.clip import CLIP
 
@@ -54,7 +54,7 @@ def retrieval_recall(image: torch.Tensor, text: torch.Tensor, keys: list[str]) -
 class CLIPModule(pl.LightningModule):
     def __init__(self, model: dict, lr: float = 5e-4, betas=(0.9, 0.98), weight_decay: float = 0.1,
                  warmup_steps: int = 100, schedule: str = "cosine", total_steps: int | None = None,
-                 min_lr_ratio: float = 0.0, local_loss: bool = False):
+                 min_lr_ratio: float = 0.0, local_loss: bool = False, max_bad_steps: int = 20):
         super().__init__()
         if schedule not in ("constant", "cosine"):
             raise ConfigError(f"model.schedule={schedule!r} is unknown; use constant or cosine")
@@ -64,6 +64,7 @@ class CLIPModule(pl.LightningModule):
         if model.get("vocab_size") is not None:
             self.model = CLIP(**model)
         self._val: list = []
+        self.guard = StepGuard(max_bad_steps)
 
     def configure_model(self) -> None:
         """Build the model once the datamodule's tokenizer exists (Shapes builds it in prepare_data)."""
@@ -81,14 +82,41 @@ class CLIPModule(pl.LightningModule):
     def _features(self, batch):
         return self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"])
 
+    def _rows(self) -> int | None:
+        """Every rank's largest training batch (the loader's batch size): the contrastive loss pads each
+        rank's features to it, so ranks may hold different numbers of pairs."""
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        return getattr(loader, "batch_size", None)
+
     def training_step(self, batch, batch_idx):
-        if batch["image"].shape[0] == 0:
-            return None
+        """The contrastive loss, never None (under DDP every rank must run the backward pass). A batch
+        emptied by undecodable images trains on a stand-in pair with a NaN loss, so the step is skipped
+        on every rank (:class:`t2i.lit.optim.StepGuard`), like a NaN/inf loss."""
+        empty = batch["image"].shape[0] == 0
+        if empty:
+            batch = {k: v.new_zeros((1, *v.shape[1:])) for k, v in batch.items() if torch.is_tensor(v)}
         image, text = self._features(batch)
-        loss = self.loss(image, text, self.model.scale())
+        loss = self.loss(image, text, self.model.scale(), rows=self._rows())
+        if empty:
+            loss = loss * float("nan")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", self.model.scale().detach())
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip to ``trainer.gradient_clip_val`` if set, and skip non-finite steps on every rank."""
+        self.guard.after_backward(optimizer, clip_grad_norm(self, optimizer, gradient_clip_val))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.log("train/skipped_steps", self.guard.skipped.float())
+        self.guard.check(self.global_step, self._too_many_bad_steps)
+
+    def on_train_epoch_end(self):
+        self.guard.check(0, self._too_many_bad_steps)
+
+    def _too_many_bad_steps(self, n: int) -> T2IError:
+        return T2IError(f"the CLIP loss was NaN/inf for {n} steps in a row (an empty batch counts too; by step "
+                        f"{self.global_step}); lower model.lr or raise model.warmup_steps")
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model, no_decay)

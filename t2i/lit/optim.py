@@ -1,4 +1,11 @@
-"""Optimizer and LR-schedule pieces the LightningModules share."""
+"""Optimizer and LR-schedule pieces the LightningModules share.
+
+Skipped steps (:class:`StepGuard`): a step whose gradient norm is not finite (a NaN/inf loss on any
+rank: DDP averages the gradients, so one rank's NaN reaches every rank) is skipped on the device by the
+fused AdamW's ``found_inf`` input -- weights, moments and step count unchanged, on every rank alike,
+with no host synchronisation. The count of consecutive skipped steps lives on the device too and is
+read only every ``check_every`` steps.
+"""
 
 from __future__ import annotations
 
@@ -37,18 +44,76 @@ def adamw_warmup_cosine(module, model: nn.Module, no_decay: Callable[[str, nn.Pa
     decay, plain = [], []
     for n, p in model.named_parameters():
         (plain if no_decay(n, p) else decay).append(p)
+    # fused: one kernel per step, and a device-side skip of non-finite steps (StepGuard's found_inf)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
-                             {"params": plain, "weight_decay": 0.0}], lr=h.lr, betas=tuple(h.betas))
+                             {"params": plain, "weight_decay": 0.0}], lr=h.lr, betas=tuple(h.betas), fused=True)
     schedule = lr_lambda(h.warmup_steps, total_steps(module), h.schedule, h.min_lr_ratio)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
                                                "interval": "step"}}
 
 
-def clip_grad_norm(module, optimizer, max_norm: float) -> None:
-    """Clip the gradient norm; under FSDP through the sharded root (Lightning's norm clipping cannot
-    see the other ranks' shards)."""
+def clip_grad_norm(module, optimizer, max_norm: float | None) -> torch.Tensor:
+    """Clip the gradient norm to ``max_norm`` (None: only measure it) and return the total norm (a device
+    tensor, no host sync); under FSDP through the sharded root, whose norm covers every rank's shard."""
     wrapped = module.trainer.strategy.model if module._trainer is not None else None
+    limit = float(max_norm) if max_norm else math.inf
     if wrapped is not None and hasattr(wrapped, "clip_grad_norm_"):
-        wrapped.clip_grad_norm_(max_norm)
-    else:
-        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        return wrapped.clip_grad_norm_(limit)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+
+class StepGuard:
+    """Skips optimizer steps whose gradient norm is not finite, identically on every rank, on the device.
+
+    ``after_backward(optimizer, grad_norm)`` (call it once per optimizer step, after the gradients are
+    final: in ``configure_gradient_clipping``) hands ``found_inf`` to the fused AdamW, which then leaves
+    weights and moments untouched, and counts skipped steps. ``ok`` is the last step's verdict (a 0-dim
+    bool tensor) for an EMA update. ``check(step)`` reads the counter every ``check_every`` steps (the
+    only host sync; ``step=0`` forces a read, e.g. at the epoch's end) and raises ``error(n)`` once
+    ``max_bad`` steps in a row were skipped."""
+
+    def __init__(self, max_bad: int, check_every: int = 10):
+        self.max_bad = int(max_bad)
+        self.check_every = max(1, min(int(check_every), self.max_bad))  # never later than the limit
+        self.ok: torch.Tensor | None = None
+        self._run = self._worst = self._total = None
+
+    def after_backward(self, optimizer, grad_norm: torch.Tensor) -> None:
+        ok = torch.isfinite(grad_norm)
+        if self._run is None or self._run.device != ok.device:
+            self._run, self._worst, self._total = (torch.zeros((), dtype=torch.long, device=ok.device) for _ in "abc")
+        bad = (~ok).long()
+        self._run.add_(1).mul_(bad)  # consecutive skipped steps
+        torch.maximum(self._worst, self._run, out=self._worst)
+        self._total.add_(bad)
+        self.ok = ok
+        optimizer.found_inf = bad.float()  # read by the fused AdamW (GradScaler's protocol)
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        """Steps skipped so far in this process (a device tensor)."""
+        return self._total if self._total is not None else torch.zeros((), dtype=torch.long)
+
+    def check(self, step: int, error) -> None:
+        if self._worst is None or self.max_bad <= 0 or step % self.check_every:
+            return
+        worst = int(self._worst)
+        if worst >= self.max_bad:
+            raise error(worst)
+
+
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: torch.Tensor | None = None) -> None:
+    """``ema += (1 - decay) * (model - ema)`` over all parameters in one fused call; no change where
+    ``ok`` (a 0-dim bool tensor: the optimizer step was taken) is false."""
+    e, p = list(ema.parameters()), list(model.parameters())
+    with torch.no_grad():
+        if ok is None:
+            torch._foreach_lerp_(e, p, 1.0 - decay)
+        else:  # a tensor weight per parameter (a 0-dim tensor as one Scalar would be read on the host)
+            weight = ok.to(e[0].dtype) * (1.0 - decay)
+            torch._foreach_lerp_(e, p, [weight] * len(e))

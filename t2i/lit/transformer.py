@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from t2i.errors import ConfigError, T2IError
-from t2i.lit.optim import adamw_warmup_cosine, clip_grad_norm
+from t2i.lit.optim import StepGuard, adamw_warmup_cosine, clip_grad_norm, ema_update
 from t2i.models import SPEC_HINT
 from t2i.models.transformer import Transformer
 
@@ -66,7 +66,7 @@ class TransformerModule(pl.LightningModule):
                                   f"for {self.model.image_vocab} (the code shards' codebook): pass the tokenizer "
                                   "the codes were made with")
             self._image_tokenizer = [tok]
-        self.bad_steps = 0
+        self.guard = StepGuard(max_bad_steps)
 
     @staticmethod
     def _infer_sizes(codes, text_tokenizer, image_tokenizer, image_size) -> dict:
@@ -166,33 +166,42 @@ class TransformerModule(pl.LightningModule):
                 "image_loss": image_loss, "image_bits_per_token": image_loss / math.log(2)}
 
     def training_step(self, batch, batch_idx):
-        if batch["text"].shape[0] == 0:
-            return None
+        """The weighted loss, never None (under DDP every rank must run the backward pass). A batch
+        emptied by undecodable samples trains on a stand-in row with a NaN loss, so the step is skipped
+        on every rank like a NaN/inf loss: :class:`StepGuard` sees the non-finite gradient norm."""
+        empty = batch["text"].shape[0] == 0
+        if empty:
+            batch = {k: v.new_zeros((1, *v.shape[1:])) for k, v in batch.items() if torch.is_tensor(v)}
         losses = self._losses(batch)
-        if not torch.isfinite(losses["loss"]):
-            self.bad_steps += 1
-            self.log("train/skipped_steps", float(self.bad_steps))
-            if self.bad_steps >= self.hparams.max_bad_steps:
-                raise T2IError(f"the training loss was NaN/inf for {self.bad_steps} steps in a row (step "
-                               f"{self.global_step}); lower model.lr, raise model.warmup_steps, or try "
-                               "model.model.sandwich_ln=true / pb_relax=true")
-            return None
-        self.bad_steps = 0
+        loss = losses["loss"] * float("nan") if empty else losses["loss"]
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
-        self.log("train/loss", losses["loss"], prog_bar=True)
-        return losses["loss"]
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None:
-            d = self.hparams.ema_decay
-            with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                    e.lerp_(p, 1 - d)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val or self.hparams.grad_clip
-        if clip:
-            clip_grad_norm(self, optimizer, clip)
+        """Clip (``grad_clip``), and skip the step on every rank when the gradient norm is not finite."""
+        norm = clip_grad_norm(self, optimizer, gradient_clip_val or self.hparams.grad_clip)
+        self.guard.after_backward(optimizer, norm)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """The EMA follows each optimizer step (once per step under gradient accumulation, so the decay
+        stays ``ema_decay``), here rather than in ``on_train_batch_end``: checkpoint callbacks run before
+        that hook, and the checkpoint must hold the EMA of the weights it holds."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None:
+            ema_update(self.ema, self.model, self.hparams.ema_decay, self.guard.ok)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.log("train/skipped_steps", self.guard.skipped.float())
+        self.guard.check(self.global_step, self._too_many_bad_steps)
+
+    def on_train_epoch_end(self):
+        self.guard.check(0, self._too_many_bad_steps)
+
+    def _too_many_bad_steps(self, n: int) -> T2IError:
+        return T2IError(f"the training loss was NaN/inf for {n} steps in a row (an empty batch counts too; by "
+                        f"step {self.global_step}); lower model.lr, raise model.warmup_steps, or try "
+                        "model.model.sandwich_ln=true / pb_relax=true")
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model, no_decay)

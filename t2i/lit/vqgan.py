@@ -3,7 +3,8 @@
 Lightning 2 has no ``optimizer_idx``, so this uses manual optimization: every batch steps the
 generator (encoder, quantizer, decoder), then, once ``loss.disc_start`` batches have passed, the
 discriminator, each with gradient clipping and its own warm-up + cosine/constant LR schedule.
-``self.step`` counts batches (Lightning's ``global_step`` counts both optimizers' steps).
+``self.step`` counts batches (Lightning's ``global_step`` counts both optimizers' steps); it is a buffer, so
+checkpoints carry it, mirrored by a Python int so that a training step reads no tensor on the host.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class VQGANModule(pl.LightningModule):
         self.loss = VQGANLoss(**loss)
         self.usage = CodebookUsage(self.model.codebook_size)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._step: int | None = None  # self.step on the host; read from the buffer once per fit / load
         if channels_last:  # faster convolutions on CPU (oneDNN) and on GPU tensor cores
             self.to(memory_format=torch.channels_last)
 
@@ -67,9 +69,20 @@ class VQGANModule(pl.LightningModule):
         """Gumbel quantizer: exponential decay from ``start`` to ``end`` over ``steps`` batches."""
         if self.hparams.gumbel_temperature and hasattr(self.model.quantize, "temperature"):
             start, end, steps = self.hparams.gumbel_temperature
-            t = min(1.0, self.step.item() / max(1, steps))
+            t = min(1.0, self._host_step() / max(1, steps))
             self.model.quantize.temperature = start * (end / start) ** t
             self.log("train/temperature", self.model.quantize.temperature)
+
+    def _host_step(self) -> int:
+        if self._step is None:
+            self._step = int(self.step)
+        return self._step
+
+    def on_train_start(self):
+        self._step = None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._step = None
 
     def training_step(self, batch, batch_idx):
         x = self._input(batch)
@@ -77,7 +90,7 @@ class VQGANModule(pl.LightningModule):
             return None
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
-        step = int(self.step.item())
+        step = self._host_step()
         self._anneal_temperature()
 
         recon, qloss, info = self.model(x)
@@ -100,6 +113,7 @@ class VQGANModule(pl.LightningModule):
         if "perplexity" in info:
             logs["train/codebook_perplexity"] = info["perplexity"]
         self.step += 1
+        self._step = step + 1
         self.log_dict(logs, prog_bar=False)
         self.log("train/loss", g_logs["total_loss"], prog_bar=True)
 

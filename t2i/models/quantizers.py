@@ -185,22 +185,21 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        dead = self.unused_steps >= self.restart_dead
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        if n_dead <= flat.shape[0]:
-            idx = torch.randperm(flat.shape[0], device=flat.device)[:n_dead]
-        else:
-            idx = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
+        """Every code unused for ``restart_dead`` forwards takes a random vector of this batch (distinct
+        vectors while the batch has enough). Done with masks on the device, a candidate for every code,
+        so that a training step never waits to learn how many codes are dead; under DDP the candidates
+        come from rank 0."""
+        dead = (self.unused_steps >= self.restart_dead)[:, None]
+        perm = torch.randperm(flat.shape[0], device=flat.device)
+        idx = perm[(dead[:, 0].long().cumsum(0) - 1).clamp_min(0) % flat.shape[0]]  # k-th dead code: perm[k]
         new = flat[idx].to(self.embedding.weight.dtype)
         if _distributed():
             dist.broadcast(new, src=0)
-        self.embedding.weight[dead] = new
+        self.embedding.weight.copy_(torch.where(dead, new, self.embedding.weight))
         if self.ema_decay is not None:
-            self.ema_embed_sum[dead] = new.to(self.ema_embed_sum.dtype)
-            self.ema_cluster_size[dead] = 1.0
-        self.unused_steps[dead] = 0
+            self.ema_embed_sum.copy_(torch.where(dead, new.to(self.ema_embed_sum.dtype), self.ema_embed_sum))
+            self.ema_cluster_size.masked_fill_(dead[:, 0], 1.0)
+        self.unused_steps.masked_fill_(dead[:, 0], 0)
 
 
 class GumbelQuantizer(nn.Module):

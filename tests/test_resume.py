@@ -1,0 +1,129 @@
+"""Exact resumption with the default settings on: SIGKILL after the first validation of the second epoch
+and at a mid-epoch step, then ``resume=auto``, gives every model, EMA and optimizer tensor of an
+uninterrupted run (atol 1e-6). The image logger, EMA, caption dropout, dropout, the sanity check and
+``trainer.deterministic=true`` stay on; the image tokenizer is built lazily at the first validation (or
+checkpoint) of each process, so a resumed process builds it at a different point than the uninterrupted
+one -- that must not move the training random stream."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from t2i.cli.train import train
+from tests.test_scale import environ
+from tests.test_transformer_train import codes  # noqa: F401  (module fixture: Shapes code shards)
+
+ATOL = 1e-6
+KILLER = "+callbacks.killer._target_=tests.killer.Killer"
+COMMON = ["logger=csv", "callbacks.rich_summary=null", "trainer.enable_progress_bar=false", "test=false",
+          "trainer.deterministic=true"]
+
+
+def every_n_steps(n: int) -> list[str]:
+    """A second last.ckpt writer, every ``n`` training steps (the run's own writes it at validations)."""
+    return ["+callbacks.steps._target_=pytorch_lightning.callbacks.ModelCheckpoint",
+            "+callbacks.steps.dirpath=${paths.output_dir}/checkpoints", "+callbacks.steps.filename=last",
+            f"+callbacks.steps.every_n_train_steps={n}", "+callbacks.steps.enable_version_counter=false"]
+
+
+def start_killed(tmp: Path, args: list[str]) -> subprocess.Popen:
+    """A training process (``t2i-train``) that the ``Killer`` callback ends with SIGKILL."""
+    return subprocess.Popen([sys.executable, "-m", "t2i.cli.train", *args], cwd=tmp, env=environ(tmp),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def train_here(tmp: Path, args: list[str], folder: Path) -> None:
+    """The same ``t2i-train`` job in this process (no interpreter start-up: the uninterrupted and the
+    resumed runs need no killing)."""
+    with initialize_config_module("t2i.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*args, f"paths.output_dir={folder}", f"paths.data_dir={tmp}/data"])
+    try:
+        train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(False)  # trainer.deterministic=true set it for the process
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every weight (model, EMA, discriminator), buffer, optimizer moment and step of a checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    out = {f"state_dict.{k}": v for k, v in ckpt["state_dict"].items()}
+    for i, opt in enumerate(ckpt["optimizer_states"]):
+        for p, state in opt["state"].items():
+            out.update({f"optimizer{i}.{p}.{k}": torch.as_tensor(v) for k, v in state.items()})
+    for i, sched in enumerate(ckpt["lr_schedulers"]):
+        out[f"scheduler{i}.last_epoch"] = torch.as_tensor(sched["last_epoch"])
+    out["global_step"] = torch.as_tensor(ckpt["global_step"])
+    return out
+
+
+def assert_same(resumed: dict, reference: dict, what: str) -> None:
+    assert set(resumed) == set(reference), what
+    for k, ref in reference.items():
+        torch.testing.assert_close(resumed[k].float(), ref.float(), rtol=0, atol=ATOL, msg=f"{what}: {k}")
+
+
+def kill_and_resume(tmp: Path, args: list[str], kill_points: dict[str, tuple[int, int]],
+                    data_ready: bool = True) -> dict:
+    """One uninterrupted run, and per kill point (epoch, batch index) a run killed there with SIGKILL
+    and resumed with resume=auto; the final checkpoints must agree. With ``data_ready`` the killed
+    processes run while the uninterrupted one trains here (else after it, which builds the data)."""
+    def start():
+        return {name: start_killed(tmp, [*args, KILLER, f"+callbacks.killer.epoch={epoch}",
+                                         f"+callbacks.killer.batch={batch}", f"hydra.run.dir={tmp / name}"])
+                for name, (epoch, batch) in kill_points.items()}
+
+    procs = start() if data_ready else {}
+    train_here(tmp, args, tmp / "whole")
+    procs = procs or start()
+    reference = tensors(tmp / "whole" / "checkpoints" / "last.ckpt")
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, err[-3000:]
+        folder = tmp / name
+        assert not (folder / "metrics.json").exists()
+        stopped = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert 0 < stopped["global_step"] < reference["global_step"], name
+        train_here(tmp, [*args, "resume=auto"], folder)
+        assert_same(tensors(folder / "checkpoints" / "last.ckpt"), reference, name)
+    return reference
+
+
+def test_transformer_kill_9_resumes_exactly_with_defaults(tmp_path, codes):  # noqa: F811
+    # 6 steps of 32 an epoch, 2 epochs; validation (and a checkpoint) every half epoch, a checkpoint every 2
+    # steps too; EMA 0.995, caption dropout 0.1 and the image logger are the experiment's (fp32 for speed)
+    args = ["experiment=shapes_transformer", f"data.codes={codes}", "model.model.n_layer=2", "model.model.d_model=64",
+            "model.model.n_head=2", "model.model.dropout=0.1", "model.sample.num_captions=2", "trainer.max_epochs=2",
+            "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1", "trainer.val_check_interval=0.5",
+            "trainer.precision=32-true", *every_n_steps(2), *COMMON]
+    # right after the first validation of the second epoch and its checkpoint (step 9); mid-epoch at step 11
+    # (last checkpoint: step 10, so the resumed process builds the image tokenizer at its first checkpoint,
+    # step 12, where the uninterrupted one built it at step 2)
+    ref = kill_and_resume(tmp_path, args, {"after_validation": (1, 3), "mid_epoch": (1, 5)})
+    assert int(ref["global_step"]) == 12 and any(k.startswith("state_dict.ema.") for k in ref)
+    assert list((tmp_path / "mid_epoch" / "images").glob("val_epoch001_*.png")), "the image logger ran"
+
+
+@pytest.mark.slow
+def test_vqgan_gan_phase_kill_9_resumes_exactly(tmp_path):
+    # 64 images at 16 px, batch 8: 8 batches an epoch; the discriminator starts at batch 4 (the GAN phase:
+    # two optimizer steps a batch), dead codes restart after 6 unused batches
+    args = ["experiment=shapes_vqgan", "data.shapes.n_train=64", "data.shapes.n_val=16", "data.shapes.n_test=8",
+            "data.shapes.n_compositional=8", "data.image_size=16", "model.loss.disc_start=4",
+            "model.model.quantizer.restart_dead=6", "trainer.max_epochs=2", "trainer.val_check_interval=0.5",
+            *every_n_steps(6), *COMMON]
+    ref = kill_and_resume(tmp_path, args, {"after_validation": (1, 4), "mid_epoch": (1, 7)}, data_ready=False)
+    assert any(k.startswith("optimizer1.") for k in ref), "the discriminator's optimizer stepped"
+
+
+@pytest.mark.slow
+def test_clip_kill_9_resumes_exactly(tmp_path):
+    args = ["experiment=shapes_clip", "data.shapes.n_train=96", "data.shapes.n_val=16", "data.shapes.n_test=8",
+            "data.shapes.n_compositional=8", "data.image_size=16", "data.batch_size=16", "trainer.max_epochs=2",
+            "trainer.val_check_interval=0.5", "model.model.vision_layers=1", "model.model.text_layers=1",
+            *every_n_steps(4), *COMMON]
+    kill_and_resume(tmp_path, args, {"after_validation": (1, 3), "mid_epoch": (1, 5)}, data_ready=False)
