@@ -239,3 +239,13 @@ def test_building_the_image_tokenizer_leaves_the_global_rng_alone(tmp_path):
     module.on_save_checkpoint(checkpoint)
     (tmp_path / "vqgan.ckpt").unlink()
     assert same_weights(load_tokenizer(checkpoint[IMAGE_TOKENIZER_KEY]), vqgan)
+
+
+def test_public_weights_given_as_a_t2i_checkpoint_name_the_setting_that_fixes_it(tmp_path, taming):  # noqa: F811
+    from t2i.cli.tokenize import run as tokenize
+
+    ckpt = taming_release(tmp_path / "vqgan", taming)
+    with pytest.raises(T2IError, match=r"cannot be read .*set tokenizer_kind=taming \(and tokenizer_config="):
+        tokenize(tok_cfg(tmp_path, f"tokenizer_ckpt={ckpt}", f"output={tmp_path}/codes", *SHAPES))
+    with pytest.raises(T2IError, match=r"pass image_tokenizer='\{kind: taming, files: \{ckpt: "):
+        load_tokenizer(ckpt, key="image_tokenizer")

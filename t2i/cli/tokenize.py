@@ -131,7 +131,9 @@ def load_image_tokenizer(cfg: DictConfig, output=None) -> tuple[nn.Module, Path,
     spec = tokenizer_spec(kind, path, cfg.get("tokenizer_config"), cfg.get("tokenizer_decoder"),
                           relative_to=output,
                           names={"ckpt": "tokenizer_ckpt", "config": "tokenizer_config", "decoder": "tokenizer_decoder"})
-    model = load_tokenizer(spec, key="tokenizer_ckpt", check_hash=False)  # hashed just now
+    model = load_tokenizer(spec, key="tokenizer_ckpt", check_hash=False,  # hashed just now
+                           hint="set tokenizer_kind=taming (and tokenizer_config=<its model.yaml>) or "
+                                "tokenizer_kind=openai_dvae (and tokenizer_decoder=<decoder.pkl>)")
     for attr in ("codebook_size", "downsample"):
         if not isinstance(getattr(model, attr, None), int):
             raise ConfigError(f"tokenizer_ckpt={ckpt}: {type(model).__name__} has no integer `{attr}`; it does not "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -153,29 +154,32 @@ def _from_parts(target: str, config: dict, state: dict, where: str) -> nn.Module
     return model.eval()
 
 
-def _from_file(path: Path, key: str, map_location) -> nn.Module:
+def _from_file(path: Path, key: str, map_location, hint: str | None = None) -> nn.Module:
+    hint = hint or f"pass {key}={SPEC_HINT} (or kind openai_dvae with ckpt + decoder)"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects (a public release: use a spec)
-        raise T2IError(f"tokenizer checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); for "
-                       f"public weights pass {key}={SPEC_HINT} (or kind openai_dvae with ckpt + decoder)") from None
+        why = ("it pickles Python objects, as public releases do" if isinstance(e, pickle.UnpicklingError)
+               else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        raise T2IError(f"tokenizer checkpoint {path} cannot be read ({why}); for public weights {hint}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get(IMAGE_TOKENIZER_KEY), dict):
         rec = ckpt[IMAGE_TOKENIZER_KEY]
         return _from_parts(rec["target"], rec["config"], rec["state_dict"], str(path))
     entry = ckpt.get(TOKENIZER_KEY) if isinstance(ckpt, dict) else None
     if entry is None:
         raise T2IError(f"{path} is not an image-tokenizer checkpoint (no '{TOKENIZER_KEY}' or '{IMAGE_TOKENIZER_KEY}' "
-                       f"entry); for public weights pass {key}={SPEC_HINT} (or kind openai_dvae with ckpt + decoder)")
+                       f"entry); for public weights {hint}")
     prefix = entry["prefix"]
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     return _from_parts(entry["target"], entry["config"], state, str(path))
 
 
 def load_tokenizer(source, map_location="cpu", key: str = "model.image_tokenizer", base=None,
-                   check_hash: bool = True) -> nn.Module:
+                   check_hash: bool = True, hint: str | None = None) -> nn.Module:
     """The image tokenizer (``nn.Module`` in eval mode) named by ``source``: a checkpoint path, a carried
     record or a spec (see the module docstring). ``key``: the setting that names it, for error messages;
-    ``base``: the folder a spec's ``relative`` paths are relative to. The result can be written into
+    ``base``: the folder a spec's ``relative`` paths are relative to; ``hint``: how to name public weights
+    instead (default: a spec for ``key``). The result can be written into
     another checkpoint with :func:`tokenizer_record`."""
     if isinstance(source, Mapping):
         if "state_dict" in source and "target" in source:
@@ -183,7 +187,7 @@ def load_tokenizer(source, map_location="cpu", key: str = "model.image_tokenizer
         spec = resolve_spec(source, base, key, check_hash=check_hash)
         files = spec["files"]
         if spec["kind"] == "t2i":
-            return _from_file(Path(files["ckpt"]), key, map_location)
+            return _from_file(Path(files["ckpt"]), key, map_location, hint)
         from t2i import pretrained
 
         if spec["kind"] == "taming":
@@ -199,4 +203,4 @@ def load_tokenizer(source, map_location="cpu", key: str = "model.image_tokenizer
     if not p.is_file():
         raise T2IError(f"tokenizer checkpoint {source}: no such file (set {key}= to a .ckpt from "
                        "`t2i-train experiment=*_vqgan` or *_dvae)")
-    return _from_file(p, key, map_location)
+    return _from_file(p, key, map_location, hint)
