@@ -2,7 +2,8 @@
 
 The commands come from the README, ``experiments/*/README.md`` and ``conf/**/README.md`` (fenced code blocks
 and inline code), the comments of ``conf/**/*.yaml`` and the top docstrings of ``t2i/cli/*.py``: each line
-that runs ``t2i-*`` (also as ``python -m t2i.cli.*``, under ``torchrun`` or ``srun``) or ``make``. Placeholders
+that runs ``t2i-*`` (also as ``python -m t2i.cli.*``, under ``torchrun`` or ``srun``, or through the
+``experiments/launch`` scripts, which hand their arguments to ``t2i-train``) or ``make``. Placeholders
 (``<run>``, ``<vqgan .ckpt>``, ``ckpt=...``) become a path, ``experiment=<name>`` a real experiment; a ``-m``
 sweep is composed once per swept value. Each is then composed in-process with Hydra's compose API (one initialisation for all) against the
 CLI's own config, exactly as the CLI's parser would see the arguments; ``make`` targets must exist in the
@@ -43,9 +44,9 @@ def is_command(line: str) -> bool:
     """A line that runs a t2i command or a make target (not a title like ``t2i-eval: ...``, not a diagram,
     not a usage synopsis with ``key=value ...``)."""
     s = line.strip()
-    if not re.match(r"(t2i-[a-z-]+(\s|$)|make [a-z]|python -m t2i\.cli\.|torchrun |srun )", s):
+    if not re.match(r"(t2i-[a-z-]+(\s|$)|make [a-z]|python -m t2i\.cli\.|torchrun |srun |sbatch |[A-Z_]+=\S+ )", s):
         return False
-    return ("t2i" in s or s.startswith("make ")) and not re.search(r"[─│▶]|key=value|^t2i-[a-z-]+ \(", s)
+    return ("t2i" in s or s.startswith("make ") or "experiments/launch/" in s) and not re.search(r"[─│▶]|key=value|^t2i-[a-z-]+ \(", s)
 
 
 def strip_prose(text: str) -> str:
@@ -128,7 +129,7 @@ def all_commands() -> list[DocCommand]:
 # -- turning a command into a composition --------------------------------------------------------------------
 def substitute(text: str) -> str:
     text = text.replace("$HOME", "/home/user")  # what the shell would expand
-    text = re.sub(r"experiment=<[^<>]*>", "experiment=shapes_transformer", text)
+    text = re.sub(r"experiment=(<[^<>]*>|\.\.\.(?=\s|$))", "experiment=shapes_transformer", text)
     text = re.sub(r"<[^<>]*>", PLACEHOLDER_PATH, text)
     return re.sub(r"=\.\.\.(?=\s|$)", "=" + PLACEHOLDER_PATH, text)
 
@@ -144,11 +145,14 @@ def parse(cmd: DocCommand) -> tuple[str, list[str]]:
             return ("sweep-report" if name == "sweep-report" else CONFIG_OF.get(name, name)), tokens[i + 1:]
         if tok.startswith("t2i.cli."):
             return CONFIG_OF.get(tok.rsplit(".", 1)[1], tok), tokens[i + 1:]
+        if tok.endswith(("launch/torchrun.sh", "launch/slurm.sbatch")):  # they run t2i-train trainer=$TRAINER "$@"
+            env = dict(t.split("=", 1) for t in tokens[:i] if re.fullmatch(r"[A-Z_]+=\S*", t))
+            return "train", [f"trainer={env.get('TRAINER', 'multinode')}", *tokens[i + 1:]]
     raise AssertionError(f"{cmd}: no t2i command found")
 
 
 def overrides_of(program: str, args: list[str], cmd: DocCommand) -> list[str]:
-    args = [a for a in args if a not in ("-m", "--multirun")]
+    args = [a for a in args if a not in ("-m", "--multirun", "...", "…")]  # a bare "...": more overrides
     if program == "data" and args and "=" not in args[0]:
         args = [f"command={args[0]}", *args[1:]]  # t2i-data <command> ...
     flags = [a for a in args if "=" not in a]
