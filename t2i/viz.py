@@ -188,7 +188,7 @@ def wrap(text: str, width: int) -> list[str]:
 
 
 def captioned_rows(images: torch.Tensor, captions: list[str], per_row: int, text_width: int = 160,
-                   pad: int = 2, font_size: int = 14, min_cell: int = 128, marked=None) -> torch.Tensor:
+                   pad: int = 3, font_size: int = 14, min_cell: int = 128, marked=None) -> torch.Tensor:
     """``images`` ``[len(captions) * per_row, 3, H, W]`` in [-1, 1] -> one picture ``[1, 3, H', W']`` in
     [-1, 1]: a row per caption, the caption on a white panel at the left, then its ``per_row`` images,
     upscaled (nearest) to at least ``min_cell`` px, each in a ``pad``-px grey frame; ``marked[r]`` (a
