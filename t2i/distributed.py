@@ -76,6 +76,19 @@ class SameRunDir(pl.Callback):
                               "(experiments/launch/torchrun.sh sets it)")
 
 
+def batch_share(n: int, device) -> torch.Tensor:
+    """``n * world / N``: this rank's share of the global batch (``N`` summed over ranks), the factor that
+    makes DDP's average of per-rank mean losses the mean over the global batch when ranks hold different
+    numbers of samples (1 when they are equal, 0 on a rank with no sample, NaN when no rank has one).
+    A device all-reduce, no host sync; collective: every rank calls it every step."""
+    total = torch.tensor(float(n), device=device)
+    world = 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+        world = dist.get_world_size()
+    return n * world / total
+
+
 def check_launch(num_nodes: int) -> None:
     """Several nodes need processes made by torchrun or srun; Lightning would otherwise start one node's
     worth of processes and wait forever for the rest."""

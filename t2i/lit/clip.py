@@ -89,16 +89,18 @@ class CLIPModule(pl.LightningModule):
         return getattr(loader, "batch_size", None)
 
     def training_step(self, batch, batch_idx):
-        """The contrastive loss, never None (under DDP every rank must run the backward pass). A batch
-        emptied by undecodable images trains on a stand-in pair with a NaN loss, so the step is skipped
-        on every rank (:class:`t2i.lit.optim.StepGuard`), like a NaN/inf loss."""
-        empty = batch["image"].shape[0] == 0
-        if empty:
-            batch = {k: v.new_zeros((1, *v.shape[1:])) for k, v in batch.items() if torch.is_tensor(v)}
+        """The contrastive loss over every rank's pairs, never None (under DDP every rank must run the
+        backward pass). Ranks may hold different numbers of pairs (undecodable images dropped); a rank
+        whose batch is empty runs a stand-in pair that the loss masks out. When no rank has a pair the
+        loss is NaN and the step is skipped on every rank (:class:`t2i.lit.optim.StepGuard`), like a
+        NaN/inf loss."""
+        n = batch["image"].shape[0]
+        if n == 0:  # a finite stand-in (text not all pads): NaN features would leak into the gradients
+            token = 2 if self.hparams.model.get("pad_id", 0) == 1 else 1
+            batch = {k: v.new_full((1, *v.shape[1:]), token) if k == "text" else v.new_zeros((1, *v.shape[1:]))
+                     for k, v in batch.items() if torch.is_tensor(v)}
         image, text = self._features(batch)
-        loss = self.loss(image, text, self.model.scale(), rows=self._rows())
-        if empty:
-            loss = loss * float("nan")
+        loss = self.loss(image, text, self.model.scale(), rows=self._rows(), count=n)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", self.model.scale().detach())
         return loss

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from t2i.distributed import batch_share
 from t2i.errors import ConfigError, T2IError
 from t2i.lit.optim import StepGuard, adamw_warmup_cosine, clip_grad_norm, ema_update
 from t2i.models import SPEC_HINT
@@ -166,16 +167,19 @@ class TransformerModule(pl.LightningModule):
                 "image_loss": image_loss, "image_bits_per_token": image_loss / math.log(2)}
 
     def training_step(self, batch, batch_idx):
-        """The weighted loss, never None (under DDP every rank must run the backward pass). A batch
-        emptied by undecodable samples trains on a stand-in row with a NaN loss, so the step is skipped
-        on every rank like a NaN/inf loss: :class:`StepGuard` sees the non-finite gradient norm."""
-        empty = batch["text"].shape[0] == 0
-        if empty:
+        """The weighted loss, never None (under DDP every rank must run the backward pass). Each rank's mean
+        is weighed by its share of the global batch (:func:`t2i.distributed.batch_share`), so ranks with
+        different numbers of samples (undecodable ones dropped) take the global batch's step. A rank
+        whose batch is empty runs a stand-in row with weight 0; when every rank's is, the weight is NaN
+        and the step is skipped everywhere, like a NaN/inf loss (:class:`StepGuard`)."""
+        n = batch["text"].shape[0]
+        share = batch_share(n, batch["text"].device)
+        if n == 0:
             batch = {k: v.new_zeros((1, *v.shape[1:])) for k, v in batch.items() if torch.is_tensor(v)}
         losses = self._losses(batch)
-        loss = losses["loss"] * float("nan") if empty else losses["loss"]
+        loss = losses["loss"] * share
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", losses["loss"] if n else loss, prog_bar=True)
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
