@@ -143,7 +143,6 @@ def main() -> None:
         f"{array_mib:.1f} MiB. Peak RSS above the RSS just before loading, one fresh process per row. "
         f"Machine: {platform.machine()}, Python {platform.python_version()}.",
         "",
-        "",
         "| variant | result dtype | peak RSS above start (MiB) | vs old |",
         "|---|---|---:|---:|",
     ]
