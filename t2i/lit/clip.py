@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from t2i.errors import ConfigError, T2IError
-from t2i.lit.optim import StepGuard, adamw_warmup_cosine, clip_grad_norm
+from t2i.lit.optim import StepGuard, adamw_warmup_cosine, clip_grad_norm, live_loss
 from t2i.losses.clip import ContrastiveLoss
 from t2i.models.clip import CLIP
 
@@ -101,7 +101,7 @@ class CLIPModule(pl.LightningModule):
                      for k, v in batch.items() if torch.is_tensor(v)}
         image, text = self._features(batch)
         loss = self.loss(image, text, self.model.scale(), rows=self._rows(), count=n)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=live_loss(self))
         self.log("train/logit_scale", self.model.scale().detach())
         return loss
 

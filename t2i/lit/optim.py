@@ -117,3 +117,12 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: torch.Tensor 
         else:  # a tensor weight per parameter (a 0-dim tensor as one Scalar would be read on the host)
             weight = ok.to(e[0].dtype) * (1.0 - decay)
             torch._foreach_lerp_(e, p, [weight] * len(e))
+
+
+def live_loss(module) -> bool:
+    """``prog_bar=`` for a training step's loss: True only when a progress bar shows it. Lightning turns
+    progress-bar metrics into Python floats after every batch (a host sync per step); without a bar
+    (``trainer.enable_progress_bar=false``, as on a cluster) the loss is read only every
+    ``trainer.log_every_n_steps`` for the loggers."""
+    trainer = module._trainer
+    return trainer is not None and trainer.progress_bar_callback is not None

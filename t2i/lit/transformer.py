@@ -24,7 +24,7 @@ from torch import nn
 
 from t2i.distributed import batch_share
 from t2i.errors import ConfigError, T2IError
-from t2i.lit.optim import StepGuard, adamw_warmup_cosine, clip_grad_norm, ema_update
+from t2i.lit.optim import StepGuard, adamw_warmup_cosine, clip_grad_norm, ema_update, live_loss
 from t2i.models import SPEC_HINT
 from t2i.models.transformer import Transformer
 
@@ -179,7 +179,7 @@ class TransformerModule(pl.LightningModule):
         losses = self._losses(batch)
         loss = losses["loss"] * share
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"})
-        self.log("train/loss", losses["loss"] if n else loss, prog_bar=True)
+        self.log("train/loss", losses["loss"] if n else loss, prog_bar=live_loss(self))
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from t2i.lit.metrics import image_metrics
-from t2i.lit.optim import lr_lambda, total_steps
+from t2i.lit.optim import live_loss, lr_lambda, total_steps
 from t2i.losses.vqgan import VQGANLoss
 from t2i.models import TOKENIZER_KEY, tokenizer_entry
 from t2i.models.quantizers import CodebookUsage
@@ -55,9 +55,10 @@ class VQGANModule(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         gen = [p for n, p in self.named_parameters() if not n.startswith("loss.")]
-        opt_g = torch.optim.AdamW(gen, lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        # fused: one kernel per step, and the step counts stay on the device (no host read per step)
+        opt_g = torch.optim.AdamW(gen, lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay, fused=True)
         opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=tuple(h.betas),
-                                  weight_decay=h.weight_decay)
+                                  weight_decay=h.weight_decay, fused=True)
         total = total_steps(self)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(h.warmup_steps, total, h.schedule))
         start = self.loss.disc_start
@@ -79,7 +80,7 @@ class VQGANModule(pl.LightningModule):
         return self._step
 
     def on_train_start(self):
-        self._step = None
+        self._step = int(self.step)  # after a resume: the checkpoint's count; the one host read of a fit
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._step = None
@@ -115,7 +116,7 @@ class VQGANModule(pl.LightningModule):
         self.step += 1
         self._step = step + 1
         self.log_dict(logs, prog_bar=False)
-        self.log("train/loss", g_logs["total_loss"], prog_bar=True)
+        self.log("train/loss", g_logs["total_loss"], prog_bar=live_loss(self))
 
     # -- evaluation -------------------------------------------------------------------------
     def _eval_step(self, batch, split: str):
