@@ -5,6 +5,7 @@ uninterrupted run (atol 1e-6). The image logger, EMA, caption dropout, dropout, 
 checkpoint) of each process, so a resumed process builds it at a different point than the uninterrupted
 one -- that must not move the training random stream."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from t2i.cli.train import train
-from tests.test_scale import environ
+from tests.test_scale import environ, wait_for
 from tests.test_transformer_train import codes  # noqa: F401  (module fixture: Shapes code shards)
 
 ATOL = 1e-6
@@ -127,3 +128,28 @@ def test_clip_kill_9_resumes_exactly(tmp_path):
             "trainer.val_check_interval=0.5", "model.model.vision_layers=1", "model.model.text_layers=1",
             *every_n_steps(4), *COMMON]
     kill_and_resume(tmp_path, args, {"after_validation": (1, 3), "mid_epoch": (1, 5)}, data_ready=False)
+
+
+def test_sigusr2_preempts_and_a_resumed_run_ending_before_validation_exits_0(tmp_path, codes):  # noqa: F811
+    """submitit (hydra/launcher=slurm) sends SIGUSR2 before the time limit: the batch finishes, last.ckpt
+    is written, exit 0. The resumed run stops at max_steps=6, before its first validation (an epoch is
+    12 steps): exit 0 with a warning instead of "optimized_metric=val/image_loss was not logged"."""
+    folder = tmp_path / "run"
+    args = ["experiment=shapes_transformer", f"data.codes={codes}", "model.model.n_layer=2", "model.model.d_model=64",
+            "model.model.n_head=2", "trainer.precision=32-true", *every_n_steps(1), *COMMON, f"hydra.run.dir={folder}"]
+    proc = subprocess.Popen([sys.executable, "-m", "t2i.cli.train", *args, "trainer.max_steps=40"], cwd=tmp_path,
+                            env=environ(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(folder / "checkpoints" / "last.ckpt", proc)  # training runs: the handler is installed
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert 1 <= stopped < 6 and "SIGUSR2" in (folder / "PREEMPTED").read_text()
+
+    res = subprocess.run([sys.executable, "-m", "t2i.cli.train", *args, "trainer.max_steps=6", "resume=auto"],
+                         cwd=tmp_path, env=environ(tmp_path), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "optimized_metric=val/image_loss: the run logged no val/ metrics (it ended before the first validation)" \
+        in res.stdout + res.stderr
+    s = json.loads((folder / "metrics.json").read_text())
+    assert s["status"] == "finished" and s["global_step"] == 6 and not (folder / "PREEMPTED").exists()
