@@ -409,7 +409,8 @@ def test_t2i_eval_process_group_from_srun_and_torchrun_variables(monkeypatch):
     from t2i.errors import ConfigError
 
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "x")  # recorded, so what the code under test sets is removed afterwards
+        monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
