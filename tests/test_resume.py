@@ -100,11 +100,12 @@ def test_transformer_kill_9_resumes_exactly_with_defaults(tmp_path, codes):  # n
     args = ["experiment=shapes_transformer", f"data.codes={codes}", "model.model.n_layer=2", "model.model.d_model=64",
             "model.model.n_head=2", "model.model.dropout=0.1", "model.sample.num_captions=2", "trainer.max_epochs=2",
             "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1", "trainer.val_check_interval=0.5",
-            "trainer.precision=32-true", *every_n_steps(2), *COMMON]
-    # right after the first validation of the second epoch and its checkpoint (step 9); mid-epoch at step 11
-    # (last checkpoint: step 10, so the resumed process builds the image tokenizer at its first checkpoint,
-    # step 12, where the uninterrupted one built it at step 2)
-    ref = kill_and_resume(tmp_path, args, {"after_validation": (1, 3), "mid_epoch": (1, 5)})
+            "trainer.precision=32-true", *every_n_steps(2), *COMMON,
+            "+callbacks.lazy_build._target_=tests.killer.LazyBuild"]  # a metrics callback's lazy scorer build
+    # right after the first validation of the second epoch and its checkpoint (step 9); mid-epoch at step 9
+    # (last checkpoint: step 8; the resumed process then makes its lazy build at step 9's validation, the
+    # uninterrupted one at step 3's, and trains 3 more steps)
+    ref = kill_and_resume(tmp_path, args, {"after_validation": (1, 3), "mid_epoch": (1, 2)})
     assert int(ref["global_step"]) == 12 and any(k.startswith("state_dict.ema.") for k in ref)
     assert list((tmp_path / "mid_epoch" / "images").glob("val_epoch001_*.png")), "the image logger ran"
 

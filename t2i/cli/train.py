@@ -56,7 +56,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule: pl.LightningDataModule = instantiate(cfg.data, _convert_="all")
     log.info("model: %s", cfg.model._target_)
     model: pl.LightningModule = instantiate(cfg.model, _convert_="all")
-    if ckpt_path:
+    if ckpt_path and model.state_dict():  # a model built in configure_model has no weights to compare yet
         check_fits(ckpt_path, model, "resume" if cfg.get("resume") else "ckpt_path")
     callbacks = instantiate_group(cfg.get("callbacks")) + [ConfigSaver(resolved), RNGState(), DataPosition(), Preemption(),
                                                            SameRunDir()]
