@@ -50,6 +50,13 @@ def transformer():
                        schedule="constant", ema_decay=0.9, max_bad_steps=3)
 
 
+def plain_transformer():
+    """The transformer without the NaN-making test sample."""
+    module = transformer()
+    module._poisoned = lambda batch, x: x
+    return module
+
+
 def clip():
     torch.manual_seed(0)
     return CLIP(model=dict(vocab_size=20, text_len=6, pad_id=0, image_size=8, embed_dim=8, patch_size=4,
@@ -177,3 +184,33 @@ def test_many_bad_steps_in_a_row_stop_with_a_clear_error(make):
     with pytest.raises(T2IError, match="NaN/inf for 2 steps in a row"):
         trainer.fit(module, train_dataloaders=loader)
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items()), "skipped steps changed weights"
+
+
+def test_ema_follows_optimizer_steps_not_micro_batches(monkeypatch):
+    """With accumulate_grad_batches=2, 6 batches make 3 optimizer steps and 3 EMA updates of decay d (not
+    6 of d, i.e. d^2 per step); the fused update equals the textbook one on the weights after each step."""
+    import t2i.lit.transformer as lit
+
+    module = plain_transformer()
+    d = module.hparams.ema_decay
+    expected = [p.detach().clone() for p in module.ema.parameters()]
+    updates = []
+    real = lit.ema_update
+
+    def spy(ema, model, decay, ok=None):
+        updates.append(bool(ok))
+        for e, p in zip(expected, model.parameters()):
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        real(ema, model, decay, ok)
+
+    monkeypatch.setattr(lit, "ema_update", spy)
+    good = [s for s in samples(0, 1) if not s["bad"]]
+    loader = DataLoader((good * 2)[:48], batch_size=8, collate_fn=collate)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 3 and updates == [True, True, True] and d == 0.9
+    for e, got in zip(expected, module.ema.parameters()):
+        torch.testing.assert_close(got, e, rtol=0, atol=1e-6)
+    assert not torch.equal(module.ema.text_emb.weight, module.model.text_emb.weight)
