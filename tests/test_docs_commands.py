@@ -5,9 +5,10 @@ and inline code), the comments of ``conf/**/*.yaml`` and the top docstrings of `
 that runs ``t2i-*`` (also as ``python -m t2i.cli.*``, under ``torchrun`` or ``srun``, or through the
 ``experiments/launch`` scripts, which hand their arguments to ``t2i-train``) or ``make``. Placeholders
 (``<run>``, ``<vqgan .ckpt>``, ``ckpt=...``) become a path, ``experiment=<name>`` a real experiment; a ``-m``
-sweep is composed once per swept value. Each is then composed in-process with Hydra's compose API (one initialisation for all) against the
-CLI's own config, exactly as the CLI's parser would see the arguments; ``make`` targets must exist in the
-Makefile.
+sweep is composed once per swept value. Each is then composed in-process with Hydra's compose API (one
+initialisation for all) against the CLI's own config, exactly as the CLI's parser would see the arguments;
+``make`` targets must exist in the Makefile. The recipe's data step and the ``t2i-data`` examples also run
+for real on tiny data (``test_recipe_and_data_commands_run_for_real``).
 """
 
 from __future__ import annotations
@@ -246,3 +247,50 @@ def test_the_checker_catches_what_used_to_be_wrong():
     with pytest.raises(AssertionError, match="no such make target"):
         check(DocCommand("x:1", "make nonsense"))
     check(DocCommand("x:1", "t2i-train -m experiment=shapes_transformer model.model.attention=full,dalle"))
+
+
+def run_for_real(cmd: DocCommand, extra: list[str] = ()) -> dict:
+    """Run a ``t2i-data`` command of the docs in-process, as written (plus ``extra`` size overrides)."""
+    from t2i.cli.data import run
+
+    program, args = parse(cmd)
+    assert program == "data", cmd
+    return run(compose("data", overrides=[*overrides_of(program, args, cmd), *extra]))
+
+
+def find(where: str, text: str) -> DocCommand:
+    hits = [c for c in COMMANDS if c.where.startswith(where) and c.text.startswith(text)]
+    assert len(hits) == 1, f"{text!r} in {where}: {len(hits)} matches"
+    return hits[0]
+
+
+def test_recipe_and_data_commands_run_for_real(tmp_path, monkeypatch):
+    """The recipe's data step and the t2i-data examples, run as written in a scratch folder on tiny data."""
+    import tarfile
+
+    from t2i.data.shapes import iter_split, png_base64
+
+    monkeypatch.chdir(tmp_path)
+    easynlp = tmp_path / "data" / "muge_easynlp"
+    easynlp.mkdir(parents=True)
+    for split, n in (("train", 12), ("val", 4)):
+        rows = [f"{s.key}\t{s.caption}\t{png_base64(s.image)}\n" for s in iter_split(split, n, 0, 32)]
+        (easynlp / f"T2I_{split}.tsv").write_text("".join(rows), encoding="utf-8")
+
+    for text in ("t2i-data convert source=easynlp_tsv input=data/muge_easynlp/T2I_train.tsv",
+                 "t2i-data convert source=easynlp_tsv input=data/muge_easynlp/T2I_val.tsv",
+                 "t2i-data tokenizer input=data/muge_easynlp/T2I_train.tsv"):
+        run_for_real(find("README.md", text), ["progress=false"] if "convert" in text else [])
+    for split, n in (("train", 12), ("val", 4)):
+        with tarfile.open(next((tmp_path / "data" / "shards" / "muge" / split).glob("*.tar"))) as tar:
+            assert sum(m.name.endswith(".txt") for m in tar.getmembers()) == n
+    assert (tmp_path / "data" / "shards" / "muge" / "tokenizer.json").is_file()
+
+    # the t2i-data section: Shapes -> its tokenizer -> shards -> inspect (Shapes at a tiny size)
+    run_for_real(find("README.md", "t2i-data shapes output=data/shapes"),
+                 ["n_train=24", "n_val=4", "n_test=4", "n_compositional=4", "progress=false"])
+    (tmp_path / "data" / "T2I_train.tsv").write_text((tmp_path / "data/shapes/shapes_train.tsv").read_text())
+    run_for_real(find("README.md", "t2i-data convert source=easynlp_tsv input=data/T2I_train.tsv"), ["progress=false"])
+    run_for_real(find("README.md", "t2i-data tokenizer input=data/shapes/shapes_train.tsv"))
+    report = run_for_real(find("README.md", "t2i-data inspect source=wds"))
+    assert report["images"] == 24 and report["tokens_max"] > 0 and Path(report["preview"]).is_file()
