@@ -154,3 +154,48 @@ def test_sigusr2_preempts_and_a_resumed_run_ending_before_validation_exits_0(tmp
         in res.stdout + res.stderr
     s = json.loads((folder / "metrics.json").read_text())
     assert s["status"] == "finished" and s["global_step"] == 6 and not (folder / "PREEMPTED").exists()
+
+
+def test_preemption_hands_the_signal_on_to_the_launchers_handler_after_the_checkpoint(tmp_path):
+    """Under submitit the USR2 handler it installed requeues the job: it must still run, after last.ckpt."""
+    import os
+
+    import pytorch_lightning as pl
+
+    from torch.utils.data import DataLoader
+
+    from t2i.callbacks.resume import Preempted, Preemption
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = []
+
+    def launcher_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        seen.append((signal.Signals(signum).name, (tmp_path / "checkpoints" / "last.ckpt").exists()))
+
+    class SendAtStep2(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, launcher_handler)
+    try:
+        trainer = pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[Preemption(), SendAtStep2(),
+                                        pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints")])
+        with pytest.raises(Preempted, match="SIGUSR2"):
+            trainer.fit(Tiny(), train_dataloaders=DataLoader(torch.randn(64, 2), batch_size=4))
+        assert seen == [("SIGUSR2", True)] and "SIGUSR2 at step 3" in (tmp_path / "PREEMPTED").read_text()
+        assert signal.getsignal(signal.SIGUSR2) is launcher_handler  # restored after the fit
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

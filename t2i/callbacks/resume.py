@@ -12,7 +12,8 @@ stopped. (The data order is restored by :mod:`t2i.data.sampler`.)
 ``scancel`` and time limit, Kubernetes), SIGUSR1 (``sbatch --signal=USR1@120``, the launch scripts
 here) and SIGUSR2 (submitit, i.e. ``hydra/launcher=slurm``) -- into: finish the current batch, agree
 across ranks, write ``checkpoints/last.ckpt``, write a ``PREEMPTED`` marker in the run folder, and
-leave ``t2i-train`` with exit code 0 (``resume=auto`` continues). Under DDP the ranks agree every
+leave ``t2i-train`` with exit code 0 (``resume=auto`` continues). A handler a launcher had installed
+(submitit's, which requeues the job and exits) is called after the checkpoint is written. Under DDP the ranks agree every
 ``check_every`` batches (a collective with a host sync); one process checks every batch for free.
 """
 
@@ -159,7 +160,24 @@ class Preemption(pl.Callback):
         signame = self._received or "a signal on another rank"
         if trainer.is_global_zero:
             (run / self.marker).write_text(f"{signame} at step {trainer.global_step}; checkpoint {path}\n")
+        self._hand_on()
         raise Preempted(signame, trainer.global_step, str(path))
+
+    def _hand_on(self) -> None:
+        """The checkpoint is written: pass the signal to the handler ours replaced when a launcher set it
+        (submitit's USR2 handler requeues the job, then exits); Lightning's own handlers are skipped."""
+        if self._received is None:
+            return
+        sig = getattr(signal, self._received)
+        previous = self._previous.get(sig)
+        if not callable(previous) or previous in (signal.SIG_DFL, signal.SIG_IGN):
+            return
+        owner = getattr(previous, "__self__", previous)
+        module = getattr(owner, "__module__", None) or type(owner).__module__
+        if module.startswith(("pytorch_lightning", "lightning")):
+            return
+        log.warning("%s: the checkpoint is written; handing the signal on to %s", self._received, module)
+        previous(sig, None)
 
     def teardown(self, trainer, pl_module, stage):
         for sig, handler in self._previous.items():
