@@ -15,7 +15,10 @@ import math
 import pytorch_lightning as pl
 import torch
 
+from t2i.distributed import batch_share
+from t2i.errors import T2IError
 from t2i.lit.metrics import image_metrics
+from t2i.lit.optim import StepGuard, clip_grad_norm, live_loss
 from t2i.losses.dvae import DVAELoss, anneal
 from t2i.models import TOKENIZER_KEY, tokenizer_entry
 from t2i.models.dvae import DVAE
@@ -37,7 +40,7 @@ class DVAEModule(pl.LightningModule):
     def __init__(self, model: dict | None = None, loss: dict | None = None, lr: float = 1e-4, min_lr: float = 1.25e-6,
                  weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  warmup_steps: int = 0, total_steps: int | None = None, lr_schedule: str = "cosine",
-                 straight_through: bool = False, num_log_images: int = 8):
+                 straight_through: bool = False, num_log_images: int = 8, max_bad_steps: int = 20):
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
@@ -46,23 +49,44 @@ class DVAEModule(pl.LightningModule):
         self.loss = DVAELoss(**dict(loss or {}))
         self.val_usage = CodebookUsage(self.model.codebook_size)
         self.test_usage = CodebookUsage(self.model.codebook_size)
+        self.guard = StepGuard(max_bad_steps)
 
     # -- steps ------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
+        """The ELBO, never None (under DDP every rank must run the backward pass): weighed by this rank's
+        share of the global batch (ranks may have dropped undecodable images); a rank with an empty
+        batch runs a stand-in image with weight 0; when every rank's is empty the step is skipped on all
+        (:class:`t2i.lit.optim.StepGuard`)."""
         images = batch["image"]
-        if images.shape[0] == 0:  # every sample of the batch failed to decode
-            return None
+        n = images.shape[0]
+        share = batch_share(n, images.device)
+        if n == 0:
+            images = images.new_zeros((1, *images.shape[1:]))
         step = self.global_step
         tau = self.loss.temperature(step)
         stats, logits, _ = self.model(images, temperature=tau, hard=self.hparams.straight_through)
         loss, logs = self.loss(images, stats, logits, step)
-        bs = images.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        bs = max(n, 1)
+        self.log("train/loss", loss, prog_bar=live_loss(self), batch_size=bs)
         self.log("train/rec_loss", logs["rec_loss"], batch_size=bs)
         self.log("train/kl", logs["kl"], batch_size=bs)
         self.log("train/temperature", tau, batch_size=bs)
         self.log("train/kl_weight", logs["kl_weight"], batch_size=bs)
-        return loss
+        return loss * share
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip to ``trainer.gradient_clip_val`` if set; skip non-finite steps on every rank."""
+        self.guard.after_backward(optimizer, clip_grad_norm(self, optimizer, gradient_clip_val))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.guard.check(self.global_step, self._too_many_bad_steps)
+
+    def on_train_epoch_end(self):
+        self.guard.check(0, self._too_many_bad_steps)
+
+    def _too_many_bad_steps(self, n: int) -> T2IError:
+        return T2IError(f"the dVAE loss was NaN/inf for {n} steps in a row (an empty batch counts too; by step "
+                        f"{self.global_step}); lower model.lr or raise model.warmup_steps")
 
     def _eval_step(self, batch: dict, stage: str, usage: CodebookUsage) -> None:
         images = batch["image"]
@@ -118,7 +142,7 @@ class DVAEModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-                                weight_decay=hp.weight_decay)
+                                weight_decay=hp.weight_decay, fused=True)  # fused: StepGuard's device-side skip
         total = hp.total_steps or self._estimated_steps()
         warmup, floor = hp.warmup_steps, hp.min_lr / hp.lr if hp.lr > 0 else 1.0
 
