@@ -1,7 +1,7 @@
 """Skipped steps and uneven batches under DDP: two gloo ranks where only one rank sees a NaN loss, a
 batch one sample short, or a batch emptied by undecodable samples train exactly like one process on the
 same global batches (the same steps skipped, the same weights, EMA and optimizer state), and nothing
-hangs. Also: no host sync in the transformer, CLIP and VQGAN training steps."""
+hangs. Also: the bad-step limit, and the EMA under gradient accumulation."""
 
 import os
 import socket

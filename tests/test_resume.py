@@ -161,7 +161,6 @@ def test_preemption_hands_the_signal_on_to_the_launchers_handler_after_the_check
     import os
 
     import pytorch_lightning as pl
-
     from torch.utils.data import DataLoader
 
     from t2i.callbacks.resume import Preempted, Preemption
