@@ -249,3 +249,16 @@ def test_public_weights_given_as_a_t2i_checkpoint_name_the_setting_that_fixes_it
         tokenize(tok_cfg(tmp_path, f"tokenizer_ckpt={ckpt}", f"output={tmp_path}/codes", *SHAPES))
     with pytest.raises(T2IError, match=r"pass image_tokenizer='\{kind: taming, files: \{ckpt: "):
         load_tokenizer(ckpt, key="image_tokenizer")
+
+
+def test_a_checkpoint_cannot_name_an_arbitrary_callable(tmp_path):
+    """The carried record names the class to build; anything outside t2i.models is refused by name."""
+    record = {"target": "os.system", "config": {"command": "true"}, "state_dict": {}}
+    with pytest.raises(T2IError, match="only t2i.models classes"):
+        load_tokenizer(record)
+    path = tmp_path / "evil.ckpt"
+    torch.save({IMAGE_TOKENIZER_KEY: record}, path)
+    with pytest.raises(T2IError, match="only t2i.models classes"):
+        load_tokenizer(path)
+    with pytest.raises(T2IError, match="does not have"):
+        load_tokenizer({**record, "target": "t2i.models.vqgan.NoSuchModel"})

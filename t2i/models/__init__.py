@@ -46,8 +46,16 @@ def tokenizer_entry(target: str, config: dict, prefix: str = "model.") -> dict:
 
 
 def build(target: str, config: dict) -> nn.Module:
-    module, _, name = target.rpartition(".")
-    return getattr(importlib.import_module(module), name)(**config)
+    """``target(**config)``. Only classes of ``t2i.models`` are built: a checkpoint names the class, and a
+    file from elsewhere must not get to call an arbitrary function by naming it."""
+    module, _, name = str(target).rpartition(".")
+    if not module.startswith("t2i.models"):
+        raise T2IError(f"a checkpoint asks to build {target!r}; only t2i.models classes are rebuilt from checkpoints")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise T2IError(f"a checkpoint names {target!r}, which this version of t2i does not have") from None
+    return cls(**config)
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
