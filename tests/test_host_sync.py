@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from t2i.lit.vqgan import VQGANModule
+from t2i.models import quantizers
 from tests.test_ddp_guards import clip, collate, samples, transformer
 
 SYNCS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -90,12 +91,16 @@ def test_transformer_and_clip_steps_read_nothing_on_the_host():
         assert counter.library == [], f"{make.__name__}: {counter.library}"  # Lightning's progress-bar floats
 
 
-def test_vqgan_gan_step_reads_nothing_on_the_host():
+def test_vqgan_gan_step_reads_nothing_on_the_host(monkeypatch):
+    """The accelerator's path (on the CPU the restart check reads the dead-code count, which is free
+    there; see the next test): switched on here so that it runs on this CPU."""
+    monkeypatch.setattr(quantizers, "HOST_CHECK_ON_CPU", False)
     torch.manual_seed(0)
     module = VQGANModule(model=dict(ch=32, ch_mult=[1, 1], num_res_blocks=1, attn_resolutions=[], z_channels=8,
                                     embed_dim=8, n_embed=16, resolution=8,
                                     quantizer=dict(kind="vq", restart_dead=1)),
-                         loss=dict(disc_start=0, perceptual_weight=0.0, disc_ndf=8, disc_layers=1), lr=1e-3)
+                         loss=dict(disc_start=0, perceptual_weight=0.0, disc_ndf=8, disc_layers=1), lr=1e-3,
+                         fused_adam=True)  # the accelerator default
     counter = run_steps(module, optimizers=2)  # generator and discriminator steps: 2 global steps a batch
     assert counter.steps == 4 and int(module.step) == 4
     assert counter.calls == [] and counter.library == [], (counter.calls, counter.library)
@@ -115,3 +120,21 @@ def test_the_counter_sees_a_sync():
     module.training_step = reads_loss.__get__(module)
     counter = run_steps(module, steps=2)
     assert len(counter.calls) == 2 and all("__bool__" in c for c in counter.calls)
+
+
+def test_cpu_restart_check_draws_from_the_rng_only_when_a_code_is_dead():
+    """On the CPU a step without a dead code leaves the global RNG where it was (the random stream does not
+    depend on the check); a step with one restarts it from a vector of the batch."""
+    torch.manual_seed(0)
+    q = quantizers.VectorQuantizer(n_embed=4, embed_dim=2, restart_dead=2).train()
+    z = torch.randn(1, 2, 2, 2)
+    before = torch.get_rng_state()
+    q._restart_dead_codes(z.permute(0, 2, 3, 1).reshape(-1, 2))
+    assert torch.equal(torch.get_rng_state(), before)
+    q.unused_steps[1] = 2  # code 1 is dead
+    old = q.embedding.weight.detach().clone()
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    q._restart_dead_codes(flat)
+    assert not torch.equal(torch.get_rng_state(), before)
+    assert any(torch.equal(q.embedding.weight[1], row) for row in flat)
+    assert torch.equal(q.embedding.weight[[0, 2, 3]], old[[0, 2, 3]]) and int(q.unused_steps[1]) == 0

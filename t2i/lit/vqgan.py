@@ -35,6 +35,7 @@ class VQGANModule(pl.LightningModule):
         grad_clip: float | None = 1.0,
         gumbel_temperature: tuple[float, float, int] | None = None,
         channels_last: bool = False,
+        fused_adam: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -55,10 +56,15 @@ class VQGANModule(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         gen = [p for n, p in self.named_parameters() if not n.startswith("loss.")]
-        # fused: one kernel per step, and the step counts stay on the device (no host read per step)
-        opt_g = torch.optim.AdamW(gen, lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay, fused=True)
+        # fused (default on an accelerator): one kernel per step, and the step counts stay on the device (no
+        # host read per step). On the CPU the default is the foreach kernel, whose step counts are CPU
+        # tensors anyway; the fused CPU kernel rounds differently, and VQ training amplifies 1e-8 changes
+        # into another codebook: the Shapes demo's measured tokenizer is the foreach one.
+        fused = h.get("fused_adam")
+        fused = self.device.type != "cpu" if fused is None else bool(fused)
+        opt_g = torch.optim.AdamW(gen, lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay, fused=fused)
         opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=h.disc_lr or h.lr, betas=tuple(h.betas),
-                                  weight_decay=h.weight_decay, fused=True)
+                                  weight_decay=h.weight_decay, fused=fused)
         total = total_steps(self)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(h.warmup_steps, total, h.schedule))
         start = self.loss.disc_start

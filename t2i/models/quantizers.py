@@ -57,6 +57,9 @@ class CodebookUsage(Metric):
         return {"perplexity": perplexity_from_counts(self.counts), "dead_codes": (self.counts == 0).float().mean()}
 
 
+HOST_CHECK_ON_CPU = True  # tests switch it off to run the accelerator's sync-free path on the CPU
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-codebook quantizer with a straight-through gradient (VQ-VAE / VQGAN).
 
@@ -186,10 +189,15 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         """Every code unused for ``restart_dead`` forwards takes a random vector of this batch (distinct
-        vectors while the batch has enough). Done with masks on the device, a candidate for every code,
-        so that a training step never waits to learn how many codes are dead; under DDP the candidates
-        come from rank 0."""
+        vectors while the batch has enough). On an accelerator this is done with masks on the device, a
+        candidate for every code, so that a training step never waits to learn how many codes are dead
+        (it then draws a permutation every step). On the CPU, where reading the count costs nothing, a
+        step with no dead code returns at once and leaves the RNG alone, so the random stream (and the
+        Shapes demo's trained tokenizer) does not depend on how often the check runs. Under DDP the
+        candidates come from rank 0 (``unused_steps`` is all-reduced, so every rank takes the same branch)."""
         dead = (self.unused_steps >= self.restart_dead)[:, None]
+        if flat.device.type == "cpu" and HOST_CHECK_ON_CPU and not dead.any():
+            return  # on the CPU the read is free: draw from the RNG only for a restart that happens
         perm = torch.randperm(flat.shape[0], device=flat.device)
         idx = perm[(dead[:, 0].long().cumsum(0) - 1).clamp_min(0) % flat.shape[0]]  # k-th dead code: perm[k]
         new = flat[idx].to(self.embedding.weight.dtype)
