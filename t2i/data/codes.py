@@ -38,7 +38,6 @@ in memory), :func:`read_manifest` and :func:`check_manifest` (does the transform
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -52,6 +51,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from t2i.data.shards import SHARD_MTIME, sanitize_key
 from t2i.data.skips import DataError
+from t2i.models import file_sha256  # noqa: F401 (re-exported: t2i-tokenize, metrics and eval import it from here)
 
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -73,14 +73,6 @@ def shard_name(split: str, rank: int, index: int) -> str:
 
 def rank_file(output, rank: int) -> Path:
     return Path(output) / f"manifest.rank{rank}.json"
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json(path: Path, obj: dict) -> None:

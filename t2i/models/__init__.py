@@ -46,15 +46,17 @@ def tokenizer_entry(target: str, config: dict, prefix: str = "model.") -> dict:
 
 
 def build(target: str, config: dict) -> nn.Module:
-    """``target(**config)``. Only classes of ``t2i.models`` are built: a checkpoint names the class, and a
-    file from elsewhere must not get to call an arbitrary function by naming it."""
+    """``target(**config)`` for a ``torch.nn.Module`` class named by its import path (ours, taming's, or a
+    researcher's own tokenizer class). A checkpoint names the class, so anything that is not an
+    ``nn.Module`` class (a function such as ``os.system``) is refused: a file must not choose what we call."""
     module, _, name = str(target).rpartition(".")
-    if not module.startswith("t2i.models"):
-        raise T2IError(f"a checkpoint asks to build {target!r}; only t2i.models classes are rebuilt from checkpoints")
     try:
         cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise T2IError(f"a checkpoint names {target!r}, which this version of t2i does not have") from None
+    except (ImportError, AttributeError, ValueError):
+        raise T2IError(f"a checkpoint names {target!r}, which cannot be imported here (a class of another "
+                       "t2i version, or a package that is not installed)") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise T2IError(f"a checkpoint asks to build {target!r}, which is not an nn.Module class; refused")
     return cls(**config)
 
 
