@@ -14,8 +14,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from t2i.errors import ConfigError, T2IError
-from t2i.lit.optim import StepGuard, adamw_warmup_cosine, clip_grad_norm, live_loss
+from t2i.errors import ConfigError
+from t2i.lit.optim import GuardedSteps, StepGuard, adamw_warmup_cosine, live_loss
 from t2i.losses.clip import ContrastiveLoss
 from t2i.models.clip import CLIP
 
@@ -51,7 +51,9 @@ def retrieval_recall(image: torch.Tensor, text: torch.Tensor, keys: list[str]) -
     return out
 
 
-class CLIPModule(pl.LightningModule):
+class CLIPModule(GuardedSteps, pl.LightningModule):
+    bad_loss = "CLIP loss"
+
     def __init__(self, model: dict, lr: float = 5e-4, betas=(0.9, 0.98), weight_decay: float = 0.1,
                  warmup_steps: int = 100, schedule: str = "cosine", total_steps: int | None = None,
                  min_lr_ratio: float = 0.0, local_loss: bool = False, max_bad_steps: int = 20):
@@ -104,21 +106,6 @@ class CLIPModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=live_loss(self))
         self.log("train/logit_scale", self.model.scale().detach())
         return loss
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip to ``trainer.gradient_clip_val`` if set, and skip non-finite steps on every rank."""
-        self.guard.after_backward(optimizer, clip_grad_norm(self, optimizer, gradient_clip_val))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.log("train/skipped_steps", self.guard.skipped.float())
-        self.guard.check(self.global_step, self._too_many_bad_steps)
-
-    def on_train_epoch_end(self):
-        self.guard.check(0, self._too_many_bad_steps)
-
-    def _too_many_bad_steps(self, n: int) -> T2IError:
-        return T2IError(f"the CLIP loss was NaN/inf for {n} steps in a row (an empty batch counts too; by step "
-                        f"{self.global_step}); lower model.lr or raise model.warmup_steps")
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model, no_decay)

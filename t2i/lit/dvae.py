@@ -16,9 +16,8 @@ import pytorch_lightning as pl
 import torch
 
 from t2i.distributed import batch_share
-from t2i.errors import T2IError
 from t2i.lit.metrics import image_metrics
-from t2i.lit.optim import StepGuard, clip_grad_norm, live_loss
+from t2i.lit.optim import GuardedSteps, StepGuard, live_loss
 from t2i.losses.dvae import DVAELoss, anneal
 from t2i.models import TOKENIZER_KEY, tokenizer_entry
 from t2i.models.dvae import DVAE
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 LR_SCHEDULES = ("cosine", "exp", "linear", "constant")
 
 
-class DVAEModule(pl.LightningModule):
+class DVAEModule(GuardedSteps, pl.LightningModule):
     """The dVAE stage. ``model``: :class:`DVAE` arguments; ``loss``: :class:`DVAELoss` arguments.
 
     Optimizer: AdamW (the paper: betas 0.9/0.999, eps 1e-8, weight decay 1e-4), learning rate with a
@@ -36,6 +35,8 @@ class DVAEModule(pl.LightningModule):
     ``min_lr`` at ``total_steps`` (default: the trainer's estimated number of steps). ``straight_through``
     uses hard one-hot codes in the forward pass with soft gradients.
     """
+
+    bad_loss = "dVAE loss"
 
     def __init__(self, model: dict | None = None, loss: dict | None = None, lr: float = 1e-4, min_lr: float = 1.25e-6,
                  weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -73,20 +74,6 @@ class DVAEModule(pl.LightningModule):
         self.log("train/temperature", tau, batch_size=bs)
         self.log("train/kl_weight", logs["kl_weight"], batch_size=bs)
         return loss * share
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip to ``trainer.gradient_clip_val`` if set; skip non-finite steps on every rank."""
-        self.guard.after_backward(optimizer, clip_grad_norm(self, optimizer, gradient_clip_val))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.guard.check(self.global_step, self._too_many_bad_steps)
-
-    def on_train_epoch_end(self):
-        self.guard.check(0, self._too_many_bad_steps)
-
-    def _too_many_bad_steps(self, n: int) -> T2IError:
-        return T2IError(f"the dVAE loss was NaN/inf for {n} steps in a row (an empty batch counts too; by step "
-                        f"{self.global_step}); lower model.lr or raise model.warmup_steps")
 
     def _eval_step(self, batch: dict, stage: str, usage: CodebookUsage) -> None:
         images = batch["image"]

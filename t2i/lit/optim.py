@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from t2i.errors import T2IError
+
 
 def lr_lambda(warmup: int, total: int | None, schedule: str, min_ratio: float = 0.1):
     """Multiplier of the base LR at a step: linear warm-up, then constant or cosine to ``min_ratio``."""
@@ -105,6 +107,32 @@ class StepGuard:
         worst = int(self._worst)
         if worst >= self.max_bad:
             raise error(worst)
+
+
+class GuardedSteps:
+    """The LightningModule hooks around ``self.guard`` (a :class:`StepGuard`), for modules with automatic
+    optimization: clip (``trainer.gradient_clip_val``, else ``hparams.grad_clip`` when the module has one)
+    and skip non-finite steps on every rank; log ``train/skipped_steps``; raise a :class:`T2IError` once
+    ``max_bad_steps`` steps in a row were skipped. ``bad_loss`` names the loss in that error and
+    ``bad_step_hint`` says what to change."""
+
+    bad_loss = "training loss"
+    bad_step_hint = "lower model.lr or raise model.warmup_steps"
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        limit = gradient_clip_val or self.hparams.get("grad_clip")
+        self.guard.after_backward(optimizer, clip_grad_norm(self, optimizer, limit))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.log("train/skipped_steps", self.guard.skipped.float())
+        self.guard.check(self.global_step, self._too_many_bad_steps)
+
+    def on_train_epoch_end(self):
+        self.guard.check(0, self._too_many_bad_steps)
+
+    def _too_many_bad_steps(self, n: int) -> T2IError:
+        return T2IError(f"the {self.bad_loss} was NaN/inf for {n} steps in a row (an empty batch counts too; by "
+                        f"step {self.global_step}); {self.bad_step_hint}")
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: torch.Tensor | None = None) -> None:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from t2i.distributed import batch_share
-from t2i.errors import ConfigError, T2IError
-from t2i.lit.optim import StepGuard, adamw_warmup_cosine, clip_grad_norm, ema_update, live_loss
+from t2i.errors import ConfigError
+from t2i.lit.optim import GuardedSteps, StepGuard, adamw_warmup_cosine, ema_update, live_loss
 from t2i.models import SPEC_HINT
 from t2i.models.transformer import Transformer
 
@@ -37,7 +37,9 @@ def no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or "emb" in name or "pos" in name or ".ln" in name or name.startswith("ln")
 
 
-class TransformerModule(pl.LightningModule):
+class TransformerModule(GuardedSteps, pl.LightningModule):
+    bad_step_hint = "lower model.lr, raise model.warmup_steps, or try model.model.sandwich_ln=true / pb_relax=true"
+
     def __init__(self, model: dict, codes: str | None = None, text_tokenizer: str | None = None,
                  image_tokenizer: str | None = None, text_loss_weight: float = 1.0, image_loss_weight: float = 7.0,
                  cond_drop_prob: float = 0.0, lr: float = 3e-4, betas=(0.9, 0.95), weight_decay: float = 0.01,
@@ -182,11 +184,6 @@ class TransformerModule(pl.LightningModule):
         self.log("train/loss", losses["loss"] if n else loss, prog_bar=live_loss(self))
         return loss
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip (``grad_clip``), and skip the step on every rank when the gradient norm is not finite."""
-        norm = clip_grad_norm(self, optimizer, gradient_clip_val or self.hparams.grad_clip)
-        self.guard.after_backward(optimizer, norm)
-
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         """The EMA follows each optimizer step (once per step under gradient accumulation, so the decay
         stays ``ema_decay``), here rather than in ``on_train_batch_end``: checkpoint callbacks run before
@@ -194,18 +191,6 @@ class TransformerModule(pl.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:
             ema_update(self.ema, self.model, self.hparams.ema_decay, self.guard.ok)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.log("train/skipped_steps", self.guard.skipped.float())
-        self.guard.check(self.global_step, self._too_many_bad_steps)
-
-    def on_train_epoch_end(self):
-        self.guard.check(0, self._too_many_bad_steps)
-
-    def _too_many_bad_steps(self, n: int) -> T2IError:
-        return T2IError(f"the training loss was NaN/inf for {n} steps in a row (an empty batch counts too; by "
-                        f"step {self.global_step}); lower model.lr, raise model.warmup_steps, or try "
-                        "model.model.sandwich_ln=true / pb_relax=true")
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model, no_decay)
