@@ -54,6 +54,7 @@ def test_best_ckpt_holds_the_best_monitored_epoch_and_last_the_final_one(tmp_pat
     assert best["epoch"] == best_epoch
     assert_same(best["state_dict"], rec.weights[best_epoch])
     assert_same(weights(ckpts / "last.ckpt"), rec.weights[-1])
+    assert (ckpts / "last.ckpt").stat().st_ino != (ckpts / "best.ckpt").stat().st_ino  # a later best keeps its own file
     cb = next(v for k, v in best["callbacks"].items() if "ModelCheckpoint" in k)
     assert cb["best_model_score"].item() == max(rec.values)
 
@@ -63,3 +64,5 @@ def test_best_ckpt_without_a_monitor_is_the_latest(tmp_path):
     assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
     assert_same(weights(ckpts / "best.ckpt"), rec.weights[-1])
     assert_same(weights(ckpts / "last.ckpt"), rec.weights[-1])
+    # the same state at the same step is written once: last.ckpt is a hard link to best.ckpt
+    assert (ckpts / "last.ckpt").stat().st_ino == (ckpts / "best.ckpt").stat().st_ino
