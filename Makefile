@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= outputs/demo
+# Pinned packages with no wheel for this Python; built from source with the lock's Cython (ruDALL-E's tokenizer).
+SOURCE_ONLY := youtokentome==1.0.6
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-full lint bench lock clean
@@ -20,6 +22,7 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation $(SOURCE_ONLY)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -40,7 +43,7 @@ bench: $(STAMP)  ## data-loading benchmark (writes experiments/data_loading/RESU
 
 lock: $(STAMP)  ## re-pin requirements.lock from the current .venv
 	{ echo "# Exact tested set (Python 3.11, 2-core CPU). Regenerate with: make lock"; \
-	  $(BIN)/python -m pip freeze --all --exclude-editable | grep -v '^#' | grep -v '^-e' | grep -v '^pip=='; } > requirements.lock
+	  $(BIN)/python -m pip freeze --all --exclude-editable | grep -v '^#' | grep -v '^-e' | grep -v '^pip==' | grep -v '^youtokentome=='; } > requirements.lock
 
 clean:  ## remove caches and outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
