@@ -5,6 +5,14 @@ and ruDALL-E do) followed by the ``h x w`` image codes in raster order. Position
 ``p + 1``: the text head reads positions ``0 .. text_len - 2``, the image head ``text_len - 1 ..``.
 Layers are pre-LN blocks, each with its own attention pattern (:mod:`t2i.models.attention`);
 CogView's Sandwich-LN and PB-relax are options.
+
+A few options exist so released models load exactly (:mod:`t2i.pretrained`); their defaults are this
+model's own design: ``text_pad`` (``shared``: one pad id, as EasyNLP's ARTIST), ``image_pos``
+(``absolute``: one learned vector per image position, as minGPT), ``gelu`` (``tanh``: the GPT-2
+approximation ruDALL-E uses), ``head_bias`` and ``logits_ln`` (ruDALL-E's logits layer has a bias and
+its own LayerNorm after the final one), ``text_head``
+(``false``: image logits only, as ARTIST; the text loss is then 0) and ``embed_grad_scale``
+(CogView / ruDALL-E shrink the embeddings' gradient: ``0.1``).
 """
 
 from __future__ import annotations
@@ -16,27 +24,33 @@ from torch import nn
 from t2i.errors import ConfigError
 from t2i.models.attention import Attention, KVCache, layer_patterns, rotary_angles, sequence_mask
 
+GELUS = ("exact", "tanh")
+TEXT_PADS = ("per_position", "shared")
+IMAGE_POS = ("rowcol", "absolute")
+
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, d_ff: int, dropout: float, gelu: str = "exact"):
         super().__init__()
         self.fc = nn.Linear(d_model, d_ff)
         self.proj = nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
+        self.approximate = "none" if gelu == "exact" else "tanh"
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
     """``x + attn(ln(x))``, ``x + mlp(ln(x))``; Sandwich-LN adds a LayerNorm on each branch's output."""
 
-    def __init__(self, d_model, n_head, d_ff, dropout, attn_dropout, sandwich_ln, pb_relax, pb_alpha, impl):
+    def __init__(self, d_model, n_head, d_ff, dropout, attn_dropout, sandwich_ln, pb_relax, pb_alpha, impl,
+                 gelu="exact"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, n_head, attn_dropout, pb_relax, pb_alpha, impl)
         self.ln_2 = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, d_ff, dropout)
+        self.mlp = MLP(d_model, d_ff, dropout, gelu)
         self.dropout = nn.Dropout(dropout)
         self.ln_attn_out = nn.LayerNorm(d_model) if sandwich_ln else nn.Identity()
         self.ln_mlp_out = nn.LayerNorm(d_model) if sandwich_ln else nn.Identity()
@@ -60,22 +74,32 @@ class Transformer(nn.Module):
                  n_head: int = 4, d_model: int = 256, d_ff: int | None = None, dropout: float = 0.0,
                  attn_dropout: float = 0.0, attention="full", conv_kernel: int = 11, attn_impl: str = "sdpa",
                  rotary: bool = False, sandwich_ln: bool = False, pb_relax: bool = False, pb_alpha: float = 32.0,
-                 tie_weights: bool = False, text_pad_id: int = 0):
+                 tie_weights: bool = False, text_pad_id: int = 0, text_pad: str = "per_position",
+                 image_pos: str = "rowcol", gelu: str = "exact", head_bias: bool = False, text_head: bool = True,
+                 logits_ln: bool = False, embed_grad_scale: float = 1.0):
         super().__init__()
         h, w = (int(s) for s in image_grid)
         if text_len < 1 or h < 1 or w < 1:
             raise ConfigError(f"model.text_len={text_len} and model.image_grid={list(image_grid)} must be positive")
+        for key, value, allowed in (("text_pad", text_pad, TEXT_PADS), ("image_pos", image_pos, IMAGE_POS),
+                                    ("gelu", gelu, GELUS)):
+            if value not in allowed:
+                raise ConfigError(f"model.{key}={value!r} is unknown; use one of {', '.join(allowed)}")
+        if rotary and image_pos != "rowcol":
+            raise ConfigError("model.rotary replaces the position tables: leave model.image_pos=rowcol")
         if attn_impl == "flex" and attn_dropout > 0:
             raise ConfigError("model.attn_impl=flex has no attention dropout; set model.attn_dropout=0 or use sdpa")
         self.text_vocab, self.text_len, self.image_vocab = text_vocab, text_len, image_vocab
         self.grid, self.n_image = (h, w), h * w
         self.seq_len = text_len + h * w
-        self.text_pad_id = text_pad_id
+        self.text_pad_id, self.text_pad, self.image_pos = text_pad_id, text_pad, image_pos
+        self.embed_grad_scale = float(embed_grad_scale)
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, d_model // n_head
         self.patterns = layer_patterns(attention, n_layer)
         self.attn_impl = attn_impl
 
-        self.text_emb = nn.Embedding(text_vocab + text_len, d_model)  # + one pad id per text position
+        n_text = text_vocab + (text_len if text_pad == "per_position" else 0)  # + one pad id per text position
+        self.text_emb = nn.Embedding(n_text, d_model)
         self.image_emb = nn.Embedding(image_vocab, d_model)
         self.rotary = rotary
         if rotary:
@@ -84,17 +108,22 @@ class Transformer(nn.Module):
             self.register_buffer("rot_sin", angles.sin(), persistent=False)
         else:
             self.text_pos = nn.Parameter(torch.zeros(text_len, d_model))
-            self.row_pos = nn.Parameter(torch.zeros(h, d_model))
-            self.col_pos = nn.Parameter(torch.zeros(w, d_model))
+            if image_pos == "rowcol":
+                self.row_pos = nn.Parameter(torch.zeros(h, d_model))
+                self.col_pos = nn.Parameter(torch.zeros(w, d_model))
+            else:
+                self.image_pos_emb = nn.Parameter(torch.zeros(h * w, d_model))
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(d_model, n_head, d_ff or 4 * d_model, dropout, attn_dropout, sandwich_ln, pb_relax, pb_alpha,
-                  attn_impl) for _ in range(n_layer))
+                  attn_impl, gelu) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
-        self.text_head = nn.Linear(d_model, text_vocab + text_len, bias=False)
-        self.image_head = nn.Linear(d_model, image_vocab, bias=False)
+        self.logits_ln = nn.LayerNorm(d_model) if logits_ln else None
+        self.text_head = nn.Linear(d_model, n_text, bias=head_bias) if text_head else None
+        self.image_head = nn.Linear(d_model, image_vocab, bias=head_bias)
         if tie_weights:
-            self.text_head.weight = self.text_emb.weight
+            if self.text_head is not None:
+                self.text_head.weight = self.text_emb.weight
             self.image_head.weight = self.image_emb.weight
         masks = {p: sequence_mask(p, text_len, h, w, conv_kernel) for p in sorted(set(self.patterns))}
         for p, m in masks.items():
@@ -121,6 +150,8 @@ class Transformer(nn.Module):
         if text.shape[1] != self.text_len:
             raise ConfigError(f"text has {text.shape[1]} tokens per caption, the model takes model.text_len="
                               f"{self.text_len}; tokenize with the same text_len")
+        if self.text_pad == "shared":
+            return text
         pos = torch.arange(self.text_len, device=text.device) + self.text_vocab
         return torch.where(text == self.text_pad_id, pos, text)
 
@@ -136,12 +167,17 @@ class Transformer(nn.Module):
         if image is not None and image.shape[1]:
             i0 = max(0, start - self.text_len)
             e = self.image_emb(image)
-            if not self.rotary:
+            if self.image_pos == "absolute":
+                e = e + self.image_pos_emb[i0:i0 + image.shape[1]]
+            elif not self.rotary:
                 idx = torch.arange(i0, i0 + image.shape[1], device=image.device)
                 w = self.grid[1]
                 e = e + self.row_pos[idx // w] + self.col_pos[idx % w]
             parts.append(e)
-        return self.drop(torch.cat(parts, dim=1))
+        x = torch.cat(parts, dim=1)
+        if self.embed_grad_scale != 1.0:  # same values, gradient times embed_grad_scale (CogView)
+            x = x * self.embed_grad_scale + x.detach() * (1.0 - self.embed_grad_scale)
+        return self.drop(x)
 
     def block_mask(self, layer: int, length: int, device):
         """FlexAttention block mask of a layer's pattern for a training sequence of ``length``."""
@@ -164,13 +200,14 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             bm = self.block_mask(i, t, x.device) if flex else None
             x = block(x, self.mask(i), start, cache, i, rot, bm)
-        return self.ln_f(x)
+        x = self.ln_f(x)
+        return self.logits_ln(x) if self.logits_ln is not None else x
 
     # -- training ----------------------------------------------------------------------------
     def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``text`` tokenizer ids ``[B, text_len]``, ``image`` codes ``[B, h, w]`` or ``[B, h*w]`` ->
-        ``(text_logits [B, text_len - 1, text_vocab + text_len], image_logits [B, h*w, image_vocab])``:
-        the logits for text tokens ``1 ..`` and for every image token."""
+        ``(text_logits [B, text_len - 1, text ids], image_logits [B, h*w, image_vocab])``: the logits for
+        text tokens ``1 ..`` (None without a text head) and for every image token."""
         image = image.flatten(1)
         if image.shape[1] != self.n_image:
             raise ConfigError(f"image codes have {image.shape[1]} positions, the model's grid "
@@ -178,15 +215,18 @@ class Transformer(nn.Module):
         x = self.embed(self.text_ids(text), image[:, :-1])
         hid = self.hidden(x)
         T = self.text_len
-        return self.text_head(hid[:, :T - 1]), self.image_head(hid[:, T - 1:])
+        text_logits = self.text_head(hid[:, :T - 1]) if self.text_head is not None else None
+        return text_logits, self.image_head(hid[:, T - 1:])
 
     def loss(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy of the text tokens (every position after the first, pads included, as
-        DALL·E) and of the image tokens."""
+        DALL·E) and of the image tokens. The text loss is 0 for a model without a text head."""
         text_logits, image_logits = self(text, image)
         targets = self.text_ids(text)[:, 1:]
-        text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), targets.flatten()) if self.text_len > 1 \
-            else text_logits.new_zeros(())
+        if text_logits is None or self.text_len < 2:
+            text_loss = image_logits.new_zeros((), dtype=torch.float32)
+        else:
+            text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), targets.flatten())
         image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten().long())
         return text_loss, image_loss
 
