@@ -9,7 +9,10 @@ reranked pick, ``s00``, in a red frame) and ``samples.jsonl`` (one line per samp
 file, sampling settings, CLIP score). With ``rerank.ckpt`` (a ``t2i-train experiment=*_clip``
 checkpoint) the ``num_samples`` candidates of a prompt are scored by CLIP and written best first
 (``s00`` is the chosen one; ``drawn`` is its position among the candidates); ``rerank.top`` keeps
-only the best ones. Prompts are sampled ``batch_size // num_samples`` at a time, each
+only the best ones. With ``sr.ckpt`` (a Real-ESRGAN ``.pth`` or a ``t2i-import realesrgan`` file) every
+kept image is upscaled by the RRDBNet after reranking, before it is written (``sr.scale``: must be the
+weights' own scale, x2 / x4 / x8 are separate models; ``sr.tile`` > 0 runs tiles of that many pixels with
+``sr.tile_pad`` context each). Prompts are sampled ``batch_size // num_samples`` at a time, each
 batch from a generator seeded with ``seed + index of its first prompt`` (recorded per sample): the
 same command gives the same images; another ``batch_size`` gives other (equally valid) samples.
 
@@ -67,6 +70,31 @@ def check_settings(cfg: DictConfig) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key}={v} must be an integer >= 1")
     check_sampling(cfg.num_samples, cfg.top_k, cfg.top_p, cfg.temperature, cfg.cfg_scale)
+    sr = cfg.get("sr") or {}
+    for key in ("tile", "tile_pad"):
+        v = sr.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"sr.{key}={v} must be an integer >= 0")
+    if sr.get("scale") is not None and sr.get("scale") not in (1, 2, 4, 8):
+        raise ConfigError(f"sr.scale={sr.get('scale')} must be 1, 2, 4 or 8 (or null: the weights' own scale)")
+    if sr.get("ckpt") and not Path(str(sr.get("ckpt"))).expanduser().is_file():
+        raise ConfigError(f"sr.ckpt={sr.get('ckpt')}: no such file (a Real-ESRGAN .pth, e.g. RealESRGAN_x4plus.pth, "
+                          f"or a `t2i-import realesrgan` output)")
+
+
+def load_upscaler(sr: DictConfig, device: torch.device):
+    """The RRDBNet of ``sr.ckpt`` (None without one); ConfigError for a missing file or an ``sr.scale``
+    the weights do not have (Real-ESRGAN trains one model per scale: x8 is its own model, not x4 twice)."""
+    if not sr or not sr.get("ckpt"):
+        return None
+    from t2i.pretrained.realesrgan import load_sr
+
+    model = load_sr(Path(str(sr.ckpt)).expanduser())
+    if sr.get("scale") is not None and int(sr.scale) != model.scale:
+        raise ConfigError(f"sr.scale={sr.scale}, but sr.ckpt={sr.ckpt} holds x{model.scale} weights (each "
+                          f"Real-ESRGAN model has one scale): set sr.scale={model.scale} or null, or pass "
+                          f"x{sr.scale} weights")
+    return model.to(device)
 
 
 def load_checkpoint(path) -> dict:
@@ -171,6 +199,8 @@ def run(cfg: DictConfig) -> dict:
         from t2i.rerank import load_reranker
 
         clip = load_reranker(cfg.rerank.ckpt, cfg.rerank.backend, cfg.rerank.get("model_name")).to(device)
+    upscaler = load_upscaler(cfg.get("sr"), device)
+    sr_info = None if upscaler is None else {"file": str(cfg.sr.ckpt), "scale": upscaler.scale}
     out = Path(str(cfg.output)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: cfg[k] for k in SETTINGS}
@@ -193,12 +223,17 @@ def run(cfg: DictConfig) -> dict:
                 ranked, s = rerank(clip, chunk, prompts[i], top=cfg.rerank.top)
                 order, scores = ranked.tolist(), s.tolist()
             pics = (chunk[order].float().clamp(-1, 1) + 1) / 2
+            if upscaler is not None:  # RRDBNet works in [0, 1]
+                from t2i.models.rrdbnet import upscale
+
+                pics = torch.cat([upscale(upscaler, p[None], tile=int(cfg.sr.tile), tile_pad=int(cfg.sr.tile_pad))
+                                  for p in pics]).float().clamp(0, 1)  # one image at a time: bounded memory
             for j, (img, src, sc) in enumerate(zip(pics, order, scores)):
                 name = f"p{i:03d}_s{j:02d}.png"
                 save_image(img, out / name)
                 rows.append({"prompt": prompts[i], "prompt_index": i, "sample": j, "drawn": src,
                              "seed": int(cfg.seed) + start, "file": name, "settings": settings,
-                             "score": sc, "reranked": clip is not None})
+                             "score": sc, "reranked": clip is not None, "sr": sr_info})
             grid = sample_grid(pics, nrow=min(8, len(pics)), marked=[0] if clip is not None else [])
             save_image(grid, out / f"grid_p{i:03d}.png")
             bar.update(1)
