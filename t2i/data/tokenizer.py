@@ -5,7 +5,8 @@ CJK characters are split one per token as BERT-Chinese does (``BertNormalizer`` 
 ``##`` continuation prefix so decoding works the same way. Special tokens are
 ``[PAD]=0, [UNK], [CLS], [SEP], [MASK]``. A tokenizer loads from a ``tokenizer.json`` (ours or
 any HF one) or a BERT ``vocab.txt`` (e.g. bert-base-chinese) and travels inside checkpoints as a
-JSON string; :func:`check_same` compares fingerprints when a checkpoint is loaded.
+JSON string; :func:`check_same` compares fingerprints when a checkpoint is loaded. Imported tokenizers
+(:mod:`t2i.pretrained.text`, e.g. ruDALL-E's ``<BOS> text <EOS>``) may carry a wrap that ``encode`` applies.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from t2i.data.skips import DataError, require_path
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Fallback names for special tokens in foreign tokenizer.json files.
 _ALIASES = {
-    "pad": ("[PAD]", "<pad>", "<|pad|>"),
-    "unk": ("[UNK]", "<unk>", "<|unk|>"),
-    "cls": ("[CLS]", "<s>", "<|startoftext|>", "<bos>"),
-    "sep": ("[SEP]", "</s>", "<|endoftext|>", "<eos>"),
+    "pad": ("[PAD]", "<pad>", "<|pad|>", "<PAD>"),  # <PAD>/<UNK>/<BOS>/<EOS>: YouTokenToMe (ruDALL-E)
+    "unk": ("[UNK]", "<unk>", "<|unk|>", "<UNK>"),
+    "cls": ("[CLS]", "<s>", "<|startoftext|>", "<bos>", "<BOS>"),
+    "sep": ("[SEP]", "</s>", "<|endoftext|>", "<eos>", "<EOS>"),
 }
 _EXPECTED = (
     "a tokenizers JSON file (tokenizer.json) or a BERT vocab.txt (one token per line, with [PAD] and [UNK])"
@@ -62,6 +63,25 @@ def _space_between(a: str, b: str) -> bool:
     return b not in _CLOSERS and a not in _OPENERS  # "red, blue (big)"; CJK next to latin keeps its space
 
 
+def _wrap_of(post_processor) -> tuple[list[int], list[int]] | None:
+    """``(ids before, ids after)`` the text when ``post_processor`` is a single-text wrap: a
+    ``TemplateProcessing`` whose pair template holds no special token, as the importers in
+    :mod:`t2i.pretrained.text` write it (ruDALL-E's ``<BOS> $A <EOS>``). Hub files such as BERT's
+    (``[CLS] $A [SEP] $B [SEP]`` for pairs) give None: they keep encoding without specials."""
+    pp = post_processor or {}
+    if pp.get("type") != "TemplateProcessing" or any("SpecialToken" in p for p in pp.get("pair") or []):
+        return None
+    before: list[int] = []
+    after: list[int] = []
+    side = before
+    for piece in pp.get("single") or []:
+        if "Sequence" in piece:
+            side = after
+        elif "SpecialToken" in piece:
+            side.extend(pp["special_tokens"][piece["SpecialToken"]["id"]]["ids"])
+    return (before, after) if before or after else None  # "$A" alone (GPT-NeoX style): nothing to wrap
+
+
 def _bert_normalizer():
     return normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True
@@ -88,7 +108,9 @@ class TextTokenizer:
         self.sep_id: int | None = ids["sep"]
         mask = tok.token_to_id("[MASK]")
         self._drop = {i for i in (ids["pad"], self.cls_id, self.sep_id, mask) if i is not None}
-        model = json.loads(tok.to_str()).get("model", {})
+        d = json.loads(tok.to_str())
+        model = d.get("model", {})
+        self._wrap = _wrap_of(d.get("post_processor"))
         self._prefix = (
             model.get("continuing_subword_prefix") if model.get("type") in ("WordPiece", "BPE") else None
         )
@@ -190,16 +212,24 @@ class TextTokenizer:
         d = json.loads(self.tok.to_str())
         vocab = sorted(self.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
         model = {k: v for k, v in (d.get("model") or {}).items() if k != "vocab"}
-        blob = json.dumps(
-            [vocab, model, d.get("normalizer"), d.get("pre_tokenizer")], sort_keys=True, ensure_ascii=False
-        )
+        parts = [vocab, model, d.get("normalizer"), d.get("pre_tokenizer")]
+        if self._wrap is not None:  # only tokenizers that wrap texts hash their post_processor
+            parts.append(d.get("post_processor"))
+        blob = json.dumps(parts, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
     # -- encoding -------------------------------------------------------------------------
     def encode(self, texts: str | list[str], text_len: int, add_special: bool = False) -> torch.LongTensor:
-        """``[B, text_len]`` ids, padded with ``pad_id``; too-long captions are cut and counted."""
+        """``[B, text_len]`` ids, padded with ``pad_id``; too-long captions are cut and counted.
+
+        A tokenizer with a wrap (:func:`_wrap_of`, e.g. ruDALL-E's) always wraps, then cuts the wrapped
+        ids to ``text_len`` as ruDALL-E does (a long caption loses its ``<EOS>``)."""
         if isinstance(texts, str):
             texts = [texts]
+        if self._wrap is not None:
+            if add_special:
+                raise DataError("add_special=True, but this tokenizer wraps every text itself; leave it off")
+            return self._encode_wrapped(list(texts), text_len)
         if add_special and (self.cls_id is None or self.sep_id is None):
             raise DataError("add_special=True but this tokenizer has no [CLS]/[SEP] tokens")
         budget = text_len - 2 if add_special else text_len
@@ -219,6 +249,20 @@ class TextTokenizer:
         self.last_text_len = text_len
         return out
 
+    def _encode_wrapped(self, texts: list[str], text_len: int) -> torch.LongTensor:
+        before, after = self._wrap
+        out = torch.full((len(texts), text_len), self.pad_id, dtype=torch.long)
+        for row, enc in enumerate(self.tok.encode_batch(texts, add_special_tokens=False)):
+            ids = [*before, *enc.ids, *after]
+            if len(ids) > text_len:
+                self.n_truncated += 1
+                ids = ids[:text_len]
+            if ids:
+                out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.n_encoded += len(texts)
+        self.last_text_len = text_len
+        return out
+
     def unknown(self, text: str) -> list[str]:
         """The pieces of ``text`` that encode to the unknown token (empty when every piece is known)."""
         if self.unk_id is None:
@@ -227,8 +271,10 @@ class TextTokenizer:
         return [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == self.unk_id]
 
     def lengths(self, texts: list[str]) -> list[int]:
-        """Token count of each text before padding or truncation (for choosing ``text_len``)."""
-        return [len(enc.ids) for enc in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        """Token count of each text before padding or truncation (for choosing ``text_len``); with the
+        wrap's specials for a tokenizer that wraps."""
+        extra = 0 if self._wrap is None else len(self._wrap[0]) + len(self._wrap[1])
+        return [len(enc.ids) + extra for enc in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids) -> str | list[str]:
         """Ids (``[L]`` -> str, ``[B, L]`` -> list) to natural text: pads/[CLS]/[SEP]/[MASK] dropped
