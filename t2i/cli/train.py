@@ -47,6 +47,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     torch.set_flush_denormal(True)
     out = output_dir(cfg)
     ckpt_path = resolve_resume(cfg.get("resume"), cfg.get("ckpt_path"), out)
+    init = None
+    if cfg.get("init_from"):  # another run's / an imported model's weights (and, for a transformer, its tokenizers)
+        from t2i.cli import init_from
+
+        init = init_from.read(cfg.init_from)
+        if init_from.is_transformer(cfg):
+            init_from.adopt(cfg, *init, out)
+            init_from.check_codes(cfg, init[1]["hyper_parameters"]["model"], init[0])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this; one writes
         save_config(cfg, out)
@@ -56,6 +64,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule: pl.LightningDataModule = instantiate(cfg.data, _convert_="all")
     log.info("model: %s", cfg.model._target_)
     model: pl.LightningModule = instantiate(cfg.model, _convert_="all")
+    if init is not None and not ckpt_path:  # a resumed run has its own, trained weights
+        init_from.load_weights(model, *init)
     if ckpt_path and model.state_dict():  # a model built in configure_model has no weights to compare yet
         check_fits(ckpt_path, model, "resume" if cfg.get("resume") else "ckpt_path")
     callbacks = instantiate_group(cfg.get("callbacks")) + [ConfigSaver(resolved), RNGState(), DataPosition(), Preemption(),

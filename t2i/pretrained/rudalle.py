@@ -138,7 +138,7 @@ def load_rudalle(input, tokenizer, vae, vae_config=None, text_len: int = 128, n_
     state = convert_dalle(sd, config, where)
     if not tokenizer:
         raise T2IError("tokenizer= is required: the model's YouTokenToMe bpe.model")
-    text_tok = yttm_tokenizer(tokenizer)
+    text_tok = yttm_tokenizer(tokenizer, key="tokenizer", lowercase=True)  # its pipeline lowercases prompts
     if not vae:
         raise T2IError("vae= is required: the Sber VQGAN checkpoint (vqgan.gumbelf8-sber.model.ckpt)")
     vq = read_weights(vae, _taming_state, what="Sber VQGAN checkpoint", trust_pickle=trust_pickle)
