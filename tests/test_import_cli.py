@@ -270,3 +270,19 @@ def test_tokenizer_sources_write_image_tokenizer_checkpoints(rudalle_release, tm
     with torch.no_grad():
         logits = r["vq"].quantize.proj(r["vq"].quant_conv(r["vq"].encoder(images)))
     assert torch.equal(tok.encode(images).flatten(), logits.argmax(1).flatten())  # the deterministic tokenization
+
+
+def test_realesrgan_through_the_front_door(tmp_path):
+    from t2i.models.rrdbnet import RRDBNet
+    from t2i.pretrained.realesrgan import load_sr
+
+    torch.manual_seed(0)
+    net = RRDBNet(scale=2, num_feat=8, num_block=1, num_grow_ch=4)
+    torch.save({"params_ema": net.state_dict()}, tmp_path / "RealESRGAN_x2.pth")
+    out = run_import("realesrgan", f"input={tmp_path}/RealESRGAN_x2.pth", f"output={tmp_path}/sr.ckpt")
+    loaded = load_sr(out)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net.eval()(x)) and loaded(x).shape[-1] == 16
+    with pytest.raises(T2IError, match="RealESRGAN_x2.pth"):
+        run_import("realesrgan", f"input={tmp_path}/RealESRGAN_x2.pth", "scale=4", f"output={tmp_path}/sr4.ckpt")

@@ -130,11 +130,10 @@ def load_sr(path, scale: int | None = None, trust_pickle: bool = False) -> RRDBN
 
 def save_sr_checkpoint(model: RRDBNet, path) -> Path:
     """Write ``model`` as ``{"t2i_sr": {target, config, state_dict}}`` (readable with weights_only=True)."""
-    p = Path(str(path)).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
+    from t2i.pretrained.export import save_atomic
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save({SR_KEY: {"target": TARGET, "config": dict(model.config), "state_dict": state}}, p)
-    return p
+    return save_atomic({SR_KEY: {"target": TARGET, "config": dict(model.config), "state_dict": state}}, path)
 
 
 def import_realesrgan(input, output, scale: int | None = None, trust_pickle: bool = False) -> Path:
