@@ -83,14 +83,15 @@ def _guide(logits: torch.Tensor, batch: int, cfg_scale: float) -> torch.Tensor:
 def generate(model, text_ids: torch.Tensor, num_samples: int = 1, top_k: int | None = None,
              top_p: float | None = None, temperature: float = 1.0, cfg_scale: float | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, prime: torch.Tensor | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, entities=None) -> torch.Tensor:
     """Sample codes ``[B * num_samples, h, w]`` for captions ``text_ids [B, text_len]`` (tokenizer ids);
     the samples of caption ``b`` are rows ``b * num_samples .. (b + 1) * num_samples - 1``.
 
     ``cfg_scale`` (a number, 1 included) turns on classifier-free guidance with an unconditional
     branch; ``None`` samples conditionally only (the model should be trained with ``cond_drop_prob > 0``
     for guidance to help). ``prime [B, n]`` (or ``[B, h, w]``, the first ``n`` codes kept) primes
-    every sample of a caption with the first ``n`` image codes.
+    every sample of a caption with the first ``n`` image codes. ``entities``: the captions' linked
+    entities ``(ids [B, E], spans [B, E, 2])`` for a model with knowledge (the null caption has none).
 
     Settings that cannot work (``top_p`` outside (0, 1], a negative ``temperature``, ``top_k < 1``,
     ``num_samples < 1``, ids outside the text vocabulary or a ``text_len`` the model does not read)
@@ -111,9 +112,13 @@ def generate(model, text_ids: torch.Tensor, num_samples: int = 1, top_k: int | N
     text = text_ids.to(device).repeat_interleave(num_samples, dim=0)
     batch = text.shape[0]
     guided = cfg_scale is not None
+    if entities is not None:
+        entities = tuple(t.to(device).repeat_interleave(num_samples, dim=0) for t in entities)
     if guided:
         null = torch.full_like(text, model.text_pad_id)
         text = torch.cat([text, null])
+        if entities is not None:
+            entities = (torch.cat([entities[0], torch.full_like(entities[0], -1)]), torch.cat([entities[1]] * 2))
     codes = torch.zeros(batch, model.n_image, dtype=torch.long, device=device)
     n_prime = 0
     if prime is not None:
@@ -128,9 +133,9 @@ def generate(model, text_ids: torch.Tensor, num_samples: int = 1, top_k: int | N
     steps = tqdm(range(n_prime, model.n_image), desc="sampling", disable=not progress, leave=False)
     for i in steps:
         if not use_cache:
-            logits = model.image_logits_uncached(text, both(codes[:, :i]))
+            logits = model.image_logits_uncached(text, both(codes[:, :i]), entities)
         elif i == n_prime:
-            logits = model.prefill(text, cache, both(codes[:, :i]) if i else None)
+            logits = model.prefill(text, cache, both(codes[:, :i]) if i else None, entities)
         else:
             logits = model.decode_step(both(codes[:, i - 1]), i - 1, cache)
         codes[:, i] = _pick(_guide(logits, batch, cfg_scale), temperature, top_k, top_p, generator)

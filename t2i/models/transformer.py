@@ -13,6 +13,10 @@ approximation ruDALL-E uses), ``head_bias`` and ``logits_ln`` (ruDALL-E's logits
 its own LayerNorm after the final one), ``text_head``
 (``false``: image logits only, as ARTIST; the text loss is then 0) and ``embed_grad_scale``
 (CogView / ruDALL-E shrink the embeddings' gradient: ``0.1``).
+
+``knowledge`` (``{"num_entities", "dim", "trainable", "fusion"}``, ARTIST; :mod:`t2i.models.knowledge`)
+adds entity vectors to the caption: every method that reads text also takes ``entities``, a pair
+``(ids [B, E], spans [B, E, 2])`` of linked entities (id -1: none), or None.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from t2i.errors import ConfigError
 from t2i.models.attention import Attention, KVCache, layer_patterns, rotary_angles, sequence_mask
+from t2i.models.knowledge import KnowledgeFusion
 
 GELUS = ("exact", "tanh")
 TEXT_PADS = ("per_position", "shared")
@@ -76,7 +81,7 @@ class Transformer(nn.Module):
                  rotary: bool = False, sandwich_ln: bool = False, pb_relax: bool = False, pb_alpha: float = 32.0,
                  tie_weights: bool = False, text_pad_id: int = 0, text_pad: str = "per_position",
                  image_pos: str = "rowcol", gelu: str = "exact", head_bias: bool = False, text_head: bool = True,
-                 logits_ln: bool = False, embed_grad_scale: float = 1.0):
+                 logits_ln: bool = False, embed_grad_scale: float = 1.0, knowledge: dict | None = None):
         super().__init__()
         h, w = (int(s) for s in image_grid)
         if text_len < 1 or h < 1 or w < 1:
@@ -113,6 +118,7 @@ class Transformer(nn.Module):
                 self.col_pos = nn.Parameter(torch.zeros(w, d_model))
             else:
                 self.image_pos_emb = nn.Parameter(torch.zeros(h * w, d_model))
+        self.knowledge = KnowledgeFusion(d_model=d_model, **knowledge) if knowledge else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(d_model, n_head, d_ff or 4 * d_model, dropout, attn_dropout, sandwich_ln, pb_relax, pb_alpha,
@@ -155,7 +161,11 @@ class Transformer(nn.Module):
         pos = torch.arange(self.text_len, device=text.device) + self.text_vocab
         return torch.where(text == self.text_pad_id, pos, text)
 
-    def embed(self, text: torch.Tensor | None, image: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+    def _fuses(self, entities, where: str) -> bool:
+        return self.knowledge is not None and entities is not None and self.knowledge.fusion == where
+
+    def embed(self, text: torch.Tensor | None, image: torch.Tensor | None, start: int = 0,
+              entities=None) -> torch.Tensor:
         """Embeddings of a contiguous run of the sequence beginning at ``start``: ``text`` (model ids,
         when ``start < text_len``) then ``image`` codes ``[B, n]`` in raster order."""
         parts = []
@@ -163,6 +173,8 @@ class Transformer(nn.Module):
             e = self.text_emb(text)
             if not self.rotary:
                 e = e + self.text_pos[start:start + text.shape[1]]
+            if self._fuses(entities, "input"):
+                e = self.knowledge(e, *entities)
             parts.append(e)
         if image is not None and image.shape[1]:
             i0 = max(0, start - self.text_len)
@@ -190,7 +202,7 @@ class Transformer(nn.Module):
                                                        device=str(device))
         return self._block_masks[key]
 
-    def hidden(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None, entities=None) -> torch.Tensor:
         t = x.shape[1]
         rot = (self.rot_cos[start:start + t], self.rot_sin[start:start + t]) if self.rotary else None
         flex = self.attn_impl == "flex" and cache is None and start == 0
@@ -200,11 +212,14 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             bm = self.block_mask(i, t, x.device) if flex else None
             x = block(x, self.mask(i), start, cache, i, rot, bm)
+        if start == 0 and self._fuses(entities, "easynlp"):  # EasyNLP: on the text states after the last block
+            T = self.text_len
+            x = torch.cat([self.knowledge(x[:, :T], *entities), x[:, T:]], dim=1)
         x = self.ln_f(x)
         return self.logits_ln(x) if self.logits_ln is not None else x
 
     # -- training ----------------------------------------------------------------------------
-    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, text: torch.Tensor, image: torch.Tensor, entities=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``text`` tokenizer ids ``[B, text_len]``, ``image`` codes ``[B, h, w]`` or ``[B, h*w]`` ->
         ``(text_logits [B, text_len - 1, text ids], image_logits [B, h*w, image_vocab])``: the logits for
         text tokens ``1 ..`` (None without a text head) and for every image token."""
@@ -212,16 +227,16 @@ class Transformer(nn.Module):
         if image.shape[1] != self.n_image:
             raise ConfigError(f"image codes have {image.shape[1]} positions, the model's grid "
                               f"{self.grid[0]}x{self.grid[1]} has {self.n_image}")
-        x = self.embed(self.text_ids(text), image[:, :-1])
-        hid = self.hidden(x)
+        x = self.embed(self.text_ids(text), image[:, :-1], entities=entities)
+        hid = self.hidden(x, entities=entities)
         T = self.text_len
         text_logits = self.text_head(hid[:, :T - 1]) if self.text_head is not None else None
         return text_logits, self.image_head(hid[:, T - 1:])
 
-    def loss(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, text: torch.Tensor, image: torch.Tensor, entities=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy of the text tokens (every position after the first, pads included, as
         DALL·E) and of the image tokens. The text loss is 0 for a model without a text head."""
-        text_logits, image_logits = self(text, image)
+        text_logits, image_logits = self(text, image, entities)
         targets = self.text_ids(text)[:, 1:]
         if text_logits is None or self.text_len < 2:
             text_loss = image_logits.new_zeros((), dtype=torch.float32)
@@ -234,11 +249,12 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, device, dtype) -> KVCache:
         return KVCache(self.n_layer, batch, self.n_head, self.seq_len, self.head_dim, device, dtype)
 
-    def prefill(self, text: torch.Tensor, cache: KVCache | None, image: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, text: torch.Tensor, cache: KVCache | None, image: torch.Tensor | None = None,
+                entities=None) -> torch.Tensor:
         """Run the caption (and primed image codes) through the model; returns the image logits for the
         next image position ``[B, image_vocab]``."""
-        x = self.embed(self.text_ids(text), image)
-        hid = self.hidden(x, 0, cache)
+        x = self.embed(self.text_ids(text), image, entities=entities)
+        hid = self.hidden(x, 0, cache, entities)
         return self.image_head(hid[:, -1])
 
     def decode_step(self, code: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
@@ -247,7 +263,7 @@ class Transformer(nn.Module):
         hid = self.hidden(self.embed(None, code[:, None], start), start, cache)
         return self.image_head(hid[:, -1])
 
-    def image_logits_uncached(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def image_logits_uncached(self, text: torch.Tensor, image: torch.Tensor, entities=None) -> torch.Tensor:
         """The next image code's logits from a full forward pass over the caption and ``image`` so far."""
-        x = self.embed(self.text_ids(text), image)
-        return self.image_head(self.hidden(x)[:, -1])
+        x = self.embed(self.text_ids(text), image, entities=entities)
+        return self.image_head(self.hidden(x, entities=entities)[:, -1])
