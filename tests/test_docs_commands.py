@@ -26,7 +26,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "t2i" / "conf"
 CONFIG_OF = {"data": "data", "train": "train", "tokenize": "tokenize", "generate": "generate", "eval": "eval",
-             "evaluate": "eval", "demo": "demo", "import": "import", "importer": "import"}
+             "evaluate": "eval", "demo": "demo", "import": "import", "importer": "import",
+             "knowledge": "knowledge"}
 PLACEHOLDER_PATH = "/tmp/t2i-docs/placeholder"
 MIN_COMMANDS = 60  # the docs hold more than this; far fewer means the extraction broke
 
@@ -156,6 +157,8 @@ def overrides_of(program: str, args: list[str], cmd: DocCommand) -> list[str]:
     args = [a for a in args if a not in ("-m", "--multirun", "...", "…")]  # a bare "...": more overrides
     if program == "data" and args and "=" not in args[0]:
         args = [f"command={args[0]}", *args[1:]]  # t2i-data <command> ...
+    if program == "knowledge" and args and "=" not in args[0]:
+        args = [f"command={args[0]}", *args[1:]]  # t2i-knowledge <command> ...
     if program == "import" and args and "=" not in args[0]:
         args = [f"source={args[0]}", *args[1:]]  # t2i-import <source> ...
     flags = [a for a in args if "=" not in a]
