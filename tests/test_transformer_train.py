@@ -137,8 +137,8 @@ def test_nan_guard_stops_with_clear_error(tmp_path, codes):
 
     original = tr.Transformer.loss
 
-    def nan_loss(self, text, image):
-        t, i = original(self, text, image)
+    def nan_loss(self, text, image, entities=None):
+        t, i = original(self, text, image, entities)
         return t * float("nan"), i
 
     tr.Transformer.loss = nan_loss

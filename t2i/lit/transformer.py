@@ -8,6 +8,12 @@ replaced by the null caption (all pads) so the model also learns the uncondition
 classifier-free guidance needs. ``model.text_vocab``, ``text_pad_id``, ``image_vocab`` and
 ``image_grid`` left null are read from the code shards' manifest and the text tokenizer; the filled-in
 values are saved as hyper-parameters, so a checkpoint rebuilds the model without the data.
+
+``knowledge`` (ARTIST): ``{enabled, lexicon, vectors, trainable, fusion, max_entities}``. When enabled,
+the first build reads the entity lexicon (its size is the entity table's) and the vectors file into the
+model's table; batches then carry ``entities`` / ``entity_spans`` (the data config links captions with
+the same lexicon). The lexicon travels in the checkpoint (``t2i_entity_lexicon``) so prompts are linked
+at generation time without the file. Disabled, the model has no knowledge layer and ignores the links.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from t2i.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 INFERRED = ("text_vocab", "text_pad_id", "image_vocab", "image_grid")
+LEXICON_KEY = "t2i_entity_lexicon"
 
 
 def no_decay(name: str, p: nn.Parameter) -> bool:
@@ -45,9 +52,11 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
                  cond_drop_prob: float = 0.0, lr: float = 3e-4, betas=(0.9, 0.95), weight_decay: float = 0.01,
                  warmup_steps: int = 0, schedule: str = "cosine", total_steps: int | None = None,
                  min_lr_ratio: float = 0.1, grad_clip: float | None = 1.0, ema_decay: float | None = None,
-                 max_bad_steps: int = 20, sample: dict | None = None, image_size: int | None = None):
+                 max_bad_steps: int = 20, sample: dict | None = None, image_size: int | None = None,
+                 knowledge: dict | None = None):
         super().__init__()
         model, info = dict(model), None
+        vectors, self.lexicon = self._knowledge(model, knowledge)
         if any(model.get(k) is None for k in INFERRED):  # the first build (not a rebuild from a checkpoint)
             info = self._infer_sizes(codes, text_tokenizer, image_tokenizer, image_size)
             for k in INFERRED:
@@ -57,6 +66,9 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
             raise ConfigError(f"model.schedule={schedule!r} is unknown; use constant or cosine")
         self.save_hyperparameters()  # reads the locals now: the filled-in model sizes, the tokenizer path
         self.model = Transformer(**model)
+        if vectors is not None:
+            with torch.no_grad():
+                self.model.knowledge.table.copy_(vectors)
         self.ema = None
         if ema_decay:
             self.ema = copy.deepcopy(self.model).requires_grad_(False)
@@ -70,6 +82,35 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
                                   "the codes were made with")
             self._image_tokenizer = [tok]
         self.guard = StepGuard(max_bad_steps)
+
+    @staticmethod
+    def _knowledge(model: dict, knowledge: dict | None):
+        """First build with ``knowledge.enabled``: the entity table's size from the lexicon, its rows from the
+        vectors file -> ``(vectors, lexicon)``; the sizes go into ``model["knowledge"]``. A rebuild from a
+        checkpoint has them already (the lexicon then comes from the checkpoint)."""
+        if not knowledge or not knowledge.get("enabled"):
+            model.pop("knowledge", None)
+            return None, None
+        if model.get("knowledge"):
+            return None, None
+        from t2i.knowledge.lexicon import EntityLexicon
+        from t2i.knowledge.vectors import load_vectors
+
+        if not knowledge.get("lexicon") or not knowledge.get("vectors"):
+            raise ConfigError("model.knowledge.enabled=true needs model.knowledge.lexicon (entity2id.txt) and "
+                              "model.knowledge.vectors (entity2vec.pt / .npy / text), e.g. from `t2i-knowledge train`")
+        lexicon = EntityLexicon.from_file(knowledge["lexicon"], key="model.knowledge.lexicon")
+        vectors = load_vectors(knowledge["vectors"], num_ids=lexicon.num_ids, key="model.knowledge.vectors")
+        model["knowledge"] = {"num_entities": int(vectors.shape[0]), "dim": int(vectors.shape[1]),
+                              "trainable": bool(knowledge.get("trainable", False)),
+                              "fusion": str(knowledge.get("fusion", "input"))}
+        return vectors, lexicon
+
+    def entities(self, batch: dict):
+        """The batch's linked entities for a model with knowledge, else None."""
+        if self.model.knowledge is None or "entities" not in batch:
+            return None
+        return batch["entities"], batch["entity_spans"]
 
     @staticmethod
     def _infer_sizes(codes, text_tokenizer, image_tokenizer, image_size) -> dict:
@@ -135,10 +176,16 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
             self._image_tokenizer_record = tokenizer_record(self._image_tokenizer[0])  # frozen: made once
         if self._image_tokenizer_record is not None:
             checkpoint[IMAGE_TOKENIZER_KEY] = self._image_tokenizer_record
+        if self.lexicon is not None:
+            checkpoint[LEXICON_KEY] = self.lexicon.to_str()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from t2i.models import IMAGE_TOKENIZER_KEY
 
+        if checkpoint.get(LEXICON_KEY):
+            from t2i.knowledge.lexicon import EntityLexicon
+
+            self.lexicon = EntityLexicon.from_str(checkpoint[LEXICON_KEY])
         record = checkpoint.get(IMAGE_TOKENIZER_KEY)
         if record is not None:
             self._image_tokenizer_record, self._image_tokenizer = record, None
@@ -152,18 +199,23 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
         with torch.no_grad():
             return self.image_tokenizer.encode(batch["image"])
 
-    def _drop_captions(self, text: torch.Tensor) -> torch.Tensor:
+    def _drop_captions(self, text: torch.Tensor, entities=None):
+        """``(text, entities)`` with each caption replaced by the null caption (no entities) with probability
+        ``cond_drop_prob`` while training."""
         p = self.hparams.cond_drop_prob
         if not p or not self.training:
-            return text
+            return text, entities
         drop = torch.rand(text.shape[0], device=text.device) < p
-        return torch.where(drop[:, None], torch.full_like(text, self.model.text_pad_id), text)
+        text = torch.where(drop[:, None], torch.full_like(text, self.model.text_pad_id), text)
+        if entities is not None:
+            entities = (entities[0].masked_fill(drop[:, None], -1), entities[1])
+        return text, entities
 
     # -- training ----------------------------------------------------------------------------
     def _losses(self, batch: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
         model = model or self.model
-        text, image = self._drop_captions(batch["text"]), self._codes(batch)
-        text_loss, image_loss = model.loss(text, image)
+        text, entities = self._drop_captions(batch["text"], self.entities(batch))
+        text_loss, image_loss = model.loss(text, self._codes(batch), entities)
         wt, wi = self.hparams.text_loss_weight, self.hparams.image_loss_weight
         return {"loss": (wt * text_loss + wi * image_loss) / (wt + wi), "text_loss": text_loss,
                 "image_loss": image_loss, "image_bits_per_token": image_loss / math.log(2)}
@@ -224,7 +276,9 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
         s = dict(self.hparams.sample or {})
         n = min(int(s.pop("num_captions", 8)), batch["text"].shape[0])
         gen = torch.Generator(device=self.device).manual_seed(int(s.pop("seed", 0)))
-        codes = generate(self.sampling_model(), batch["text"][:n], generator=gen, **s)
+        entities = self.entities(batch)
+        entities = tuple(t[:n] for t in entities) if entities is not None else None
+        codes = generate(self.sampling_model(), batch["text"][:n], generator=gen, entities=entities, **s)
         images = [decode_codes(self.image_tokenizer, codes)]
         if "codes" in batch:
             images.append(decode_codes(self.image_tokenizer, batch["codes"][:n]))
