@@ -1,6 +1,7 @@
 """t2i-data: build Shapes, convert datasets to shards, train the text tokenizer, inspect a dataset.
 
     t2i-data shapes output=data/shapes n_train=5000 image_size=64 lang=zh
+    t2i-data shapes_kg output=data/shapes_kg_64_zh n_train=5000 n_kg_heldout=500 object_fraction=0.5
     t2i-data convert source=muge input=data/muge split=train output=data/muge_shards/train
     t2i-data tokenizer input=data/shapes/shapes_train.tsv output=data/shapes/tokenizer.json vocab_size=1000
     t2i-data inspect source=wds input='data/muge_shards/train/*.tar' tokenizer=data/tok.json
@@ -21,7 +22,7 @@ from t2i.cli.common import clear_errors
 from t2i.data.skips import BadSample, DataError, SkipLog
 
 log = logging.getLogger("t2i.data")
-COMMANDS = ("shapes", "convert", "tokenizer", "inspect", "filter")
+COMMANDS = ("shapes", "shapes_kg", "convert", "tokenizer", "inspect", "filter")
 
 
 def need(cfg: DictConfig, key: str):
@@ -60,9 +61,32 @@ def cmd_shapes(cfg: DictConfig) -> dict:
 
 
 ORACLE_MIN = 0.99  # the oracle must read the written ground truth back at least this well
+def cmd_shapes_kg(cfg: DictConfig) -> dict:
+    """Shapes-KG (objects named in captions, their look in a knowledge graph) plus its text tokenizer,
+    trained on the captions of *all* splits and every object name, so the held-out objects' characters are
+    in its vocabulary (they are in no training caption)."""
+    from t2i.data.shapes_kg import PREFIX, SPLITS, write_shapes_kg
+    from t2i.data.tokenizer import train_tokenizer
+
+    out = Path(need(cfg, "output"))
+    paths = write_shapes_kg(
+        out, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, n_kg_heldout=cfg.n_kg_heldout,
+        image_size=cfg.image_size, lang=cfg.lang, seed=cfg.seed, n_seen=cfg.n_seen, n_heldout=cfg.n_heldout,
+        object_fraction=cfg.object_fraction, progress=cfg.progress,
+    )
+    print(f"shapes_kg: wrote {out} ({cfg.n_train}/{cfg.n_val}/{cfg.n_test}/{cfg.n_kg_heldout} "
+          f"train/val/test/kg_heldout at {cfg.image_size}px, lang={cfg.lang}, {cfg.n_seen} seen + "
+          f"{cfg.n_heldout} held-out objects per colour-shape pair; triples.tsv, entity2id.txt)")
+    if cfg.kg_vocab_size:
+        paths["tokenizer"] = out / "tokenizer.json"
+        train_tokenizer([out / f"{PREFIX}_{s}.tsv" for s in SPLITS] + [paths["object_names"]], paths["tokenizer"],
+                        vocab_size=cfg.kg_vocab_size)
+    return {"paths": paths, "oracle_test": check_oracle(out, "test", prefix=PREFIX)}
 
 
-def check_oracle(root: Path, split: str) -> dict:
+
+
+def check_oracle(root: Path, split: str, prefix: str = "shapes") -> dict:
     """Score the written ground truth with the oracle: the yardstick must read it back (>= 99%).
 
     Below that, or when samples cannot be read back, prints a warning to stderr (the data is
@@ -73,11 +97,11 @@ def check_oracle(root: Path, split: str) -> dict:
     from t2i.data.shapes import ShapeSpec
 
     specs = {}
-    for line in (root / f"shapes_{split}.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (root / f"{prefix}_{split}.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         specs[row["key"]] = ShapeSpec.from_dict(row["spec"])
-    src = EasyNLPTSV(root / f"shapes_{split}.tsv")
-    slog = SkipLog(name=f"oracle check of shapes_{split}.tsv")
+    src = EasyNLPTSV(root / f"{prefix}_{split}.tsv")
+    slog = SkipLog(name=f"oracle check of {prefix}_{split}.tsv")
     images, wanted = [], []
     for rec in src.records(slog):
         try:

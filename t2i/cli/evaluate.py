@@ -8,7 +8,9 @@
 Protocols live in ``conf/eval/``. Generation protocols draw ``num_candidates`` samples per caption,
 keep CLIP's best (or the first drawn without a CLIP), and score the chosen images; ``shapes`` adds
 the oracle's attribute accuracy of the first and of the chosen sample on ``test`` and
-``compositional``; ``reconstruction`` scores an image tokenizer (rFID, PSNR, SSIM, LPIPS, codebook
+``compositional`` (``shapes_kg``: on ``test``, seen objects, and ``kg_heldout``, objects known only
+through the knowledge graph; a model with knowledge gets its prompts linked with the lexicon its
+checkpoint carries); ``reconstruction`` scores an image tokenizer (rFID, PSNR, SSIM, LPIPS, codebook
 use). Output in ``output`` (the Hydra run folder by default): ``metrics.json`` (numbers plus
 everything needed to reproduce them: versions, checkpoints and extractor weights hashes, resize,
 counts, seeds), ``metrics.md`` (a markdown row), ``samples.png`` / ``reconstructions.png``, and a
@@ -130,6 +132,29 @@ def shapes_items(split: str, n: int, seed: int, image_size: int, lang: str) -> I
     return Items([s.caption for s in samples], lambda a, b: pixels[a:b], [s.spec for s in samples])
 
 
+def shapes_kg_world(p: DictConfig):
+    """The Shapes-KG world of the protocol: ``eval.meta`` (a written benchmark's meta.json) when set, else
+    the one ``eval.world`` (seed, n_seen, n_heldout) and ``eval.lang`` make (the data's defaults)."""
+    from t2i.data.shapes_kg import make_world, world_from_meta
+
+    if p.get("meta"):
+        path = Path(str(p.meta)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"eval.meta={p.meta}: no such file (the meta.json `t2i-data shapes_kg` wrote)")
+        return world_from_meta(path)
+    w = p.get("world") or {}
+    return make_world(int(w.get("seed", 0)), int(w.get("n_seen", 3)), int(w.get("n_heldout", 1)), str(p.lang))
+
+
+def shapes_kg_items(split: str, n: int, seed: int, image_size: int, world) -> Items:
+    from t2i.data.shapes_kg import make_split
+    from t2i.data.transforms import to_raw
+
+    samples = make_split(split, n, world, seed=seed, image_size=image_size)
+    pixels = torch.stack([to_raw(s.image.convert('RGB')) for s in samples]).permute(0, 3, 1, 2)
+    return Items([s.caption for s in samples], lambda a, b: pixels[a:b], [s.spec for s in samples])
+
+
 def source_items(p: DictConfig, image_size: int) -> Items:
     """``num_captions`` records drawn with ``caption_seed`` from a data source, one caption each."""
     from t2i.data.formats import open_source
@@ -228,7 +253,7 @@ def generation(cfg: DictConfig, device) -> dict:
     for key, v in (("eval.num_candidates", p.num_candidates), ("batch_size", cfg.batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key}={v} must be an integer >= 1")
-    model, image_tok, tok = build(cfg, device)
+    model, image_tok, tok, link = build(cfg, device)
     clip = load_clip(cfg, device)
     size = image_tok.downsample * model.grid[0]
     n_cand = int(p.num_candidates)
@@ -239,10 +264,15 @@ def generation(cfg: DictConfig, device) -> dict:
     amp = autocast_dtype(cfg, device)
     bs = int(cfg.batch_size)
     splits = list(p.splits) if p.kind == "shapes" else [str(p.get("split_name", "val"))]
+    kg_world = shapes_kg_world(p) if p.get("benchmark") == "shapes_kg" else None
     result, grids = {"splits": {}}, []
     for split in splits:
-        items = (shapes_items(split, int(p.num_captions), int(p.caption_seed), size, str(p.lang)) if p.kind == "shapes"
-                 else source_items(p, size))
+        if kg_world is not None:
+            items = shapes_kg_items(split, int(p.num_captions), int(p.caption_seed), size, kg_world)
+        elif p.kind == "shapes":
+            items = shapes_items(split, int(p.num_captions), int(p.caption_seed), size, str(p.lang))
+        else:
+            items = source_items(p, size)
         n = len(items.captions)
         scores, cache = scores_for(cfg, clip, device, split, size, n)
         hits = {"first": [], "chosen": []}
@@ -265,7 +295,7 @@ def generation(cfg: DictConfig, device) -> dict:
             bar.update(len(captions))
 
         loop = Loop(model, image_tok, lambda caps: encode_prompts(tok, caps, model.text_len), scores, clip, n_cand,
-                    bs, int(cfg.seed), sample, rank=rank, world_size=world, autocast=amp)
+                    bs, int(cfg.seed), sample, rank=rank, world_size=world, autocast=amp, entities=link)
         t0 = time.perf_counter()
         loop.run(items.captions, items.real, hook)
         bar.close()
@@ -307,6 +337,9 @@ def generation(cfg: DictConfig, device) -> dict:
                              "clip_backend": cfg.clip.backend if cfg.clip.ckpt else None}
     result["protocol"] = {"image_size": size, "num_candidates": n_cand, "sample": sample,
                           "reranked": clip is not None and n_cand > 1, "processes": world,
+                          "knowledge": None if link is None else {"lexicon": link.lexicon.fingerprint,
+                                                                  "entities": len(link.lexicon),
+                                                                  "max_entities": link.max_entities},
                           "autocast": str(amp).removeprefix("torch.") if amp else None}
     return result
 

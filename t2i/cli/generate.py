@@ -18,8 +18,10 @@ same command gives the same images; another ``batch_size`` gives other (equally 
 
 Settings that cannot work stop the run with one line before any model is loaded: ``top_p`` outside
 (0, 1], a negative ``temperature`` (``0`` is greedy), ``top_k``/``num_samples``/``batch_size`` below 1,
-an empty prompt. Prompts with pieces the model's text tokenizer does not know get one warning listing
-them all; a prompt that is more than half ``[UNK]`` is an error unless ``allow_unk=true``.
+an empty prompt. A model with knowledge (ARTIST, ``model.knowledge``) gets each prompt's entities linked
+with the entity lexicon its checkpoint carries (:mod:`t2i.knowledge.prompts`). Prompts with pieces the
+model's text tokenizer does not know get one warning listing them all; a prompt that is more than half
+``[UNK]`` is an error unless ``allow_unk=true``.
 """
 
 from __future__ import annotations
@@ -160,6 +162,9 @@ def encode_prompts(tok: TextTokenizer, prompts: list[str], text_len: int, allow_
 
 
 def build(cfg: DictConfig, device: torch.device):
+    """``(model, image tokenizer, text tokenizer, linker)``; ``linker(prompts) -> (ids, spans)`` links the
+    prompts' entities for a model with knowledge (None without)."""
+    from t2i.knowledge.prompts import checkpoint_linker
     from t2i.lit.transformer import TransformerModule
 
     ckpt = load_checkpoint(cfg.ckpt)  # read once: the module is rebuilt from it, not from the file again
@@ -171,7 +176,8 @@ def build(cfg: DictConfig, device: torch.device):
         raise T2IError(f"the image tokenizer ({cfg.image_tokenizer or 'carried by the checkpoint'}) has "
                        f"{image_tok.codebook_size} codes; the transformer was trained on {model.image_vocab}: "
                        f"pass the tokenizer its codes came from (image_tokenizer=)")
-    return model, image_tok, text_tokenizer(cfg, ckpt)
+    tok = text_tokenizer(cfg, ckpt)
+    return model, image_tok, tok, checkpoint_linker(ckpt, model, tok, where=f"ckpt={cfg.ckpt}")
 
 
 def image_tokenizer(cfg: DictConfig, ckpt: dict):
@@ -192,7 +198,7 @@ def run(cfg: DictConfig) -> dict:
     check_settings(cfg)
     prompts = read_prompts(cfg)
     device = pick_device(str(cfg.device))
-    model, image_tok, tok = build(cfg, device)
+    model, image_tok, tok, link = build(cfg, device)
     text = encode_prompts(tok, prompts, model.text_len, allow_unk=bool(cfg.get("allow_unk", False)))
     clip = None
     if cfg.rerank.ckpt:  # loaded once the prompts are known to be usable
@@ -210,9 +216,10 @@ def run(cfg: DictConfig) -> dict:
     for start in range(0, len(prompts), per_batch):
         idx = list(range(start, min(start + per_batch, len(prompts))))
         gen = torch.Generator(device=device).manual_seed(int(cfg.seed) + start)
+        entities = link([prompts[i] for i in idx]) if link is not None else None
         codes = generate(model, text[idx[0]:idx[-1] + 1], int(cfg.num_samples), top_k=cfg.top_k, top_p=cfg.top_p,
                          temperature=float(cfg.temperature), cfg_scale=cfg.cfg_scale, use_cache=bool(cfg.use_cache),
-                         generator=gen)
+                         generator=gen, entities=entities)
         images = decode_codes(image_tok, codes)
         for n, i in enumerate(idx):
             chunk = images[n * int(cfg.num_samples):(n + 1) * int(cfg.num_samples)]

@@ -120,6 +120,7 @@ class Loop:
     world_size: int = 1
     keep: int = 0                             # chosen images to keep (for the grid), from this rank
     autocast: torch.dtype | None = None       # bf16 / fp16 for sampling, decoding, CLIP and the extractors
+    entities: callable = None                 # list[str] -> (ids [B, E], spans [B, E, 2]): a model with knowledge
 
     @torch.no_grad()
     def run(self, captions: list[str], real=None, hook=None) -> dict:
@@ -135,9 +136,10 @@ class Loop:
             end = min(start + self.batch_size, len(captions))
             batch = captions[start:end]
             gen = torch.Generator(device=device).manual_seed(self.seed + start)
+            linked = {} if self.entities is None else {"entities": self.entities(batch)}
             with amp:
                 out = draw(self.model, self.image_tokenizer, self.encode(batch).to(device), batch,
-                           self.num_candidates, self.clip, gen, **self.sample)
+                           self.num_candidates, self.clip, gen, **self.sample, **linked)
                 self.scores.update_fake(out.images, batch, start)
                 if need_real:
                     self.scores.update_real(real(start, end).to(device, non_blocking=True))
