@@ -186,8 +186,12 @@ def kg_ckpt(bench):
         model.knowledge.table.normal_(0, 3.0)
         model.knowledge.proj.weight.normal_(0, 1.0)
         model.knowledge.gate.fill_(1.5)
-    ckpt = transformer_checkpoint(config, model.state_dict(), tok, PaletteTokenizer(), "test")
+    plain = {k: v for k, v in model.state_dict().items() if not k.startswith("knowledge.")}
+    ckpt = transformer_checkpoint({k: v for k, v in config.items() if k != "knowledge"}, plain, tok,
+                                  PaletteTokenizer(), "test")
+    ckpt["hyper_parameters"]["model"] = config  # then the knowledge layer, as t2i-train saves it
     ckpt["hyper_parameters"]["knowledge"] = {"enabled": True, "max_entities": 4}
+    ckpt["state_dict"] = {f"model.{k}": v for k, v in model.state_dict().items()}
     ckpt[LEXICON_KEY] = lex.to_str()
     path = out / "kg.ckpt"
     torch.save(ckpt, path)
