@@ -170,10 +170,11 @@ def test_easynlp_import_errors_name_the_file(easynlp_release, tmp_path):
     with pytest.raises(T2IError, match=r"EasyNLP weights .*bad/pytorch_model.bin cannot be read"):
         run_import("easynlp", f"input={bad}", f"output={out}", f"vocab={bert_vocab()}")
     sd = torch.load(r["folder"] / "pytorch_model.bin", weights_only=True)
-    sd["transformer.ent_emb.weight"] = torch.zeros(16, 100)
+    sd["transformer.ent_emb.weight"], sd["transformer.ent_emb.bias"] = torch.zeros(16, 100), torch.zeros(16)
     torch.save(sd, bad / "pytorch_model.bin")
-    with pytest.raises(T2IError, match="ARTIST model with knowledge weights"):
-        run_import("easynlp", f"input={bad}", f"output={out}", f"vocab={bert_vocab()}")
+    with pytest.raises(T2IError, match="ARTIST model with knowledge weights .* pass its entity files"):
+        run_import("easynlp", f"input={bad}", f"output={out}", f"vocab={bert_vocab()}", f"text_len={T}",
+                   f"vqgan_config={r['vqgan_config']}")
     sd = {k.replace("transformer.blocks.", "transformer.layers."): v for k, v in sd.items() if "ent_emb" not in k}
     torch.save(sd, bad / "pytorch_model.bin")  # a key set from another release
     with pytest.raises(T2IError, match=r"missing transformer.blocks.0.ln1.weight"):
@@ -286,3 +287,59 @@ def test_realesrgan_through_the_front_door(tmp_path):
         assert torch.equal(loaded(x), net.eval()(x)) and loaded(x).shape[-1] == 16
     with pytest.raises(T2IError, match="RealESRGAN_x2.pth"):
         run_import("realesrgan", f"input={tmp_path}/RealESRGAN_x2.pth", "scale=4", f"output={tmp_path}/sr4.ckpt")
+
+
+def test_artist_knowledge_model_imports_with_its_entity_files(easynlp_release, tmp_path):
+    """ARTIST = pai-painter + ``transformer.ent_emb`` (Linear(100, d)) + entity2id.txt / entity2vec.pt: imported
+    with fusion=easynlp, its logits equal EasyNLP's formula on top of minGPT for a caption with linked entities."""
+    from t2i.knowledge.prompts import checkpoint_linker
+
+    r = easynlp_release
+    folder = tmp_path / "artist"
+    folder.mkdir()
+    for name in ("config.json", "vocab.txt"):
+        (folder / name).write_bytes((r["folder"] / name).read_bytes())
+    sd = torch.load(r["folder"] / "pytorch_model.bin", weights_only=True)
+    g = torch.Generator().manual_seed(3)
+    ent = torch.nn.Linear(100, 16)
+    with torch.no_grad():
+        ent.weight.copy_(torch.randn(16, 100, generator=g) * 0.1)
+        ent.bias.copy_(torch.randn(16, generator=g) * 0.1)
+    sd.update({"transformer.ent_emb.weight": ent.weight.detach(), "transformer.ent_emb.bias": ent.bias.detach()})
+    torch.save(sd, folder / "pytorch_model.bin")
+    names = ["红色", "圆形", "红色圆形", "左上角", "猫"]  # "猫" (one character) is dropped, as EasyNLP does
+    (folder / "entity2id.txt").write_text("5\n" + "".join(f"{n}\t{i}\n" for i, n in enumerate(names)), encoding="utf-8")
+    table = torch.randn(5, 100, generator=g)
+    torch.save(table, folder / "entity2vec.pt")
+    with pytest.raises(T2IError, match="entities=<entity2id.txt> vectors=<entity2vec.pt>"):
+        run_import("easynlp", f"input={folder}", f"output={tmp_path}/no.ckpt", f"text_len={T}",
+                   f"vqgan_config={r['vqgan_config']}")
+    out = run_import("easynlp", f"input={folder}", f"output={tmp_path}/artist.ckpt", f"text_len={T}",
+                     f"vqgan_config={r['vqgan_config']}", f"entities={folder}/entity2id.txt",
+                     f"vectors={folder}/entity2vec.pt")
+    ckpt, model = rebuild(out)
+    assert model.knowledge.fusion == "easynlp" and ckpt["t2i_import"]["source"] == "artist"
+    tok = tokenizer_from_checkpoint(ckpt)
+    linker = checkpoint_linker(ckpt, model, tok)
+    prompts = ["红色圆形在左上角", "蓝色的正方形"]
+    ids, spans = linker(prompts)
+    assert ids[0].tolist()[:4] == [2, 3, 0, 1] and ids[1].tolist() == [-1] * 10  # longest first
+    text = tok.encode(prompts, T)
+    image = torch.randint(0, N_EMBED, (2, 16), generator=g)
+    gpt = r["gpt"]
+    with torch.no_grad():
+        idx = torch.cat([text + N_EMBED, image], 1)[:, :-1]
+        x = gpt.blocks(gpt.tok_emb(idx) + gpt.pos_emb[:, :idx.shape[1]])
+        words = torch.zeros(2, 10, T, 100)  # EasyNLP's words_emb: the vector where the entity is, zeros elsewhere
+        for b in range(2):
+            for e in range(10):
+                if ids[b, e] >= 0:
+                    words[b, e, spans[b, e, 0]:spans[b, e, 1]] = table[ids[b, e]]
+        maps = ent(words)
+        w = (x[:, None, :T].reshape(2, 1, -1) @ maps.reshape(2, 10, -1).transpose(1, 2)).squeeze(1)
+        w = w.masked_fill(ids < 0, float("-inf")).softmax(-1).nan_to_num(0.0)  # padded slots: no weight (see docs)
+        x = torch.cat([x[:, :T] + (w[:, :, None, None] * maps).sum(1), x[:, T:]], 1)
+        expected = gpt.head(gpt.ln_f(x))[:, T - 1:]
+        _, logits = model(text, image, (ids, spans))
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(logits[0, 0], model(text, image)[1][0, 0])  # the entities change the first code

@@ -57,7 +57,8 @@ def run(cfg: DictConfig) -> Path:
             from t2i.pretrained.easynlp import load_easynlp
 
             parts = load_easynlp(cfg.input, vocab=cfg.vocab, text_len=int(cfg.text_len or 32),
-                                 vqgan_config=cfg.vqgan_config, image_tokenizer=cfg.image_tokenizer, trust_pickle=trust)
+                                 vqgan_config=cfg.vqgan_config, image_tokenizer=cfg.image_tokenizer, trust_pickle=trust,
+                                 entities=cfg.get("entities"), vectors=cfg.get("vectors"))
             weights = (0.0, 1.0)  # ARTIST has no text head: the image loss alone
         else:
             from t2i.pretrained.rudalle import load_rudalle

@@ -11,15 +11,17 @@ usually ``vocab.txt`` (the ``chinese-roberta-wwm-ext`` BERT vocabulary). The wei
   BERT tokens without [CLS]/[SEP], padded with [PAD] = 0, so every pad is the same token), one learned
   ``pos_emb [1, block_size, d]`` over ``[text ; image]``, pre-LN blocks (``ln1``, ``attn.key/query/value/proj``,
   ``ln2``, ``mlp.0``/``mlp.2`` with exact GELU), ``ln_f`` and a ``head`` over the image codes only;
-  dense causal attention. ``text_len = block_size - image tokens`` (32 for the releases).
+  dense causal attention. ``text_len = block_size - image tokens`` (32 for the releases);
+- ARTIST (the knowledge model) adds ``transformer.ent_emb`` (``Linear(100, d)``), which reads entity vectors
+  (``entity2vec.pt``, one row per id of ``entity2id.txt``) after the last block (``fusion=easynlp`` in
+  :mod:`t2i.models.knowledge`); the import needs those two files (``entities=``, ``vectors=``), and the
+  lexicon travels in the checkpoint so prompts are linked at generation time.
 
 Our model holds this exactly with ``text_pad=shared``, ``image_pos=absolute``, ``text_head=false``
 and ``attention=full``: the shared embedding is split into its image rows and text rows, the position
 table into text and image parts, the three attention projections are stacked into one. EasyNLP loads
 its files with ``strict=False``; here every key must be used and every parameter filled, or the import
-stops with the file and the first keys that do not fit. ARTIST's knowledge weights
-(``transformer.ent_emb.*``) need the knowledge layer, which t2i does not have yet: such a file is
-refused with that reason rather than loaded without them.
+stops with the file and the first keys that do not fit.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def read_config(folder: Path) -> dict:
 def model_config(cfg: dict, text_len: int) -> dict:
     """Our :class:`~t2i.models.transformer.Transformer` arguments for an EasyNLP ``config.json``."""
     n_image = int(cfg["block_size"]) - int(text_len)
-    side = round(n_image ** 0.5)
+    side = round(max(n_image, 0) ** 0.5)
     if n_image <= 0 or side * side != n_image:
         raise T2IError(f"config.json: block_size={cfg['block_size']} minus text_len={text_len} is {n_image} image "
                        "tokens, not a square grid; pass the text_len the model was trained with")
@@ -148,12 +150,14 @@ def _weights(path: Path, trust_pickle: bool) -> dict:
 
 
 def load_easynlp(input, vocab=None, text_len: int = 32, vqgan_config=None, image_tokenizer=None,
-                 trust_pickle: bool = False) -> tuple[dict, dict, object, object, dict]:
+                 trust_pickle: bool = False, entities=None, vectors=None) -> tuple[dict, dict, object, object, dict]:
     """Read an EasyNLP release -> ``(model_config, state_dict, text_tokenizer, image_tokenizer, files)``.
 
     ``vocab``: the BERT ``vocab.txt`` when the release has none; ``vqgan_config``: a taming YAML for a
     first stage other than f16-16384; ``image_tokenizer``: a :func:`t2i.models.load_tokenizer` source
-    to use instead of the weights' ``first_stage_model`` (a transformer-only file)."""
+    to use instead of the weights' ``first_stage_model`` (a transformer-only file); ``entities`` /
+    ``vectors``: ARTIST's ``entity2id.txt`` / ``entity2vec.pt`` (a knowledge model needs both; the
+    lexicon is returned in ``files["lexicon"]``)."""
     from t2i.models import load_tokenizer
     from t2i.models.vqgan import VQGAN
     from t2i.pretrained.taming import taming_vqgan_config
@@ -164,17 +168,16 @@ def load_easynlp(input, vocab=None, text_len: int = 32, vqgan_config=None, image
         weights_path = folder / "pytorch_model.bin"
         sd = _weights(weights_path, trust_pickle)
         where = f"EasyNLP weights {input}"
-        knowledge = sorted(k for k in sd if k.startswith(KNOWLEDGE_PREFIX))
-        if knowledge:
-            raise T2IError(f"{where}: this is an ARTIST model with knowledge weights ({knowledge[:2]}); t2i has no "
-                           "knowledge layer yet, so it is not imported (importing without them would change what "
-                           "the model computes)")
+        knowledge = {k[len(KNOWLEDGE_PREFIX):]: sd.pop(k) for k in sorted(sd) if k.startswith(KNOWLEDGE_PREFIX)}
         other = sorted(k for k in sd if not k.startswith(("transformer.", "first_stage_model.")))
         if other:
             raise T2IError(f"{where}: unexpected keys {other[:5]} (expected transformer.* and first_stage_model.*)")
         config = model_config(cfg, text_len)
         state = convert_gpt({k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")},
                             config, where)
+        lexicon = None
+        if knowledge:
+            lexicon = _knowledge(knowledge, entities, vectors, config, state, where)
         vocab_path = Path(str(vocab)).expanduser() if vocab else folder / "vocab.txt"
         if not vocab_path.is_file():
             raise T2IError(f"{where}: no vocab.txt in the release; pass vocab=<chinese-roberta-wwm-ext vocab.txt>")
@@ -192,8 +195,31 @@ def load_easynlp(input, vocab=None, text_len: int = 32, vqgan_config=None, image
 
             check_state(image_tok, vq, f"{where} (first_stage_model)")
             image_tok.eval()
-        files = {"weights": weights_path, "config": folder / "config.json", "vocab": vocab_path}
+        files = {"weights": weights_path, "config": folder / "config.json", "vocab": vocab_path,
+                 "entities": entities if knowledge else None, "vectors": vectors if knowledge else None}
         from t2i.pretrained.export import provenance
 
-        meta = provenance("easynlp", files)
+        meta = provenance("artist" if knowledge else "easynlp", files)
+        meta["lexicon"] = lexicon
     return config, state, text_tok, image_tok, meta
+
+
+def _knowledge(weights: dict, entities, vectors, config: dict, state: dict, where: str):
+    """ARTIST's ``ent_emb`` + entity files -> ``config["knowledge"]`` and the fusion weights in ``state``."""
+    from t2i.knowledge.lexicon import EntityLexicon
+    from t2i.knowledge.vectors import load_vectors
+
+    if set(weights) != {"weight", "bias"}:
+        raise T2IError(f"{where}: unexpected knowledge weights {sorted(weights)} (ARTIST has ent_emb.weight/bias)")
+    if not entities or not vectors:
+        raise T2IError(f"{where}: an ARTIST model with knowledge weights (transformer.ent_emb); pass its entity files: "
+                       "entities=<entity2id.txt> vectors=<entity2vec.pt>")
+    lexicon = EntityLexicon.from_file(entities, key="entities")
+    table = load_vectors(vectors, num_ids=lexicon.num_ids, key="vectors")
+    if table.shape[1] != weights["weight"].shape[1]:
+        raise T2IError(f"vectors={vectors}: {table.shape[1]}-d rows, ent_emb reads {weights['weight'].shape[1]}-d")
+    config["knowledge"] = {"num_entities": int(table.shape[0]), "dim": int(table.shape[1]), "trainable": False,
+                           "fusion": "easynlp"}
+    state.update({"knowledge.table": table, "knowledge.proj.weight": weights["weight"],
+                  "knowledge.proj.bias": weights["bias"]})
+    return lexicon

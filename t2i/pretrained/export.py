@@ -68,7 +68,19 @@ def transformer_checkpoint(model_config: dict, state: dict, text_tokenizer: Text
     hparams = {"model": dict(model_config), "codes": None, "text_tokenizer": None, "image_tokenizer": None,
                "text_loss_weight": float(loss_weights[0]), "image_loss_weight": float(loss_weights[1]),
                "cond_drop_prob": 0.0, "warmup_steps": 0, "schedule": "cosine", "ema_decay": None}
-    return {
+    meta = dict(meta or {})
+    lexicon = meta.pop("lexicon", None)
+    extra = {}
+    if model_config.get("knowledge"):
+        if lexicon is None:
+            raise T2IError(f"{where}: a model with knowledge needs its entity lexicon")
+        from t2i.lit.transformer import LEXICON_KEY
+
+        k = model_config["knowledge"]
+        hparams["knowledge"] = {"enabled": True, "lexicon": None, "vectors": None, "trainable": k["trainable"],
+                                "fusion": k["fusion"], "max_entities": 10}
+        extra[LEXICON_KEY] = lexicon.to_str()
+    return {**extra,
         "pytorch-lightning_version": pl.__version__,
         "epoch": 0,
         "global_step": 0,
@@ -76,7 +88,7 @@ def transformer_checkpoint(model_config: dict, state: dict, text_tokenizer: Text
         "state_dict": {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         IMAGE_TOKENIZER_KEY: tokenizer_record(image_tokenizer),
         TEXT_TOKENIZER_KEY: {"tokenizer": text_tokenizer.to_str(), "tokenizer_fingerprint": text_tokenizer.fingerprint},
-        IMPORT_KEY: dict(meta or {}),
+        IMPORT_KEY: meta,
     }
 
 
