@@ -160,3 +160,111 @@ def score(images, specs) -> dict:
         hits["all"] += all(right)
     n = len(specs)
     return {a: hits[a] / max(n, 1) for a in hits} | {"n": n}
+
+
+# -- Shapes layouts (issue 21): every object of a class map, read where the map puts it -------------------
+LAYOUT_ATTRIBUTES = ("color", "shape", "position")
+LAYOUT_PAD = 2  # background pixels put around a cell before reading it, so a shape touching the cell edge
+POSITION_TOLERANCE = (1.5, 0.25)  # pixels, fraction of the object's side: how far its centroid may move
+
+
+def layout_objects(label) -> list[dict]:
+    """Objects of a Shapes layout class map [H, W]: one per 3x3 cell holding object pixels (a pixel belongs
+    to the cell its centre lies in), with ``cls``, ``color``, ``shape``, ``cell`` (a Shapes position), the
+    cell's pixel ``box`` (rows, cols), the object's ``centroid`` (y, x) and ``area`` (pixels)."""
+    from t2i.data.layouts import class_attributes
+
+    label = np.asarray(label.detach().cpu() if hasattr(label, "detach") else label).astype(np.int64)
+    h, w = label.shape
+    rows = np.minimum(((np.arange(h) + 0.5) * 3 / h).astype(int), 2)
+    cols = np.minimum(((np.arange(w) + 0.5) * 3 / w).astype(int), 2)
+    out = []
+    for cell in range(9):
+        r, c = divmod(cell, 3)
+        ys, xs = np.nonzero(rows == r)[0], np.nonzero(cols == c)[0]
+        box = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+        part = label[box]
+        ids, counts = np.unique(part[part > 0], return_counts=True)
+        if not len(ids):
+            continue
+        cls = int(ids[np.argmax(counts)])
+        attrs = class_attributes(cls)
+        if attrs is None:
+            continue
+        my, mx = np.nonzero(part == cls)
+        out.append({"cls": cls, "color": attrs[0], "shape": attrs[1], "cell": POSITIONS[cell], "box": box,
+                    "centroid": (float(my.mean() + box[0].start), float(mx.mean() + box[1].start)),
+                    "area": int(len(my))})
+    return out
+
+
+def _layout_background(img: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """The generated image's background: the median of the pixels the map calls background (white if none)."""
+    bg = img[label == 0]
+    return np.median(bg, axis=0) if len(bg) >= 8 else np.array([255.0, 255.0, 255.0], dtype=np.float32)
+
+
+def read_layout(image, label) -> list[dict]:
+    """Read every object of ``label`` (a layout class map) from ``image``: per object, the map's ``want``
+    (color, shape, cell) and what the image shows there: ``color`` and ``shape`` (:func:`read` on the object's
+    cell, padded with the image's background) and ``centroid`` (of the read colour's coverage >= 1/2 in the
+    cell); ``right`` per attribute, ``position`` right when that centroid lies within max(1.5 px, 0.25 x the
+    object's side) of the map's."""
+    img = to_uint8_images([image] if isinstance(image, Image.Image) else image)[0].astype(np.float32)
+    label = np.asarray(label.detach().cpu() if hasattr(label, "detach") else label).astype(np.int64)
+    if img.shape[:2] != label.shape:
+        raise ValueError(f"read_layout: image {img.shape[:2]} and map {label.shape} differ in size")
+    bg = _layout_background(img, label)
+    results = []
+    for obj in layout_objects(label):
+        rows, cols = obj["box"]
+        crop = img[rows, cols]
+        p = LAYOUT_PAD
+        padded = np.broadcast_to(bg, (crop.shape[0] + 2 * p, crop.shape[1] + 2 * p, 3)).copy()
+        padded[p:-p, p:-p] = crop
+        got = read(np.clip(np.rint(padded), 0, 255).astype(np.uint8))
+        centroid = None
+        if got["color"] is not None:
+            d = PALETTE[list(COLORS).index(got["color"])] - bg
+            alpha = (crop - bg) @ d / max(float(d @ d), 1e-6)
+            ys, xs = np.nonzero(alpha >= 0.5)
+            if len(ys):
+                centroid = (float(ys.mean() + rows.start), float(xs.mean() + cols.start))
+        tol = max(POSITION_TOLERANCE[0], POSITION_TOLERANCE[1] * np.sqrt(obj["area"]))
+        right = {"color": got["color"] == obj["color"], "shape": got["shape"] == obj["shape"],
+                 "position": centroid is not None and bool(float(np.hypot(centroid[0] - obj["centroid"][0],
+                                                                      centroid[1] - obj["centroid"][1])) <= tol)}
+        results.append({"want": {k: obj[k] for k in ("color", "shape", "cell")}, "color": got["color"],
+                        "shape": got["shape"], "centroid": centroid, "right": right})
+    return results
+
+
+def layout_accuracy(images, specs) -> dict:
+    """Layout fidelity of generated ``images`` against their maps: per-attribute accuracy over all objects
+    (``color``, ``shape``, ``position``), ``objects`` (all three right, over objects) and ``all`` (every object
+    of the image right, over images), with ``n`` images and ``n_objects``.
+
+    ``images``: as :func:`score`. ``specs``: per image a class map [H, W] (array or tensor), a
+    :class:`t2i.data.layouts.LayoutSpec` or its dict (rendered to a map at the image's size).
+    """
+    from t2i.data.layouts import LayoutSpec, render_layout
+
+    arrays = to_uint8_images(images)
+    if len(arrays) != len(specs):
+        raise ValueError(f"layout_accuracy: {len(arrays)} images but {len(specs)} maps")
+    hits = {a: 0 for a in (*LAYOUT_ATTRIBUTES, "objects")}
+    n_obj = images_right = 0
+    for img, spec in zip(arrays, specs):
+        if isinstance(spec, dict):
+            spec = LayoutSpec.from_dict(spec)
+        label = render_layout(spec, img.shape[0])[1] if isinstance(spec, LayoutSpec) else spec
+        objs = read_layout(img, label)
+        for o in objs:
+            for a in LAYOUT_ATTRIBUTES:
+                hits[a] += o["right"][a]
+            hits["objects"] += all(o["right"].values())
+        n_obj += len(objs)
+        images_right += all(all(o["right"].values()) for o in objs)
+    n = len(arrays)
+    return {a: hits[a] / max(n_obj, 1) for a in hits} | {"all": images_right / max(n, 1), "n": n,
+                                                         "n_objects": n_obj}
