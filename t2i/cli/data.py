@@ -2,6 +2,7 @@
 
     t2i-data shapes output=data/shapes n_train=5000 image_size=64 lang=zh
     t2i-data shapes_kg output=data/shapes_kg_64_zh n_train=5000 n_kg_heldout=500 object_fraction=0.5
+    t2i-data shapes_layout output=data/shapes_layout_32 image_size=32 n_train=5000 max_objects=3
     t2i-data convert source=muge input=data/muge split=train output=data/muge_shards/train
     t2i-data tokenizer input=data/shapes/shapes_train.tsv output=data/shapes/tokenizer.json vocab_size=1000
     t2i-data inspect source=wds input='data/muge_shards/train/*.tar' tokenizer=data/tok.json
@@ -22,7 +23,7 @@ from t2i.cli.common import clear_errors
 from t2i.data.skips import BadSample, DataError, SkipLog
 
 log = logging.getLogger("t2i.data")
-COMMANDS = ("shapes", "shapes_kg", "convert", "tokenizer", "inspect", "filter")
+COMMANDS = ("shapes", "shapes_kg", "shapes_layout", "convert", "tokenizer", "inspect", "filter")
 
 
 def need(cfg: DictConfig, key: str):
@@ -124,6 +125,36 @@ def check_oracle(root: Path, split: str, prefix: str = "shapes") -> dict:
               f"of {root} back (< {100 * ORACLE_MIN:.0f}%): its scores on this data are not trustworthy",
               file=sys.stderr)
     return result
+
+
+def cmd_shapes_layout(cfg: DictConfig) -> dict:
+    """Shapes layouts (issue 21, SPADE): images with 1..max_objects objects and their class maps, checked with
+    the layout oracle (it must read the written ground truth back)."""
+    from t2i.data.layouts import write_shapes_layout
+    from t2i.data.oracle import layout_accuracy
+
+    out = Path(need(cfg, "output"))
+    paths = write_shapes_layout(out, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                                image_size=cfg.image_size, seed=cfg.seed, min_objects=cfg.min_objects,
+                                max_objects=cfg.max_objects, progress=cfg.progress)
+    print(f"shapes_layout: wrote {out} ({cfg.n_train}/{cfg.n_val}/{cfg.n_test} train/val/test at {cfg.image_size}px, "
+          f"{cfg.min_objects}-{cfg.max_objects} objects; <split>/images, <split>/labels, <split>/specs.jsonl)")
+    import numpy as np
+    from PIL import Image
+
+    test = out / "test"
+    stems = sorted(p.stem for p in (test / "images").glob("*.png"))[:200]
+    result = {}
+    if stems:
+        images = [Image.open(test / "images" / f"{s}.png").convert("RGB") for s in stems]
+        maps = [np.asarray(Image.open(test / "labels" / f"{s}.png")) for s in stems]
+        result = layout_accuracy(images, maps)
+        print(f"layout oracle on ground-truth test: all {result['all']:.3f} (objects {result['objects']:.3f}, "
+              f"n={result['n']})")
+        if result["all"] < ORACLE_MIN:
+            print(f"warning: the layout oracle reads only {100 * result['all']:.1f}% of the ground-truth test "
+                  f"layouts back (< {100 * ORACLE_MIN:.0f}%)", file=sys.stderr)
+    return {"paths": paths, "oracle_test": result}
 
 
 def cmd_convert(cfg: DictConfig) -> dict:
