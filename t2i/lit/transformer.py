@@ -9,6 +9,11 @@ classifier-free guidance needs. ``model.text_vocab``, ``text_pad_id``, ``image_v
 ``image_grid`` left null are read from the code shards' manifest and the text tokenizer; the filled-in
 values are saved as hyper-parameters, so a checkpoint rebuilds the model without the data.
 
+``caption_loss_weight`` (with ``model.captioning=true``): the image -> text direction trains on the same
+batches, ``loss = t2i loss + caption_loss_weight * caption loss``; ``text_loss_weight = image_loss_weight = 0``
+trains captioning alone. A weight of 0 skips the captioning pass entirely, so the text -> image path trains
+exactly as in a model without the direction.
+
 ``knowledge`` (ARTIST): ``{enabled, lexicon, vectors, trainable, fusion, max_entities}``. When enabled,
 the first build reads the entity lexicon (its size is the entity table's) and the vectors file into the
 model's table; batches then carry ``entities`` / ``entity_spans`` (the data config links captions with
@@ -53,7 +58,7 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
                  warmup_steps: int = 0, schedule: str = "cosine", total_steps: int | None = None,
                  min_lr_ratio: float = 0.1, grad_clip: float | None = 1.0, ema_decay: float | None = None,
                  max_bad_steps: int = 20, sample: dict | None = None, image_size: int | None = None,
-                 knowledge: dict | None = None):
+                 knowledge: dict | None = None, caption_loss_weight: float = 0.0):
         super().__init__()
         model, info = dict(model), None
         vectors, self.lexicon = self._knowledge(model, knowledge)
@@ -214,11 +219,21 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def _losses(self, batch: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
         model = model or self.model
-        text, entities = self._drop_captions(batch["text"], self.entities(batch))
-        text_loss, image_loss = model.loss(text, self._codes(batch), entities)
+        codes = self._codes(batch)
         wt, wi = self.hparams.text_loss_weight, self.hparams.image_loss_weight
-        return {"loss": (wt * text_loss + wi * image_loss) / (wt + wi), "text_loss": text_loss,
-                "image_loss": image_loss, "image_bits_per_token": image_loss / math.log(2)}
+        wc = self.hparams.get("caption_loss_weight") or 0.0
+        out = {}
+        if wt + wi > 0:
+            text, entities = self._drop_captions(batch["text"], self.entities(batch))
+            text_loss, image_loss = model.loss(text, codes, entities)
+            out = {"loss": (wt * text_loss + wi * image_loss) / (wt + wi), "text_loss": text_loss,
+                   "image_loss": image_loss, "image_bits_per_token": image_loss / math.log(2)}
+        if wc > 0:
+            out["caption_loss"] = model.caption_loss(batch["text"], codes)
+            out["loss"] = out.get("loss", 0.0) + wc * out["caption_loss"]
+        if not out:
+            raise ConfigError("text_loss_weight, image_loss_weight and caption_loss_weight are all 0: nothing to train")
+        return out
 
     def training_step(self, batch, batch_idx):
         """The weighted loss, never None (under DDP every rank must run the backward pass). Each rank's mean

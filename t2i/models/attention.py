@@ -93,6 +93,18 @@ def sequence_mask(pattern: str, text_len: int, h: int, w: int, kernel: int = 11)
     return mask
 
 
+def caption_mask(pattern: str, text_len: int, h: int, w: int, kernel: int = 11) -> torch.Tensor:
+    """The image -> text (captioning) sequence ``[image ; text]``: image tokens attend among themselves with
+    the pattern (as they do after the text in :func:`sequence_mask`), text tokens see every image token and
+    the earlier text."""
+    n = h * w
+    mask = torch.zeros(n + text_len, n + text_len, dtype=torch.bool)
+    mask[:n, :n] = image_mask(pattern, h, w, kernel)
+    mask[n:, :n] = True
+    mask[n:, n:] = torch.ones(text_len, text_len, dtype=torch.bool).tril()
+    return mask
+
+
 def layer_patterns(attention, n_layer: int) -> list[str]:
     """The pattern of each layer from ``model.attention`` (a pattern, a schedule or a per-layer list)."""
     if isinstance(attention, str):

@@ -17,6 +17,12 @@ its own LayerNorm after the final one), ``text_head``
 ``knowledge`` (``{"num_entities", "dim", "trainable", "fusion"}``, ARTIST; :mod:`t2i.models.knowledge`)
 adds entity vectors to the caption: every method that reads text also takes ``entities``, a pair
 ``(ids [B, E], spans [B, E, 2])`` of linked entities (id -1: none), or None.
+
+``captioning`` adds the image -> text direction to the same weights (CogView's self-reranking, OFA-style
+captioning): the sequence ``[image codes ; caption]`` with the layers' patterns on the image part, every
+caption token seeing the whole image, the same embeddings, position tables and heads, plus one learned
+vector (``caption_emb``, zero at the start) added to every token of a captioning sequence so the model
+knows the direction. ``caption_*`` methods train, score and decode it with the same KV cache.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i.errors import ConfigError
+from t2i.models import attention as A
 from t2i.models.attention import Attention, KVCache, layer_patterns, rotary_angles, sequence_mask
 from t2i.models.knowledge import KnowledgeFusion
 
@@ -81,7 +88,8 @@ class Transformer(nn.Module):
                  rotary: bool = False, sandwich_ln: bool = False, pb_relax: bool = False, pb_alpha: float = 32.0,
                  tie_weights: bool = False, text_pad_id: int = 0, text_pad: str = "per_position",
                  image_pos: str = "rowcol", gelu: str = "exact", head_bias: bool = False, text_head: bool = True,
-                 logits_ln: bool = False, embed_grad_scale: float = 1.0, knowledge: dict | None = None):
+                 logits_ln: bool = False, embed_grad_scale: float = 1.0, knowledge: dict | None = None,
+                 captioning: bool = False):
         super().__init__()
         h, w = (int(s) for s in image_grid)
         if text_len < 1 or h < 1 or w < 1:
@@ -90,6 +98,9 @@ class Transformer(nn.Module):
                                     ("gelu", gelu, GELUS)):
             if value not in allowed:
                 raise ConfigError(f"model.{key}={value!r} is unknown; use one of {', '.join(allowed)}")
+        if rotary and captioning:
+            raise ConfigError("model.captioning has no rotary positions yet (the order of the sequence differs): "
+                              "use model.rotary=false")
         if rotary and image_pos != "rowcol":
             raise ConfigError("model.rotary replaces the position tables: leave model.image_pos=rowcol")
         if attn_impl == "flex" and attn_dropout > 0:
@@ -134,6 +145,11 @@ class Transformer(nn.Module):
         masks = {p: sequence_mask(p, text_len, h, w, conv_kernel) for p in sorted(set(self.patterns))}
         for p, m in masks.items():
             self.register_buffer(f"mask_{p}", m, persistent=False)
+        self.captioning = bool(captioning)
+        if captioning:  # zeros, so the parameters drawn before and after are those of a model without it
+            self.caption_emb = nn.Parameter(torch.zeros(d_model))
+            for p in sorted(set(self.patterns)):
+                self.register_buffer(f"cmask_{p}", A.caption_mask(p, text_len, h, w, conv_kernel), persistent=False)
         self._block_masks: dict = {}
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
@@ -148,8 +164,8 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # -- pieces ------------------------------------------------------------------------------
-    def mask(self, layer: int) -> torch.Tensor:
-        return getattr(self, f"mask_{self.patterns[layer]}")
+    def mask(self, layer: int, caption: bool = False) -> torch.Tensor:
+        return getattr(self, f"{'cmask' if caption else 'mask'}_{self.patterns[layer]}")
 
     def text_ids(self, text: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids ``[B, text_len]`` -> model ids: each pad becomes the pad id of its position."""
@@ -202,17 +218,18 @@ class Transformer(nn.Module):
                                                        device=str(device))
         return self._block_masks[key]
 
-    def hidden(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None, entities=None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None, entities=None,
+               caption: bool = False) -> torch.Tensor:
         t = x.shape[1]
         rot = (self.rot_cos[start:start + t], self.rot_sin[start:start + t]) if self.rotary else None
-        flex = self.attn_impl == "flex" and cache is None and start == 0
+        flex = self.attn_impl == "flex" and cache is None and start == 0 and not caption
         if flex and x.device.type == "cpu" and torch.is_grad_enabled():
             raise ConfigError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward); "
                               "use model.attn_impl=sdpa there")
         for i, block in enumerate(self.blocks):
             bm = self.block_mask(i, t, x.device) if flex else None
-            x = block(x, self.mask(i), start, cache, i, rot, bm)
-        if start == 0 and self._fuses(entities, "easynlp"):  # EasyNLP: on the text states after the last block
+            x = block(x, self.mask(i, caption), start, cache, i, rot, bm)
+        if start == 0 and not caption and self._fuses(entities, "easynlp"):  # EasyNLP: on the text states after the last block
             T = self.text_len
             x = torch.cat([self.knowledge(x[:, :T], *entities), x[:, T:]], dim=1)
         x = self.ln_f(x)
@@ -267,3 +284,71 @@ class Transformer(nn.Module):
         """The next image code's logits from a full forward pass over the caption and ``image`` so far."""
         x = self.embed(self.text_ids(text), image, entities=entities)
         return self.image_head(self.hidden(x, entities=entities)[:, -1])
+
+    # -- captioning (image -> text) ----------------------------------------------------------
+    def _need_captioning(self):
+        if not self.captioning:
+            raise ConfigError("this model has no image -> text direction: train it with model.model.captioning=true")
+
+    def embed_caption(self, image: torch.Tensor | None, text: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+        """Embeddings of a run of the captioning sequence ``[image codes (n) ; caption (text_len)]`` from
+        ``start``: image codes ``[B, k]`` (when ``start < n``) then caption model ids."""
+        self._need_captioning()
+        n, parts = self.n_image, []
+        if image is not None and image.shape[1]:
+            e = self.image_emb(image)
+            if self.image_pos == "absolute":
+                e = e + self.image_pos_emb[start:start + image.shape[1]]
+            else:
+                idx = torch.arange(start, start + image.shape[1], device=image.device)
+                e = e + self.row_pos[idx // self.grid[1]] + self.col_pos[idx % self.grid[1]]
+            parts.append(e)
+        if text is not None and text.shape[1]:
+            t0 = max(0, start - n)
+            parts.append(self.text_emb(text) + self.text_pos[t0:t0 + text.shape[1]])
+        x = torch.cat(parts, dim=1) + self.caption_emb
+        if self.embed_grad_scale != 1.0:
+            x = x * self.embed_grad_scale + x.detach() * (1.0 - self.embed_grad_scale)
+        return self.drop(x)
+
+    def caption_forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Image codes ``[B, h, w]`` and captions (tokenizer ids ``[B, text_len]``) -> the logits of every
+        caption token ``[B, text_len, text ids]`` (token ``k`` read from the position before it)."""
+        image = image.flatten(1)
+        if self.text_head is None:
+            raise ConfigError("captioning needs a text head (model.text_head=true)")
+        x = self.embed_caption(image, self.text_ids(text)[:, :-1])
+        hid = self.hidden(x, caption=True)
+        return self.text_head(hid[:, self.n_image - 1:])
+
+    def caption_loss(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of every caption token given the image (pads included: they end the caption)."""
+        logits = self.caption_forward(image, text)
+        return F.cross_entropy(logits.float().flatten(0, 1), self.text_ids(text).flatten())
+
+    def caption_logprob(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``[B]``: mean log-probability of each caption's tokens and of its end (the first pad) given the
+        image -- the caption-likelihood score of CogView's self-reranking."""
+        logp = self.caption_forward(image, text).float().log_softmax(-1)
+        ids = self.text_ids(text)
+        tok = logp.gather(-1, ids[..., None])[..., 0]
+        is_pad = text == self.text_pad_id
+        first_pad = is_pad & (is_pad.long().cumsum(1) == 1)
+        keep = (~is_pad) | first_pad
+        return (tok * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+    def caption_prefill(self, image: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Run the image codes through the model; the logits of caption token 0 ``[B, text ids]``."""
+        hid = self.hidden(self.embed_caption(image.flatten(1), None), 0, cache, caption=True)
+        return self.text_head(hid[:, -1])
+
+    def caption_step(self, token: torch.Tensor, index: int, cache: KVCache) -> torch.Tensor:
+        """Feed caption token ``index`` (model ids ``[B]``); the logits of token ``index + 1``."""
+        start = self.n_image + index
+        hid = self.hidden(self.embed_caption(None, token[:, None], start), start, cache, caption=True)
+        return self.text_head(hid[:, -1])
+
+    def caption_logits_uncached(self, image: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """The next caption token's logits from a full pass over the image and the caption so far (model ids)."""
+        hid = self.hidden(self.embed_caption(image.flatten(1), prefix), caption=True)
+        return self.text_head(hid[:, -1])
