@@ -343,3 +343,33 @@ def test_artist_knowledge_model_imports_with_its_entity_files(easynlp_release, t
         _, logits = model(text, image, (ids, spans))
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
     assert not torch.allclose(logits[0, 0], model(text, image)[1][0, 0])  # the entities change the first code
+
+
+def test_sber_vqgan_equals_rudalles_vae(taming, monkeypatch):  # noqa: F811
+    """ruDALL-E's VQGanGumbelVAE (its own GumbelVQ wrapper: [0, 1] images, argmax codes with the gumbel noise off,
+    one-hot decoding) against our VQGAN loaded from the same state dict, at a small geometry."""
+    import sys
+    import types
+
+    from t2i.models.vqgan import VQGAN
+    from t2i.pretrained.export import check_state
+    from t2i.pretrained.taming import taming_vqgan_config
+
+    monkeypatch.setitem(sys.modules, "pywt", types.ModuleType("pywt"))  # only its DWT decoder needs PyWavelets
+    vae_mod = rudalle_module("rudalle.vae.model")
+    params = {"ddconfig": {**TAMING_DD, "attn_resolutions": [4]}, "n_embed": N_EMBED,
+              "embed_dim": TAMING_DD["z_channels"], "kl_weight": 1e-8}
+    config = OmegaConf.create({"model": {"target": "taming.models.vqgan.GumbelVQ", "params": params}})
+    torch.manual_seed(0)
+    ref = vae_mod.VQGanGumbelVAE(config).eval()
+    randomize(ref.model, 5)
+    ours = VQGAN(**taming_vqgan_config(config))
+    check_state(ours, ref.model.state_dict(), "test")
+    ours.eval()
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ref_codes = ref.get_codebook_indices(images, disable_gumbel_softmax=True)
+        codes = ours.encode(images * 2 - 1).flatten(1)
+        assert torch.equal(codes, ref_codes)
+        torch.testing.assert_close((ours.decode(codes.view(2, 4, 4)).clamp(-1, 1) + 1) / 2, ref.decode(ref_codes),
+                                   atol=1e-5, rtol=0)
