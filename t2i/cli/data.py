@@ -36,6 +36,7 @@ def reader_kwargs(cfg: DictConfig) -> dict:
     """Reader options that apply to ``cfg.source`` (only the ones the user set)."""
     keys = {
         "easynlp_tsv": ("require_images",),
+        "easynlp_knowledge_tsv": ("require_images", "bert_vocab"),
         "muge": ("split", "require_images"),
         "coco_cn": ("split", "image_dir", "caption_file"),
     }.get(cfg.source, ())
@@ -160,8 +161,16 @@ def cmd_shapes_layout(cfg: DictConfig) -> dict:
 def cmd_convert(cfg: DictConfig) -> dict:
     from t2i.data.shards import convert
 
+    know = cfg.get("knowledge") or {}
+    lexicon = None
+    if know.get("lexicon"):
+        from t2i.knowledge import EntityLexicon
+
+        lexicon = EntityLexicon.from_file(know["lexicon"], key="knowledge.lexicon")
+        print(f"knowledge: linking captions with {lexicon} from {know['lexicon']}")
     summary = convert(open_input(cfg), need(cfg, "output"), shard_size=cfg.shard_size, prefix=cfg.prefix,
-                      progress=cfg.progress, max_bad_fraction=cfg.max_bad_fraction, overwrite=cfg.overwrite)
+                      progress=cfg.progress, max_bad_fraction=cfg.max_bad_fraction, overwrite=cfg.overwrite,
+                      lexicon=lexicon, max_entities=int(know.get("max_entities") or 10))
     return summary
 
 

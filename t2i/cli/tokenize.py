@@ -345,7 +345,7 @@ def encode_split(split: str, ds, encoder: Encoder, state: RankState, out: Path, 
                     slog.skip(*bad)
                     continue
                 rec = records[pos]
-                writer.write(rec.key, codes[k], rec.captions, rec.where)
+                writer.write(rec.key, codes[k], rec.captions, rec.where, links=rec.links)
                 slog.ok()
                 k += 1
             done += len(batch["pos"])

@@ -38,6 +38,8 @@ class Record:
     captions: list[str]  # >= 1 non-empty, stripped captions
     ref: object  # where the image bytes are (see the module docstring)
     where: str  # "file.tsv:LINE" (1-based), "shard.tar:key" or a file path
+    # entity links per caption (knowledge, issue 19): [[(entity_id, char_start, char_end), ...], ...] or None
+    links: list | None = None
 
 
 # -- shared helpers --------------------------------------------------------------------------

@@ -132,8 +132,9 @@ class CodeShardWriter:
         info.size, info.mtime, info.mode = len(data), SHARD_MTIME, 0o644
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, key: str, codes, captions: list[str], where: str = "") -> str:
-        """Add one image's code grid ``[h, w]`` and captions; returns the member name used."""
+    def write(self, key: str, codes, captions: list[str], where: str = "", links: list | None = None) -> str:
+        """Add one image's code grid ``[h, w]`` and captions (and, when the record carries them, its
+        captions' entity links, kept in the json); returns the member name used."""
         base = name = sanitize_key(key)
         n = 0
         while name in self._names:  # two ids that sanitise alike
@@ -144,6 +145,8 @@ class CodeShardWriter:
         self._add(f"{name}.codes.npy", npy_bytes(arr))
         self._add(f"{name}.txt", "\n".join(captions).encode("utf-8"))
         meta = {"key": key, "captions": list(captions), "source_where": where}
+        if links is not None:
+            meta["links"] = [[[int(v) for v in link] for link in caption] for caption in links]
         self._add(f"{name}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         self.count += 1
         return name
@@ -366,9 +369,10 @@ class CodeShards(IterableDataset):
         for key, codes, captions in self.arrays():
             yield key, torch.from_numpy(codes.astype(np.int64)), captions
 
-    def arrays(self):
+    def arrays(self, with_links: bool = False):
         """Like iterating, but each grid is the stored numpy array (int16, or int32 for codebooks over
-        32767 codes) - no int64 copy; :func:`load_codes` reads through this."""
+        32767 codes) - no int64 copy; :func:`load_codes` reads through this. ``with_links``: yield a 4th item,
+        the captions' stored entity links (None when the json has none)."""
         grid = self.manifest["grid"] if self.manifest else None
         for url in self.my_urls():
             for name, parts in _samples(url):
@@ -378,16 +382,22 @@ class CodeShards(IterableDataset):
                 if grid is not None and list(codes.shape) != list(grid):
                     raise DataError(f"code shard {url}: sample {name} has a {list(codes.shape)} grid, the "
                                     f"manifest says {grid}; re-tokenize")
-                if "json" in parts:
-                    meta = json.loads(parts["json"])
+                meta = json.loads(parts["json"]) if "json" in parts else None
+                if meta is not None:
                     key, captions = meta["key"], meta["captions"]
                 else:
                     key, captions = name, [c for c in parts.get("txt", b"").decode("utf-8").split("\n") if c]
-                yield key, codes, captions
+                if not with_links:
+                    yield key, codes, captions
+                    continue
+                links = (meta or {}).get("links")
+                if not isinstance(links, list) or len(links) != len(captions):
+                    links = None
+                yield key, codes, captions, links
 
 
-def load_codes(source, split: str | None = None,
-               dtype: torch.dtype | None = torch.long) -> tuple[list[str], torch.Tensor, list[list[str]]]:
+def load_codes(source, split: str | None = None, dtype: torch.dtype | None = torch.long,
+               links: list | None = None) -> tuple[list[str], torch.Tensor, list[list[str]]]:
     """A whole split in memory: (keys, codes ``[N, h, w]``, captions per image).
 
     The grids are copied one by one into a single array of their stored type (int16, or int32 for
@@ -395,12 +405,16 @@ def load_codes(source, split: str | None = None,
     reading loose tars - no per-sample int64 copies and no list of tensors to stack, so the peak is
     the array itself (``experiments/code_loading`` measures it). ``dtype=None`` returns that array as
     it is (what :class:`~t2i.data.code_datamodule.CodesDataModule` holds); the default ``torch.long``
-    converts the finished array once.
+    converts the finished array once. ``links``: a list that receives each image's stored entity links
+    (per caption ``[(entity_id, char_start, char_end), ...]``, or None).
     """
     shards = CodeShards(source, split)
     count = int(shards.manifest["count"].get(split, 0)) if shards.manifest else 0
     keys, captions, buf, n = [], [], None, 0
-    for key, codes, caps in shards.arrays():
+    for item in shards.arrays(with_links=links is not None):
+        key, codes, caps = item[:3]
+        if links is not None:
+            links.append(item[3] and [[tuple(link) for link in cap] for cap in item[3]])
         if buf is None:
             buf = np.empty((count or 1024, *codes.shape), dtype=codes.dtype)
         if codes.shape != buf.shape[1:]:

@@ -2,7 +2,11 @@
 
 A batch is a dict: ``image`` float [B, 3, S, S] in [-1, 1], ``text`` long [B, text_len] (when a
 tokenizer is configured), ``caption`` list[str], ``key`` list[str]; B may be 0 when every sample
-of a batch failed to decode (rare: the run stops past ``max_bad_fraction``). Training draws one random
+of a batch failed to decode (rare: the run stops past ``max_bad_fraction``). With knowledge (``knowledge.lexicon``
+set, or records that carry stored entity links: the EasyNLP knowledge TSV, shards converted with a lexicon) a batch
+also has ``entities`` long [B, E] (entity ids, -1 padding) and ``entity_spans`` long [B, E, 2] (token positions
+``[start, end)`` in ``text``), E = ``knowledge.max_entities``; stored links are used as they are, other captions
+are linked on the fly with the lexicon. Training draws one random
 caption per image; evaluation yields every (image, caption) pair. Samples that fail to decode
 are dropped from the batch and counted in ``self.logs[stage]`` (see :class:`t2i.data.skips.SkipLog`);
 the :class:`t2i.callbacks.data_report.DataReport` callback prints and checks them every epoch.
@@ -26,7 +30,7 @@ from t2i.data.skips import BadSample, DataError, SkipLog
 from t2i.data.streaming import StreamingPairs
 from t2i.data.tokenizer import TextTokenizer, check_same
 from t2i.data.transforms import ImageTransform, from_raw
-from t2i.data.wds import check_tar, expand_urls
+from t2i.data.wds import check_tar, expand_urls, shard_has_links
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
@@ -55,16 +59,20 @@ class CaptionedImages(Dataset):
             return {"bad": (e.reason, e.where)}
         if c < 0:
             c = rng.randrange(len(rec.captions)) if rng else int(torch.randint(len(rec.captions), ()).item())
-        return {"image": self.transform(image), "caption": rec.captions[c], "key": rec.key}
+        item = {"image": self.transform(image), "caption": rec.captions[c], "key": rec.key}
+        if rec.links is not None:
+            item["links"] = rec.links[c]
+        return item
 
 
 class Collate:
     """Stack good samples, tokenize captions, carry skipped markers and truncation counts along."""
 
-    def __init__(self, tokenizer: TextTokenizer | None, text_len: int, image_size: int):
+    def __init__(self, tokenizer: TextTokenizer | None, text_len: int, image_size: int, knowledge=None):
         # a private copy: its truncation counter is read per batch, the main process keeps the totals
         self.tokenizer = TextTokenizer.from_str(tokenizer.to_str()) if tokenizer is not None else None
         self.text_len, self.image_size = text_len, image_size
+        self.knowledge = knowledge  # None, or a KnowledgeLinks: adds entities / entity_spans
 
     def __call__(self, items: list[dict]) -> dict:
         good = [x for x in items if "bad" not in x]
@@ -80,7 +88,40 @@ class Collate:
             batch["text"] = (self.tokenizer.encode(batch["caption"], self.text_len) if good
                              else torch.empty(0, self.text_len, dtype=torch.long))
             batch["n_truncated"] = self.tokenizer.n_truncated - before
+            if self.knowledge is not None:
+                batch["entities"], batch["entity_spans"] = self.knowledge(
+                    self.tokenizer, batch["caption"], [x.get("links") for x in good], self.text_len)
         return batch
+
+
+class KnowledgeLinks:
+    """Entity links -> ``(entities [B, E], entity_spans [B, E, 2])`` for a batch of captions: stored links
+    where a sample has them, else the lexicon's (:meth:`t2i.knowledge.EntityLexicon.link`), else none."""
+
+    def __init__(self, lexicon=None, max_entities: int = 10):
+        self.lexicon, self.max_entities = lexicon, int(max_entities)
+
+    def __call__(self, tokenizer: TextTokenizer, captions: list[str], stored: list, text_len: int):
+        from t2i.knowledge import entity_batch
+
+        links = [s if s is not None else (self.lexicon.link(c, self.max_entities) if self.lexicon else [])
+                 for c, s in zip(captions, stored)]
+        return entity_batch(links, tokenizer.offsets(captions, text_len), text_len, self.max_entities)
+
+
+def knowledge_links(knowledge, stored: bool, key: str = "data.knowledge") -> KnowledgeLinks | None:
+    """The batch linker a data config asks for: ``knowledge.lexicon`` set, or ``stored`` links present; None
+    (no knowledge keys in batches) otherwise."""
+    know = dict(knowledge or {})
+    path = know.get("lexicon")
+    if not path and not stored:
+        return None
+    lexicon = None
+    if path:
+        from t2i.knowledge import load_lexicon
+
+        lexicon = load_lexicon(path, key=f"{key}.lexicon")
+    return KnowledgeLinks(lexicon, know.get("max_entities") or 10)
 
 
 class ImageTextDataModule(pl.LightningDataModule):
@@ -116,6 +157,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         epoch_length: int | None = None,
         verify_shards: bool = True,
         shapes: dict | None = None,
+        knowledge: dict | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -125,6 +167,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.logs = {s: SkipLog(max_bad_fraction, name=f"{s} data") for s in STAGES}
         self.index_logs: dict[str, SkipLog] = {}
         self.datasets: dict[str, Dataset] = {}
+        self.knowledge: KnowledgeLinks | None = None
 
     # -- building -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -174,6 +217,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         if "val" in wanted and self.splits["val"] is None and self.hparams.val_fraction > 0:
             wanted = tuple(dict.fromkeys(("train",) + wanted))
         records = {}
+        stream_links = False
         for split in wanted:
             if split in self.datasets or self.splits[split] is None:
                 continue
@@ -194,6 +238,7 @@ class ImageTextDataModule(pl.LightningDataModule):
                 if world > 1 and split == "train" and not self.hparams.epoch_length:
                     log.warning("streaming under DDP without data.epoch_length: ranks may get different numbers "
                                 "of samples and wait on each other; set data.epoch_length (samples per rank)")
+                stream_links |= bool(urls) and shard_has_links(urls[0])
                 self.datasets[split] = StreamingPairs(urls, transform, every, shuffle, self.hparams.epoch_length
                                                       if split == "train" else None, self.hparams.seed, rank, world)
                 continue
@@ -216,6 +261,10 @@ class ImageTextDataModule(pl.LightningDataModule):
             records["train"] = (src, [recs[i] for i in sorted(perm[n_val:])], False, transform_train)
         for split, (src, recs, every, transform) in records.items():
             self.datasets[split] = CaptionedImages(src, recs, transform, every)
+        stored = stream_links or any(r.links is not None for ds in self.datasets.values()
+                                     for r in getattr(ds, "records", ()))
+        if self.knowledge is None:
+            self.knowledge = knowledge_links(self.hparams.knowledge, stored)
 
     def _rank_world(self) -> tuple[int, int]:
         """This process's DDP rank and the world size: from the trainer, else torchrun's variables."""
@@ -228,6 +277,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise DataError(f"data.{split} is not set: give the {split} split's path with `data.{split}=...`")
         ds = self.datasets[split]
+        if self.knowledge is not None and self.tokenizer is None:
+            raise DataError("data.knowledge: entity links need token positions; set data.tokenizer "
+                            "(or data.knowledge.lexicon=null)")
         workers = self.hparams.num_workers
         bs = self.hparams.batch_size if split == "train" else (self.hparams.eval_batch_size or self.hparams.batch_size)
         # eval loaders get their own generator too: creating an iterator then leaves the global RNG alone
@@ -242,7 +294,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             num_workers=workers,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            collate_fn=Collate(self.tokenizer, self.hparams.text_len, self.hparams.image_size),
+            collate_fn=Collate(self.tokenizer, self.hparams.text_len, self.hparams.image_size, self.knowledge),
             drop_last=False,
         )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from t2i.data.base import (
 )
 from t2i.data.skips import (
     BAD_COLUMNS,
+    BAD_LINKS,
     BAD_UTF8,
     DUPLICATE,
     EMPTY_CAPTION,
@@ -99,6 +101,134 @@ class EasyNLPTSV(Source):
                 continue
             seen.add(idx)
             out.append(Record(idx, [text], (self.path, offset) if ncols == 3 else None, where))
+        return out
+
+    def records(self, log: SkipLog) -> list[Record]:
+        return self._parse(log, self.require_images)
+
+    def read_captions(self, log: SkipLog | None = None) -> list[tuple[str, str]]:
+        """(key, text) for every good line, with or without an image column."""
+        return [(r.key, r.captions[0]) for r in self._parse(log or self.log, require_images=False)]
+
+
+# -- 1b. EasyNLP knowledge TSV (ARTIST) ---------------------------------------------------
+
+
+def bert_word_spans(text: str) -> list[tuple[int, int]]:
+    """Char spans of the tokens of BERT's basic tokenizer (whitespace split, then every CJK character and
+    every punctuation character alone; control characters dropped): EasyNLP's ``tokenizer.tokenize`` for
+    Chinese text, where every word is also one WordPiece. A Latin word WordPiece splits into several
+    pieces counts as one token here; give the reader the ``bert_vocab`` for exact positions."""
+    from t2i.data.tokenizer import is_cjk
+
+    spans, start = [], None
+    for i, c in enumerate(text):
+        cat = unicodedata.category(c)
+        o = ord(c)
+        split = c.isspace() or o == 0 or o == 0xFFFD or (cat.startswith("C") and c not in "\t\n\r")
+        alone = not split and (is_cjk(c) or cat.startswith("P") or 33 <= o <= 47 or 58 <= o <= 64
+                               or 91 <= o <= 96 or 123 <= o <= 126)
+        if (split or alone) and start is not None:
+            spans.append((start, i))
+            start = None
+        if alone:
+            spans.append((i, i + 1))
+        elif not split and start is None:
+            start = i
+    if start is not None:
+        spans.append((start, len(text)))
+    return spans
+
+
+class EasyNLPKnowledgeTSV(Source):
+    """EasyNLP's ARTIST knowledge TSV (``preprocess_data_knowl.py``): ``idx \\t text \\t lex_ids \\t pos_s \\t
+    pos_e \\t token_len \\t base64`` lines (or without the image column: captions only).
+
+    The columns, as EasyNLP writes them: ``lex_ids`` the linked entity ids, space-separated (empty: none);
+    ``token_len`` the number of BERT tokens of the caption (``BertTokenizer.tokenize``, no [CLS]);
+    ``pos_s`` / ``pos_e`` space-separated, ``0 .. token_len-1`` (the characters) followed by each entity's
+    first and last (inclusive) token position. The links are taken as given, in the file's order (EasyNLP
+    keeps the first 10), and stored on the record as char spans of the caption: an entity covering tokens
+    ``[ps, pe]`` spans from the start of token ``ps`` to the end of token ``pe``. Token char spans come from
+    ``bert_vocab`` (EasyNLP's BERT ``vocab.txt``) when given, else from BERT's basic tokenizer
+    (:func:`bert_word_spans`: exact for Chinese captions). A row whose ``token_len`` is not the caption's
+    token count, or whose ids / positions do not parse or fit, is skipped as ``bad_links`` (file:line).
+    Other checks as :class:`EasyNLPTSV` (bad_columns, bad_utf8, empty_caption, duplicate).
+    """
+
+    name = "easynlp_knowledge_tsv"
+
+    def __init__(self, path, require_images: bool = True, bert_vocab=None, key: str = "input"):
+        super().__init__(key)
+        self.path = require_path(path, key, "knowledge TSV file")
+        self.require_images = require_images
+        self._tok = None
+        if bert_vocab:
+            from t2i.pretrained.text import bert_tokenizer
+
+            self._tok = bert_tokenizer(bert_vocab, key=_sibling_key(key, "bert_vocab"))
+
+    def inputs(self) -> list[Path]:
+        return [self.path]
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        if self._tok is None:
+            return bert_word_spans(text)
+        return [tuple(o) for o in self._tok.tok.encode(text, add_special_tokens=False).offsets]
+
+    def _links(self, text: str, fields: list[str]) -> list[tuple[int, int, int]] | None:
+        try:
+            ids = [int(x) for x in fields[0].split()]
+            pos_s = [int(x) for x in fields[1].split()]
+            pos_e = [int(x) for x in fields[2].split()]
+            n = int(fields[3])
+        except ValueError:
+            return None
+        if n < 0 or len(pos_s) != n + len(ids) or len(pos_e) != len(pos_s) or any(i < 0 for i in ids):
+            return None
+        spans = self.token_spans(text)
+        if len(spans) != n:
+            return None
+        out = []
+        for i, a, b in zip(ids, pos_s[n:], pos_e[n:]):
+            if not 0 <= a <= b < n:
+                return None
+            out.append((i, spans[a][0], spans[b][1]))
+        return out
+
+    def _parse(self, log: SkipLog, require_images: bool) -> list[Record]:
+        rows = [(lineno, offset, line.split(b"\t")) for lineno, offset, line in _lines(self.path)]
+        counts = Counter(len(fields) for _, _, fields in rows if len(fields) in (6, 7))
+        ncols = 6 if counts[6] > counts[7] else 7
+        if ncols == 6 and require_images:
+            raise DataError(
+                f"{self.key}={self.path}: no image column ({counts[6]} of {len(rows)} lines have the 6 columns "
+                f"idx, text, lex_ids, pos_s, pos_e, token_len: captions only); give the 7-column file with "
+                f"imgbase64, or read captions only with {images_off_hint(self.key)}"
+            )
+        out, seen = [], set()
+        for lineno, offset, fields in rows:
+            where = f"{self.path}:{lineno}"
+            if len(fields) != ncols:
+                log.skip(BAD_COLUMNS, where)
+                continue
+            texts = _utf8(fields[:6])
+            if texts is None:
+                log.skip(BAD_UTF8, where)
+                continue
+            idx, text = texts[0].strip() or f"line{lineno}", texts[1].strip()
+            if not text:
+                log.skip(EMPTY_CAPTION, where)
+                continue
+            links = self._links(text, texts[2:6])
+            if links is None:
+                log.skip(BAD_LINKS, where)
+                continue
+            if idx in seen:
+                log.skip(DUPLICATE, where)
+                continue
+            seen.add(idx)
+            out.append(Record(idx, [text], (self.path, offset) if ncols == 7 else None, where, links=[links]))
         return out
 
     def records(self, log: SkipLog) -> list[Record]:
@@ -356,6 +486,7 @@ SOURCES: dict[str, type[Source]] = {
     "coco_cn": COCOCN,
     "folder": ImageFolder,
     "wds": WebDataset,
+    "easynlp_knowledge_tsv": EasyNLPKnowledgeTSV,
 }
 
 

@@ -1,7 +1,8 @@
 """Write any :class:`~t2i.data.base.Source` as webdataset shards.
 
 Each sample becomes ``{key}.jpg`` or ``{key}.png``, ``{key}.txt`` (captions, one a line) and
-``{key}.json`` (``key``, ``captions``, ``width``, ``height``, ``source_where``, ``source_key``).
+``{key}.json`` (``key``, ``captions``, ``width``, ``height``, ``source_where``, ``source_key``, and ``links`` --
+per caption ``[[entity_id, char_start, char_end], ...]`` -- when entities were linked, see :func:`convert`).
 Images already JPEG or PNG are stored as their original bytes (no generation loss; PNG stays
 pixel-exact); anything else (webp, bmp, ...) or everything with ``reencode=True`` is stored
 as the decoded RGB image re-encoded to JPEG at ``quality``.
@@ -79,8 +80,10 @@ class ShardWriter:
             tmp.replace(self.shards[-1])
             self._tar, self._in_shard = None, 0
 
-    def write(self, key: str, image: Image.Image, captions: list[str], where: str = "", data=None) -> str:
-        """Add one sample (``data``: its original encoded bytes, if any); returns the key used."""
+    def write(self, key: str, image: Image.Image, captions: list[str], where: str = "", data=None,
+              links: list | None = None) -> str:
+        """Add one sample (``data``: its original encoded bytes, if any; ``links``: per caption its entity
+        links ``(entity_id, char_start, char_end)``, stored in the json); returns the key used."""
         if self._tar is None or self._in_shard >= self.shard_size:
             self._finish_shard()
             path = self.output / f"{self.prefix}-{len(self.shards):06d}.tar"
@@ -101,6 +104,8 @@ class ShardWriter:
             "source_where": where,
             "source_key": key,
         }
+        if links is not None:
+            meta["links"] = [[[int(v) for v in link] for link in caption] for caption in links]
         self._add(f"{name}.{ext}", payload)
         self._add(f"{name}.txt", "\n".join(captions).encode("utf-8"))
         self._add(f"{name}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
@@ -182,6 +187,8 @@ def convert(
     quality: int = 95,
     reencode: bool = False,
     overwrite: bool = False,
+    lexicon=None,
+    max_entities: int = 10,
 ) -> dict:
     """Write every good sample of ``source`` to shards in ``output``; bad ones are counted in ``source.log``.
 
@@ -193,6 +200,9 @@ def convert(
     Refuses to mix with ``{prefix}-*.tar`` shards already in ``output`` unless ``overwrite`` (which
     replaces them once the new ones are complete), always refuses to write over the shards
     ``source`` reads from, and refuses an ``output`` that is a file.
+    ``lexicon`` (an :class:`~t2i.knowledge.EntityLexicon`) links every caption (at most ``max_entities``
+    entities each) and stores the links in the sample json; without it, links a reader carries (the EasyNLP
+    knowledge TSV) are stored as they are.
     Returns {"written", "skipped": {reason: n}, "shards": [paths], "log"}.
     """
     out = check_output(output)
@@ -236,7 +246,9 @@ def convert(
                     except BadSample as e:
                         log.skip(e.reason, e.where)
                     else:
-                        writer.write(rec.key, image, rec.captions, rec.where, data)
+                        links = (lexicon.link_many(rec.captions, max_entities) if lexicon is not None
+                                 else rec.links)
+                        writer.write(rec.key, image, rec.captions, rec.where, data, links=links)
                         seen.add(rec.key)
                         log.ok()
                 bar.update(task, advance=1, bad=log.n_bad)

@@ -21,8 +21,10 @@ BAD_COLUMNS = "bad_columns"  # TSV row with the wrong number of columns
 EMPTY_CAPTION = "empty_caption"  # caption column present but blank
 BAD_UTF8 = "bad_utf8"  # row or caption file is not valid UTF-8
 DUPLICATE = "duplicate"  # a repeated id whose first occurrence is kept
+BAD_LINKS = "bad_links"  # knowledge TSV row whose entity ids / positions do not fit its caption
 REASONS = (
-    BAD_BASE64, BAD_IMAGE, MISSING_IMAGE, MISSING_CAPTION, BAD_COLUMNS, EMPTY_CAPTION, BAD_UTF8, DUPLICATE
+    BAD_BASE64, BAD_IMAGE, MISSING_IMAGE, MISSING_CAPTION, BAD_COLUMNS, EMPTY_CAPTION, BAD_UTF8, DUPLICATE,
+    BAD_LINKS,
 )
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from t2i.data.skips import BadSample, DataError
-from t2i.data.wds import decode_wds_sample
+from t2i.data.wds import decode_wds_sample, json_links
 
 
 def worker_share(total: int, worker: int, workers: int) -> int:
@@ -72,9 +72,13 @@ class StreamingPairs(IterableDataset):
                 yield {"bad": (e.reason, e.where)}
                 continue
             image = self.transform(image)
-            chosen = captions if self.every_caption else [captions[int(torch.randint(len(captions), ()))]]
-            for caption in chosen:
-                yield {"image": image, "caption": caption, "key": key}
+            links = json_links(sample.get("json"), len(captions))
+            chosen = range(len(captions)) if self.every_caption else [int(torch.randint(len(captions), ()))]
+            for j in chosen:
+                item = {"image": image, "caption": captions[j], "key": key}
+                if links is not None:
+                    item["links"] = links[j]
+                yield item
 
     def __iter__(self):
         info = get_worker_info()

@@ -263,6 +263,26 @@ class TextTokenizer:
         self.last_text_len = text_len
         return out
 
+    def offsets(self, texts: str | list[str], text_len: int, add_special: bool = False) -> list[list[tuple[int, int]]]:
+        """Per caption, the ``(char_start, char_end)`` in the caption of each token :meth:`encode` puts at
+        positions ``0, 1, ...`` (same wrap, specials and cut; pads are not listed). Specials (a wrap's
+        ``<BOS>``/``<EOS>``, ``[CLS]``/``[SEP]``) get ``(0, 0)``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        before, after = self._wrap if self._wrap is not None else ([], [])
+        if add_special and self._wrap is None:
+            before, after = [self.cls_id], [self.sep_id]
+        budget = text_len if self._wrap is not None or not add_special else text_len - 2
+        out = []
+        for enc in self.tok.encode_batch(list(texts), add_special_tokens=False):
+            offs = [tuple(o) for o in enc.offsets]
+            if self._wrap is not None:
+                row = [(0, 0)] * len(before) + offs + [(0, 0)] * len(after)
+            else:
+                row = [(0, 0)] * len(before) + offs[:budget] + [(0, 0)] * len(after)
+            out.append(row[:text_len])
+        return out
+
     def unknown(self, text: str) -> list[str]:
         """The pieces of ``text`` that encode to the unknown token (empty when every piece is known)."""
         if self.unk_id is None:

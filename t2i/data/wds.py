@@ -4,6 +4,7 @@ helpers the streaming loader shares: URL expansion and per-sample decoding."""
 from __future__ import annotations
 
 import glob
+import json
 import tarfile
 from pathlib import Path
 
@@ -93,6 +94,41 @@ def decode_wds_sample(sample: dict, where: str | None = None) -> tuple[str, Imag
     return key, image, captions
 
 
+def json_links(data: bytes | None, n_captions: int) -> list | None:
+    """The entity links ``t2i-data convert knowledge.lexicon=...`` stored in a sample json (one list per
+    caption of ``(entity_id, char_start, char_end)``), or None (no json, no links, or not one per caption)."""
+    if data is None:
+        return None
+    try:
+        links = json.loads(data).get("links")
+        if not isinstance(links, list) or len(links) != n_captions:
+            return None
+        return [[tuple(int(v) for v in link) for link in caption] for caption in links]
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def _stored_links(tar, member, n_captions: int) -> list | None:
+    if member is None:
+        return None
+    try:
+        return json_links(tar.extractfile(member).read(), n_captions)
+    except tarfile.TarError:
+        return None
+
+
+def shard_has_links(path) -> bool:
+    """Whether the first sample json of a shard carries entity links (streaming decides on knowledge keys)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if m.isfile() and m.name.endswith(".json"):
+                    return "links" in json.loads(tar.extractfile(m).read())
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        return False
+    return False
+
+
 class WebDataset(Source):
     """Webdataset tars in the img2dataset layout: ``key.jpg|jpeg|png|webp`` + ``key.txt`` [+ ``key.json``].
 
@@ -136,7 +172,8 @@ class WebDataset(Source):
                             except tarfile.TarError:  # txt member cut off at the end of the file
                                 log.skip(MISSING_CAPTION, where)
                                 continue
-                            out.append(Record(k, captions, (path, image.offset_data, image.size), where))
+                            links = _stored_links(tar, members.get("json"), len(captions))
+                            out.append(Record(k, captions, (path, image.offset_data, image.size), where, links))
                     problem = tail_problem(path, tar.offset)
                     if problem:
                         raise DataError(f"{self.key}: shard {path} {problem}; rebuild it with `t2i-data convert` "
