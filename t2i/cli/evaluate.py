@@ -4,6 +4,7 @@
     t2i-eval eval=muge ckpt=... clip.backend=cn_clip clip.model_name=ViT-B-16 clip.ckpt=clip_cn_vit-b-16.pt
     t2i-eval eval=coco30k ckpt=... metrics.feature_extractor_weights_path=weights-inception-2015-12-05-6726825d.pth
     t2i-eval eval=reconstruction tokenizer_ckpt=<vqgan .ckpt>
+    t2i-eval eval=spade ckpt=<spade .ckpt>
 
 Protocols live in ``conf/eval/``. Generation protocols draw ``num_candidates`` samples per caption,
 keep CLIP's best (or the first drawn without a CLIP), and score the chosen images; ``shapes`` adds
@@ -440,8 +441,10 @@ def table(cfg: DictConfig, summary: dict) -> str:
 
 def run(cfg: DictConfig) -> dict:
     p = cfg.eval
-    if p.kind not in ("generation", "shapes", "reconstruction"):
-        raise ConfigError(f"eval.kind={p.kind!r}: use generation, shapes or reconstruction")
+    if p.kind not in ("generation", "shapes", "reconstruction", "spade"):
+        raise ConfigError(f"eval.kind={p.kind!r}: use generation, shapes, reconstruction or spade")
+    if p.kind == "spade" and not cfg.ckpt:
+        raise ConfigError("eval=spade needs ckpt=<a t2i-train experiment=*_spade .ckpt>")
     if p.kind != "reconstruction" and not cfg.ckpt:
         raise ConfigError(f"eval={p.name} needs ckpt=<a t2i-train experiment=*_transformer .ckpt>")
     torch.set_flush_denormal(True)
@@ -454,7 +457,12 @@ def run(cfg: DictConfig) -> dict:
     started = start_processes(device)
     try:
         t0 = time.perf_counter()
-        result = reconstruction(cfg, device) if p.kind == "reconstruction" else generation(cfg, device)
+        if p.kind == "spade":
+            from t2i.cli.eval_spade import spade  # label maps -> images (issue 21)
+
+            result = spade(cfg, device)
+        else:
+            result = reconstruction(cfg, device) if p.kind == "reconstruction" else generation(cfg, device)
         wall = time.perf_counter() - t0
         rank, world = rank_world()
         if world > 1:

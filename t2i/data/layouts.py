@@ -5,7 +5,8 @@ Two kinds of source:
 * **Shapes layouts**: one or more Shapes objects per image, each in its own cell of the 3x3 grid (so they never
   overlap), drawn with the Shapes renderer, and beside each image its class map: background 0, and each object's
   pixels (coverage >= 1/2) ``1 + colour_index * 4 + shape_index`` (6 colours x 4 shapes + background = 25
-  classes). The map fixes every object's colour, shape and position, so :func:`t2i.data.oracle.layout_accuracy`
+  classes); objects are Shapes' ``large`` size unless ``sizes`` says otherwise (a ``small`` one is ~5 px at
+  32 px, too small for its map to show its shape). The map fixes every object's colour, shape and position, so :func:`t2i.data.oracle.layout_accuracy`
   can check all three on a generated image. Deterministic given ``seed``; splits ``train`` / ``val`` / ``test``.
   Written by ``t2i-data shapes_layout`` as ``<output>/<split>/images/*.png``, ``<split>/labels/*.png`` (uint8
   class ids) and ``<split>/specs.jsonl``.
@@ -85,6 +86,9 @@ NUM_LAYOUT_CLASSES = 1 + len(COLORS) * len(SHAPES)  # 25: background + every (co
 LAYOUT_SPLITS = ("train", "val", "test")
 LAYOUT_SALT = 21  # keeps layout streams apart from the single-shape benchmark's (same seed, same split)
 JITTER = 0.5  # objects move at most half their slack inside the cell: neighbours never touch
+# Large only by default: a small object at 32 px is ~5 px wide and its map (pixels covered >= 1/2) no longer
+# shows its shape (a painted 5 px circle reads as a diamond); sizes=[small, large] adds them (fine at 64 px).
+LAYOUT_SIZES = ("large",)
 
 
 def layout_class(color: str, shape: str) -> int:
@@ -146,8 +150,10 @@ class LayoutSpec:
         return cls(tuple(LayoutObject.from_dict(o) for o in d["objects"]))
 
 
-def sample_layout(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3) -> LayoutSpec:
-    """A random layout: ``min_objects..max_objects`` objects in distinct cells, any colour / shape / size."""
+def sample_layout(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 3,
+                  sizes=LAYOUT_SIZES) -> LayoutSpec:
+    """A random layout: ``min_objects..max_objects`` objects in distinct cells, any colour / shape, a size of
+    ``sizes``."""
     if not 1 <= min_objects <= max_objects <= len(POSITIONS):
         raise ConfigError(f"shapes_layout: need 1 <= min_objects ({min_objects}) <= max_objects ({max_objects}) "
                           f"<= {len(POSITIONS)}")
@@ -157,7 +163,7 @@ def sample_layout(rng: np.random.Generator, min_objects: int = 1, max_objects: i
     for cell in cells:
         color = list(COLORS)[int(rng.integers(len(COLORS)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        size = SIZES[int(rng.integers(len(SIZES)))]
+        size = sizes[int(rng.integers(len(sizes)))]
         jitter = tuple(float(j) for j in rng.uniform(-JITTER, JITTER, size=2))
         objects.append(LayoutObject(color, shape, POSITIONS[cell], size, jitter))
     return LayoutSpec(tuple(objects))
@@ -185,24 +191,28 @@ class LayoutSample:
 
 
 def iter_layouts(split: str, n: int, seed: int = 0, image_size: int = 64, min_objects: int = 1,
-                 max_objects: int = 3) -> Iterator[LayoutSample]:
-    """``n`` layouts of ``split``; sample ``i`` depends only on (seed, split, i, object counts), not on n or size."""
+                 max_objects: int = 3, sizes=LAYOUT_SIZES) -> Iterator[LayoutSample]:
+    """``n`` layouts of ``split``; sample ``i`` depends only on (seed, split, i, object counts, sizes), not on n or
+    image size."""
+    sizes = tuple(sizes)
+    if not sizes or any(z not in SIZES for z in sizes):
+        raise ConfigError(f"shapes_layout: sizes={list(sizes)}; use a non-empty subset of {list(SIZES)}")
     if split not in LAYOUT_SPLITS:
         raise ConfigError(f"shapes_layout: split={split!r} is not one of {LAYOUT_SPLITS}")
     for i in range(n):
         rng = np.random.default_rng([seed, LAYOUT_SALT, LAYOUT_SPLITS.index(split), i])
-        spec = sample_layout(rng, min_objects, max_objects)
+        spec = sample_layout(rng, min_objects, max_objects, sizes)
         image, label = render_layout(spec, image_size)
         yield LayoutSample(f"layout_{split}_{i:06d}", spec, image, label)
 
 
 def make_layouts(split: str, n: int, seed: int = 0, image_size: int = 64, min_objects: int = 1,
-                 max_objects: int = 3) -> list[LayoutSample]:
-    return list(iter_layouts(split, n, seed, image_size, min_objects, max_objects))
+                 max_objects: int = 3, sizes=LAYOUT_SIZES) -> list[LayoutSample]:
+    return list(iter_layouts(split, n, seed, image_size, min_objects, max_objects, sizes))
 
 
 def write_shapes_layout(output, n_train: int = 5000, n_val: int = 500, n_test: int = 500, image_size: int = 64,
-                        seed: int = 0, min_objects: int = 1, max_objects: int = 3,
+                        seed: int = 0, min_objects: int = 1, max_objects: int = 3, sizes=LAYOUT_SIZES,
                         progress: bool = True) -> dict[str, Path]:
     """Write ``<output>/<split>/{images,labels}/<key>.png`` + ``<split>/specs.jsonl`` and ``meta.json``."""
     from rich.progress import Progress
@@ -217,14 +227,15 @@ def write_shapes_layout(output, n_train: int = 5000, n_val: int = 500, n_test: i
             (d / "images").mkdir(parents=True, exist_ok=True)
             (d / "labels").mkdir(parents=True, exist_ok=True)
             with open(d / "specs.jsonl", "w", encoding="utf-8") as f:
-                for s in iter_layouts(split, n, seed, image_size, min_objects, max_objects):
+                for s in iter_layouts(split, n, seed, image_size, min_objects, max_objects, sizes):
                     s.image.save(d / "images" / f"{s.key}.png")
                     Image.fromarray(s.label, "L").save(d / "labels" / f"{s.key}.png")
                     f.write(json.dumps({"key": s.key, **s.spec.to_dict()}) + "\n")
                     bar.advance(task)
             paths[split] = d
     meta = {"kind": "shapes_layout", "counts": counts, "image_size": image_size, "seed": seed,
-            "min_objects": min_objects, "max_objects": max_objects, "num_classes": NUM_LAYOUT_CLASSES,
+            "min_objects": min_objects, "max_objects": max_objects, "sizes": list(sizes),
+            "num_classes": NUM_LAYOUT_CLASSES,
             "classes": {str(layout_class(c, s)): f"{c} {s}" for c in COLORS for s in SHAPES} | {"0": "background"},
             "jitter": JITTER, "background": list(BACKGROUND)}
     paths["meta"] = out / "meta.json"
@@ -339,7 +350,7 @@ class LabelFolder:
         from t2i.data.base import decode_image, read_ref
 
         image = decode_image(read_ref(pair.image, str(pair.image)), str(pair.image))
-        label = self.map_label(_read_map(pair.label))
+        label = self.map_label(read_id_map(pair.label))
         if label.shape != (image.height, image.width):
             raise BadSample(SIZE_MISMATCH, str(pair.label),
                             f"map {label.shape[1]}x{label.shape[0]}, image {image.width}x{image.height}")
@@ -349,13 +360,13 @@ class LabelFolder:
                             f"class ids {lo}..{hi} after mapping, outside 0..{self.num_classes - 1}")
         instance = None
         if pair.instance is not None:
-            instance = _read_map(pair.instance).astype(np.int64)
+            instance = read_id_map(pair.instance).astype(np.int64)
             if instance.shape != label.shape:
                 raise BadSample(SIZE_MISMATCH, str(pair.instance), "instance map and label map differ in size")
         return image, label, instance
 
 
-def _read_map(path: Path) -> np.ndarray:
+def read_id_map(path: Path) -> np.ndarray:
     """A label / instance PNG as an integer array [H, W] (palette indices kept, not converted to RGB)."""
     try:
         with Image.open(path) as im:
@@ -453,7 +464,7 @@ def fit_pair(image: Image.Image, maps: list[np.ndarray | None], height: int, wid
     nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
     if (nw, nh) != (w, h):
         image = image.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-        maps = [None if m is None else _resize_nearest(m, nw, nh) for m in maps]
+        maps = [None if m is None else resize_nearest(m, nw, nh) for m in maps]
     if rng is not None:
         left, top = rng.randint(0, nw - width), rng.randint(0, nh - height)
     else:
@@ -466,7 +477,7 @@ def fit_pair(image: Image.Image, maps: list[np.ndarray | None], height: int, wid
     return np.array(img, copy=True), [None if m is None else np.array(m, copy=True) for m in maps]
 
 
-def _resize_nearest(m: np.ndarray, width: int, height: int) -> np.ndarray:
+def resize_nearest(m: np.ndarray, width: int, height: int) -> np.ndarray:
     """NEAREST resize of an integer map (any range: done on int32 'I' images)."""
     return np.asarray(Image.fromarray(m.astype(np.int32), "I").resize((width, height), Image.NEAREST)).astype(np.int64)
 
@@ -566,7 +577,8 @@ class LabelMapDataModule(pl.LightningDataModule):
         meta = out / "meta.json"
         built = json.loads(meta.read_text()) if meta.exists() else None
         want = {"counts": {s: cfg.get(f"n_{s}") for s in LAYOUT_SPLITS}, "image_size": cfg.get("image_size"),
-                "seed": cfg.get("seed"), "min_objects": cfg.get("min_objects"), "max_objects": cfg.get("max_objects")}
+                "seed": cfg.get("seed"), "min_objects": cfg.get("min_objects"), "max_objects": cfg.get("max_objects"),
+                "sizes": list(cfg["sizes"]) if cfg.get("sizes") is not None else None}
         stale = built is None or any(built.get(k) != v for k, v in want.items() if v is not None and k != "counts") \
             or any(built["counts"].get(s) != n for s, n in want["counts"].items() if n is not None)
         if stale:
@@ -579,7 +591,7 @@ class LabelMapDataModule(pl.LightningDataModule):
             extra["instance_dir"] = self.hparams.instance_dir
         if self.hparams.source == "cityscapes":
             extra["instances"] = bool(self.hparams.has_instances)
-        src = open_label_source(self.hparams.source, self.hparams.root, self.splits[split], key=f"data.{split}",
+        src = open_label_source(self.hparams.source, self.hparams.root, self.splits[split], key="data.root",
                                 **extra)
         if src.num_classes > self.hparams.num_classes:
             raise ConfigError(f"data.num_classes={self.hparams.num_classes} but {src.name} has {src.num_classes} "
