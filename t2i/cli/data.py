@@ -137,7 +137,8 @@ def cmd_shapes_layout(cfg: DictConfig) -> dict:
     out = Path(need(cfg, "output"))
     paths = write_shapes_layout(out, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
                                 image_size=cfg.image_size, seed=cfg.seed, min_objects=cfg.min_objects,
-                                max_objects=cfg.max_objects, progress=cfg.progress)
+                                max_objects=cfg.max_objects, sizes=tuple(cfg.get("sizes") or ("large",)),
+                                progress=cfg.progress)
     print(f"shapes_layout: wrote {out} ({cfg.n_train}/{cfg.n_val}/{cfg.n_test} train/val/test at {cfg.image_size}px, "
           f"{cfg.min_objects}-{cfg.max_objects} objects; <split>/images, <split>/labels, <split>/specs.jsonl)")
     import numpy as np
