@@ -596,7 +596,8 @@ def test_decode_wds_sample():
 
 
 def test_open_source(folder, easynlp):
-    assert set(SOURCES) == {"easynlp_tsv", "easynlp_knowledge_tsv", "muge", "coco_cn", "folder", "wds"}
+    assert set(SOURCES) == {"easynlp_tsv", "easynlp_knowledge_tsv", "muge", "coco_cn", "folder", "wds",
+                            "muge_caption"}
     assert isinstance(open_source("folder", root=folder), ImageFolder)
     src = open_source("easynlp_tsv", easynlp, key="data.train")
     assert isinstance(src, EasyNLPTSV) and src.path == Path(easynlp)

@@ -5,6 +5,7 @@
     t2i-eval eval=coco30k ckpt=... metrics.feature_extractor_weights_path=weights-inception-2015-12-05-6726825d.pth
     t2i-eval eval=reconstruction tokenizer_ckpt=<vqgan .ckpt>
     t2i-eval eval=spade ckpt=<spade .ckpt>
+    t2i-eval eval=shapes_caption ckpt=<transformer .ckpt with captioning>    (also muge_caption, coco_cn_caption)
 
 Protocols live in ``conf/eval/``. Generation protocols draw ``num_candidates`` samples per caption,
 keep CLIP's best (or the first drawn without a CLIP), and score the chosen images; ``shapes`` adds
@@ -441,8 +442,8 @@ def table(cfg: DictConfig, summary: dict) -> str:
 
 def run(cfg: DictConfig) -> dict:
     p = cfg.eval
-    if p.kind not in ("generation", "shapes", "reconstruction", "spade"):
-        raise ConfigError(f"eval.kind={p.kind!r}: use generation, shapes, reconstruction or spade")
+    if p.kind not in ("generation", "shapes", "reconstruction", "spade", "caption"):
+        raise ConfigError(f"eval.kind={p.kind!r}: use generation, shapes, reconstruction, spade or caption")
     if p.kind == "spade" and not cfg.ckpt:
         raise ConfigError("eval=spade needs ckpt=<a t2i-train experiment=*_spade .ckpt>")
     if p.kind != "reconstruction" and not cfg.ckpt:
@@ -461,6 +462,10 @@ def run(cfg: DictConfig) -> dict:
             from t2i.cli.eval_spade import spade  # label maps -> images (issue 21)
 
             result = spade(cfg, device)
+        elif p.kind == "caption":
+            from t2i.cli.eval_caption import captioning  # images -> captions (issue 20)
+
+            result = captioning(cfg, device)
         else:
             result = reconstruction(cfg, device) if p.kind == "reconstruction" else generation(cfg, device)
         wall = time.perf_counter() - t0

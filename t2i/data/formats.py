@@ -116,7 +116,7 @@ class EasyNLPTSV(Source):
 
 def bert_word_spans(text: str) -> list[tuple[int, int]]:
     """Char spans of the tokens of BERT's basic tokenizer (whitespace split, then every CJK character and
-    every punctuation character alone; control characters dropped): EasyNLP's ``tokenizer.tokenize`` for
+    every punctuation character alone; NUL, U+FFFD and control characters removed first): EasyNLP's ``tokenizer.tokenize`` for
     Chinese text, where every word is also one WordPiece. A Latin word WordPiece splits into several
     pieces counts as one token here; give the reader the ``bert_vocab`` for exact positions."""
     from t2i.data.tokenizer import is_cjk
@@ -125,7 +125,9 @@ def bert_word_spans(text: str) -> list[tuple[int, int]]:
     for i, c in enumerate(text):
         cat = unicodedata.category(c)
         o = ord(c)
-        split = c.isspace() or o == 0 or o == 0xFFFD or (cat.startswith("C") and c not in "\t\n\r")
+        if o == 0 or o == 0xFFFD or (cat.startswith("C") and c not in "\t\n\r"):
+            continue  # BERT removes these before splitting: they join, not split, their neighbours
+        split = c in " \t\n\r" or cat == "Zs"
         alone = not split and (is_cjk(c) or cat.startswith("P") or 33 <= o <= 47 or 58 <= o <= 64
                                or 91 <= o <= 96 or 123 <= o <= 126)
         if (split or alone) and start is not None:
@@ -341,6 +343,129 @@ class MUGE(Source):
         return [(r.key, c) for r in recs for c in r.captions]
 
 
+# -- 2b. MUGE captioning (E-commerce IC) -----------------------------------------------------
+
+
+class MUGECaption(Source):
+    """MUGE E-commerce IC (image captioning) in the layout MUGE's baseline and OFA-Chinese read: a JSON-lines
+    caption file, one object per image ``{"image_id": "<id>", "text": ["caption", ...]}`` (``text`` may also be
+    one string), and an image TSV ``image_id \\t base64`` (url-safe or standard base64), joined by id.
+
+    Files: ``captions`` / ``images`` when given (paths, or names inside ``root``); else ``IC_{split}.jsonl`` +
+    ``IC_{split}.tsv`` (MUGE's names; splits train / valid / test) or OFA-Chinese's ``{split}_caption.jsonl`` +
+    ``{split}_image.tsv``, in ``root``, ``root/ECommerce-IC/`` or ``root/{split}/``.
+    Caption lines: not a JSON object, or without ``image_id`` / ``text`` -> bad_columns; not UTF-8 -> bad_utf8;
+    no non-blank caption -> empty_caption (blank entries of a list with other captions are dropped); an id
+    seen before -> duplicate (the first line is kept). Image lines as :class:`MUGE` reads them: bad_columns,
+    duplicate, an image with no caption line -> missing_caption (img file:line); a caption line with no
+    image -> missing_image (caption file:line). Records follow the image file's order. ``require_images=False``
+    reads the caption file alone (records with ``ref=None``).
+    """
+
+    name = "muge_caption"
+
+    def __init__(self, root=None, split: str = "valid", captions=None, images=None, require_images: bool = True,
+                 key: str = "input"):
+        super().__init__(key)
+        self.split, self.require_images = split, require_images
+        if root is None and not captions:
+            raise DataError(f"{key}: give root=<the MUGE IC folder> (with IC_{split}.jsonl / IC_{split}.tsv) or "
+                            f"captions=<.jsonl> and images=<.tsv>")
+        base = require_path(root, key, "MUGE captioning folder") if root is not None else None
+        if captions:
+            cap = Path(str(captions)).expanduser()
+            cap = base / cap if base is not None and not cap.is_absolute() and (base / cap).is_file() else cap
+            self.caption_path = require_path(cap, _sibling_key(key, "captions"), "caption .jsonl")
+            img = Path(str(images)).expanduser() if images else None
+            if img is not None and base is not None and not img.is_absolute() and (base / img).is_file():
+                img = base / img
+            self.img_path = img
+        else:
+            names = [(f"IC_{split}.jsonl", f"IC_{split}.tsv"), (f"{split}_caption.jsonl", f"{split}_image.tsv")]
+            found = next(((folder / c, folder / i) for folder in (base, base / "ECommerce-IC", base / split)
+                          for c, i in names if (folder / c).is_file()), None)
+            if found is None:
+                raise DataError(f"{key}={base}: no IC_{split}.jsonl nor {split}_caption.jsonl in it, nor in its "
+                                f"ECommerce-IC/ or {split}/ folder (or pass captions= and images=)")
+            self.caption_path, self.img_path = found
+            if images:
+                self.img_path = Path(str(images)).expanduser()
+        if require_images and (self.img_path is None or not self.img_path.is_file()):
+            raise DataError(f"{key}: image TSV {self.img_path} not found (pass images=<id \\t base64 .tsv>, or read "
+                            f"captions only with {images_off_hint(key)})")
+
+    def inputs(self) -> list[Path]:
+        return [self.caption_path] + ([self.img_path] if self.img_path is not None else [])
+
+    def _captions(self, log: SkipLog) -> tuple[dict[str, list[str]], dict[str, str], set[str]]:
+        import json
+
+        caps: dict[str, list[str]] = {}
+        wheres: dict[str, str] = {}
+        seen: set[str] = set()  # ids of any caption line, good or bad
+        for lineno, _, line in _lines(self.caption_path):
+            where = f"{self.caption_path}:{lineno}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                log.skip(BAD_UTF8, where)
+                continue
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict) or "image_id" not in obj or "text" not in obj \
+                    or not isinstance(obj["text"], (str, list)) or isinstance(obj["image_id"], (dict, list)):
+                log.skip(BAD_COLUMNS, where)
+                continue
+            id_ = str(obj["image_id"]).strip()
+            texts = [obj["text"]] if isinstance(obj["text"], str) else obj["text"]
+            texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+            if id_ in seen:
+                log.skip(DUPLICATE, where)
+                continue
+            seen.add(id_)
+            if not texts:
+                log.skip(EMPTY_CAPTION, where)
+                continue
+            caps[id_], wheres[id_] = texts, where
+        return caps, wheres, seen
+
+    def records(self, log: SkipLog) -> list[Record]:
+        caps, wheres, seen = self._captions(log)
+        if not self.require_images and (self.img_path is None or not self.img_path.is_file()):
+            return [Record(i, c, None, wheres[i]) for i, c in caps.items()]
+        out, found = [], set()
+        for lineno, offset, line in _lines(self.img_path):
+            where = f"{self.img_path}:{lineno}"
+            fields = line.split(b"\t")
+            if len(fields) != 2:
+                log.skip(BAD_COLUMNS, where)
+                continue
+            id_ = fields[0].decode("utf-8", "replace").strip()
+            if id_ in found:
+                log.skip(DUPLICATE, where)
+                continue
+            found.add(id_)
+            if id_ in caps:
+                out.append(Record(id_, caps[id_], (self.img_path, offset), where))
+            elif id_ not in seen:
+                log.skip(MISSING_CAPTION, where)
+        for id_ in caps:
+            if id_ in found:
+                continue
+            if self.require_images:
+                log.skip(MISSING_IMAGE, wheres[id_])
+            else:
+                out.append(Record(id_, caps[id_], None, wheres[id_]))
+        return out
+
+    def read_captions(self, log: SkipLog | None = None) -> list[tuple[str, str]]:
+        """(id, caption) for every caption of every good line; the image TSV is not read."""
+        caps, _, _ = self._captions(log or self.log)
+        return [(i, c) for i, cs in caps.items() for c in cs]
+
+
 # -- 3. COCO-CN ------------------------------------------------------------------------------
 
 
@@ -487,6 +612,7 @@ SOURCES: dict[str, type[Source]] = {
     "folder": ImageFolder,
     "wds": WebDataset,
     "easynlp_knowledge_tsv": EasyNLPKnowledgeTSV,
+    "muge_caption": MUGECaption,
 }
 
 
