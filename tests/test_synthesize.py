@@ -20,6 +20,7 @@ from t2i.errors import ConfigError
 from t2i.metrics.segmentation import ConfusionMatrix, mean_iou
 
 TINY = '{_target_:tests.test_eval.TinyFeatures,num_features:8}'
+REAL_MODULE_CLASS = synth.module_class  # SPADEModule (the stand-in replaces it in most tests)
 
 
 def shapes_palette() -> torch.Tensor:
@@ -150,6 +151,8 @@ def test_synthesize_clear_errors(tmp_path, layouts):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(Exception, match="not a SPADE checkpoint"):
         synth.run(synth_cfg(tmp_path, f"ckpt={tmp_path}/other.ckpt", f"maps={layouts}/test"))
+    with pytest.raises(ConfigError, match="a shapes_layout folder: give a split, e.g. maps=.*/test"):
+        synth.run(synth_cfg(tmp_path, f"ckpt={tmp_path}/other.ckpt", f"maps={layouts}"))
     with pytest.raises(ConfigError, match="maps=.*no such folder"):
         synth.run(synth_cfg(tmp_path, f"ckpt={tmp_path}/other.ckpt", f"maps={tmp_path}/nope"))
 
@@ -249,3 +252,29 @@ def test_eval_spade_needs_a_segmenter_on_real_data(tmp_path):
         run(eval_cfg(tmp_path, f"ckpt={ckpt}", "eval.data=ade20k", f"eval.root={tmp_path}"))
     with pytest.raises(ConfigError, match="eval=spade needs ckpt="):
         run(eval_cfg(tmp_path))
+
+
+def test_synthesize_and_eval_load_a_real_spade_checkpoint(tmp_path, layouts, monkeypatch):
+    """``SPADEModule(**ckpt["hyper_parameters"])`` + state dict, as a trained run's checkpoint holds them."""
+    from omegaconf import OmegaConf
+
+    from t2i.cli.evaluate import run
+    from t2i.lit.spade import SPADEModule
+
+    monkeypatch.setattr(synth, "module_class", REAL_MODULE_CLASS)
+    with initialize_config_module("t2i.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=shapes_spade", f"paths.root_dir={tmp_path}"])
+    hp = OmegaConf.to_container(cfg.model, resolve=True)
+    hp.pop("_target_")
+    torch.manual_seed(0)
+    module = SPADEModule(**hp)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, tmp_path / "s.ckpt")
+    res = synth.run(synth_cfg(tmp_path, f"ckpt={tmp_path}/s.ckpt", f"maps={layouts}/test", "style=random",
+                              "num_styles=2", "limit=3"))
+    label = torch.from_numpy(np.asarray(Image.open(sorted((layouts / "test" / "labels").glob("*.png"))[1]))
+                             .astype(np.int64))
+    want = module.generate(label[None], style="random", generator=torch.Generator().manual_seed(1))[0]
+    assert torch.allclose(res["images"][1, 1], want, atol=1e-5)  # map 1, style 1: seed 0 + 1
+    assert not torch.allclose(res["images"][:, 0], res["images"][:, 1])  # the style encoder's z matters
+    m = run(eval_cfg(tmp_path, f"ckpt={tmp_path}/s.ckpt", "eval.num_maps=4", "metrics.extractor=null"))
+    assert m["splits"]["test"]["diversity_l1"] > 0 and 0 <= m["summary"]["layout_all"] <= 1

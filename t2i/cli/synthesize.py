@@ -83,7 +83,9 @@ def map_files(folder, key: str = "maps") -> list[Path]:
         root = root / "labels"
     files = sorted(p for p in root.iterdir() if p.suffix.lower() == ".png" and p.is_file())
     if not files:
-        raise ConfigError(f"{key}={folder}: no .png label maps in {root}")
+        splits = [s for s in ("test", "val", "train") if (root / s / "labels").is_dir()]
+        hint = f" (a shapes_layout folder: give a split, e.g. {key}={folder}/{splits[0]})" if splits else ""
+        raise ConfigError(f"{key}={folder}: no .png label maps in {root}{hint}")
     return files
 
 
