@@ -322,3 +322,19 @@ def test_t2i_data_convert_with_lexicon(tmp_path):
                      f"output={out}", *extra))
         recs = WebDataset(str(out)).records(SkipLog(1.0))
         assert [list(map(list, r.links[0])) for r in recs] == [want]  # the TSV's links, or re-linked
+
+
+def test_bert_word_spans_count_like_bert_tokenizer(tmp_path):
+    """With a vocab of specials only, transformers' BertTokenizer makes one [UNK] per basic token: the
+    reader's fallback must find the same tokens (positions in EasyNLP's TSV count them)."""
+    from transformers import BertTokenizer
+
+    from t2i.data.formats import bert_word_spans
+
+    (tmp_path / "v.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n", encoding="utf-8")
+    bt = BertTokenizer(str(tmp_path / "v.txt"), do_lower_case=True)
+    texts = ["ab\x00cd 手机,iPhone\u3000x", "夏季新款 韩版T恤女 100%纯棉!", "café\u0301 naïve\x1fok", "",
+             "a\u200bb \ufffd c", "【包邮】女装(2024款)…"]
+    for t in texts:
+        assert len(bert_word_spans(t)) == len(bt.tokenize(t)), t
+    assert [texts[1][a:b] for a, b in bert_word_spans(texts[1])][7:10] == ["恤", "女", "100"]
