@@ -119,7 +119,7 @@ class EntityLexicon:
                     continue
                 parts = ln.strip().split("\t")
                 name = parts[0].strip()
-                ok = len(parts) == 2 and name and parts[1].strip().lstrip("+").isdigit()
+                ok = len(parts) == 2 and name and parts[1].strip().isdecimal()
                 if not ok:
                     raise DataError(
                         f"{key}={path}:{n}: bad line {ln[:80]!r}; expected `entity<TAB>id` (id a non-negative "
