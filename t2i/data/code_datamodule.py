@@ -71,7 +71,7 @@ class CodesDataModule(pl.LightningDataModule):
     def __init__(self, codes: str, tokenizer: str | None = None, text_len: int = 24, batch_size: int = 64,
                  num_workers: int = 0, val_fraction: float = 0.05, seed: int = 0, knowledge: dict | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run config is logged whole; module and data share key names (knowledge)
         self.manifest = read_manifest(codes)
         self.tokenizer = TextTokenizer.from_file(text_tokenizer_path(self.manifest, tokenizer), key="data.tokenizer")
         self.splits: dict[str, CodePairs] = {}
