@@ -2,7 +2,9 @@
 
 Every ``every_n_val_epochs`` validation epochs it takes a fixed, seeded subset of ``num_captions``
 validation captions, draws ``num_candidates`` samples each with the module's sampling model
-(EMA weights when present), keeps CLIP's best when a ``clip`` is configured, and logs
+(EMA weights when present), keeps CLIP's best when a ``clip`` is configured (``rerank.backend=caption``:
+the best by the caption's likelihood given the codes under that same model, no CLIP needed;
+``rerank.combine=rank_sum|zsum``: by both, :mod:`t2i.caption_rerank`), and logs
 ``val/fid``, ``val/is_mean``, ``val/clip_score``, ``val/fd_clip`` (whichever are configured). Under DDP
 each rank draws its share of the caption batches (ranks may get different numbers) and the metric
 states are summed (IS logits gathered in caption order) across ranks: the values equal one process's.
@@ -33,13 +35,24 @@ log = logging.getLogger(__name__)
 class GenerationMetrics(pl.Callback):
     def __init__(self, every_n_val_epochs: int = 1, num_captions: int = 64, num_candidates: int = 1,
                  batch_size: int = 16, seed: int = 0, sample: dict | None = None, metrics: dict | None = None,
-                 clip: dict | None = None, dataset: str | None = None, table_rows: int = 8):
+                 clip: dict | None = None, dataset: str | None = None, table_rows: int = 8,
+                 rerank: dict | None = None):
+        from t2i.caption_rerank import check_combine
+        from t2i.errors import ConfigError
+
         self.every = max(1, int(every_n_val_epochs))
         self.num_captions, self.num_candidates = int(num_captions), int(num_candidates)
         self.batch_size, self.seed, self.table_rows = int(batch_size), int(seed), int(table_rows)
         self.sample = dict(sample or {})
         self.metrics_cfg = dict(metrics or {"extractor": "inception", "inception_score": True})
         self.clip_cfg = dict(clip or {})
+        rr, key = dict(rerank or {}), "callbacks.generation_metrics.rerank"
+        self.rerank = rr.get("backend", "clip")
+        if self.rerank not in ("clip", "caption"):
+            raise ConfigError(f"{key}.backend={self.rerank!r}: use clip or caption (the caption's likelihood given "
+                              f"the codes; a model.model.captioning=true model)")
+        self.combine = check_combine(rr.get("combine"), bool(self.clip_cfg.get("ckpt")), prefix=f"{key}.",
+                                     clip_keys="callbacks.generation_metrics.clip.ckpt")
         self.dataset = dataset
         self.scores = self.clip = None
         self._val_epochs = 0
@@ -99,9 +112,14 @@ class GenerationMetrics(pl.Callback):
                 self.scores.load_real_state(state, trainer.global_rank)
         tokenizer = trainer.datamodule.tokenizer
         model = plain.sampling_model()
+        if self.rerank == "caption" or self.combine:
+            from t2i.caption_rerank import check_captioning
+
+            check_captioning(model, "the model (callbacks.generation_metrics.rerank)")
         loop = Loop(model, plain.image_tokenizer, lambda caps: tokenizer.encode(caps, model.text_len),
                     self.scores, self.clip, self.num_candidates, self.batch_size, self.seed, self.sample,
-                    trainer.global_rank, trainer.world_size, keep=self.table_rows)
+                    trainer.global_rank, trainer.world_size, keep=self.table_rows, rerank=self.rerank,
+                    combine=self.combine)
         out = loop.run(captions, real if not self.scores.real_loaded else None)
         if not self.scores.real_loaded:
             if cache is not None:

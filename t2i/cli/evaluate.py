@@ -8,7 +8,10 @@
     t2i-eval eval=shapes_caption ckpt=<transformer .ckpt with captioning>    (also muge_caption, coco_cn_caption)
 
 Protocols live in ``conf/eval/``. Generation protocols draw ``num_candidates`` samples per caption,
-keep CLIP's best (or the first drawn without a CLIP), and score the chosen images; ``shapes`` adds
+keep CLIP's best (or the first drawn without a CLIP; ``rerank.backend=caption``: the best by the caption's
+likelihood given the codes under the transformer itself; ``rerank.combine=rank_sum|zsum``: by both, see
+:mod:`t2i.caption_rerank`), and score the chosen images (every candidate's scores in ``rerank_scores.jsonl``;
+on Shapes, ``acc_by``: the oracle's accuracy under each available ranking and the best-of-n ceiling); ``shapes`` adds
 the oracle's attribute accuracy of the first and of the chosen sample on ``test`` and
 ``compositional`` (``shapes_kg``: on ``test``, seen objects, and ``kg_heldout``, objects known only
 through the knowledge graph; a model with knowledge gets its prompts linked with the lexicon its
@@ -255,11 +258,27 @@ def generation(cfg: DictConfig, device) -> dict:
     for key, v in (("eval.num_candidates", p.num_candidates), ("batch_size", cfg.batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key}={v} must be an integer >= 1")
+    from t2i.caption_rerank import (
+        accuracy_by_ranking,
+        candidate_rows,
+        check_captioning,
+        check_combine,
+        oracle_hits,
+    )
+
+    rr = cfg.get("rerank") or {}
+    by = rr.get("backend", "clip")
+    if by not in ("clip", "caption"):
+        raise ConfigError(f"rerank.backend={by!r}: use clip (the CLIP of clip.*) or caption (the caption's likelihood "
+                          f"given the codes, a model.model.captioning=true checkpoint)")
+    combine = check_combine(rr.get("combine"), bool(cfg.clip.ckpt), clip_keys="clip.ckpt")
     model, image_tok, tok, link = build(cfg, device)
+    if by == "caption" or combine:
+        check_captioning(model, f"ckpt={cfg.ckpt}")
     clip = load_clip(cfg, device)
     size = image_tok.downsample * model.grid[0]
     n_cand = int(p.num_candidates)
-    if clip is None and n_cand > 1:
+    if clip is None and n_cand > 1 and by == "clip":
         log.warning("no clip.ckpt: the first of %d candidates is scored, none is reranked", n_cand)
     sample = {k: cfg.sample[k] for k in ("top_k", "top_p", "temperature", "cfg_scale", "use_cache")}
     rank, world = rank_world()
@@ -278,7 +297,7 @@ def generation(cfg: DictConfig, device) -> dict:
         n = len(items.captions)
         scores, cache = scores_for(cfg, clip, device, split, size, n)
         hits = {"first": [], "chosen": []}
-        keep = {"rows": []}
+        keep = {"rows": [], "scored": []}
         mine = sum(len(range(a, min(a + bs, n))) for k, a in enumerate(range(0, n, bs)) if k % world == rank)
         bar = tqdm(total=mine, desc=f"{p.name} {split}" + (f" rank 0 of {world}" if world > 1 else ""),
                    disable=not cfg.progress or rank != 0)
@@ -289,6 +308,10 @@ def generation(cfg: DictConfig, device) -> dict:
                 both = to_uint8(torch.stack([drawn.candidates[:, 0], drawn.images])).permute(0, 1, 3, 4, 2).cpu()
                 hits["first"].append(oracle(both[0].numpy(), specs) | {"n": len(specs)})
                 hits["chosen"].append(oracle(both[1].numpy(), specs) | {"n": len(specs)})
+            if drawn.scores is not None or drawn.caption_scores is not None:  # every candidate's scores
+                right = oracle_hits(drawn.candidates, items.specs[start:start + len(captions)]) \
+                    if items.specs is not None else None
+                keep["scored"] += candidate_rows(start, captions, drawn, right)
             for i, c in enumerate(captions[: max(0, 8 - start)]):  # the first 8 captions, whichever rank drew them
                 if items.specs is not None:  # Shapes: the English caption, legible without a CJK font
                     c = shapes_caption(items.specs[start + i], "en")
@@ -297,7 +320,8 @@ def generation(cfg: DictConfig, device) -> dict:
             bar.update(len(captions))
 
         loop = Loop(model, image_tok, lambda caps: encode_prompts(tok, caps, model.text_len), scores, clip, n_cand,
-                    bs, int(cfg.seed), sample, rank=rank, world_size=world, autocast=amp, entities=link)
+                    bs, int(cfg.seed), sample, rank=rank, world_size=world, autocast=amp, entities=link,
+                    rerank=by, combine=combine)
         t0 = time.perf_counter()
         loop.run(items.captions, items.real, hook)
         bar.close()
@@ -314,6 +338,17 @@ def generation(cfg: DictConfig, device) -> dict:
         metrics.update(n=n, seconds=time.perf_counter() - t0, real_from_cache=scores.real_loaded,
                        real_skipped=sum(gathered(items.skipped.get("count", 0))), extractors=scores.describe(),
                        real_cache=str(cache.path) if cache else None)
+        scored = sorted((r for part in gathered(keep["scored"]) for r in part), key=lambda r: r["index"])
+        if scored:
+            metrics["acc_by"] = accuracy_by_ranking(scored) or None
+            for key, name in (("clip", "clip_chosen_mean"), ("caption_ll", "caption_ll_chosen_mean")):
+                if scored[0][key] is not None:
+                    metrics[name] = sum(r[key][r["chosen"]] for r in scored) / len(scored)
+            if rank == 0:
+                mode = "w" if split == splits[0] else "a"  # this run's splits only
+                with open(Path(cfg.output) / "rerank_scores.jsonl", mode, encoding="utf-8") as f:
+                    for r in scored:
+                        f.write(json.dumps({"split": split, **r}, ensure_ascii=False) + "\n")
         result["splits"][split] = metrics
         rows = sorted((r for part in gathered(keep["rows"]) for r in part), key=lambda r: r[0])
         rows = [r[1:] for r in rows]
@@ -338,7 +373,8 @@ def generation(cfg: DictConfig, device) -> dict:
                              "clip": cfg.clip.ckpt and str(cfg.clip.ckpt), "clip_sha256": sha256(cfg.clip.ckpt),
                              "clip_backend": cfg.clip.backend if cfg.clip.ckpt else None}
     result["protocol"] = {"image_size": size, "num_candidates": n_cand, "sample": sample,
-                          "reranked": clip is not None and n_cand > 1, "processes": world,
+                          "reranked": (clip is not None or by == "caption") and n_cand > 1, "processes": world,
+                          "rerank": {"backend": by, "combine": combine},
                           "knowledge": None if link is None else {"lexicon": link.lexicon.fingerprint,
                                                                   "entities": len(link.lexicon),
                                                                   "max_entities": link.max_entities},

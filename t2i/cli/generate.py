@@ -9,7 +9,10 @@ reranked pick, ``s00``, in a red frame) and ``samples.jsonl`` (one line per samp
 file, sampling settings, CLIP score). With ``rerank.ckpt`` (a ``t2i-train experiment=*_clip``
 checkpoint) the ``num_samples`` candidates of a prompt are scored by CLIP and written best first
 (``s00`` is the chosen one; ``drawn`` is its position among the candidates); ``rerank.top`` keeps
-only the best ones. With ``sr.ckpt`` (a Real-ESRGAN ``.pth`` or a ``t2i-import realesrgan`` file) every
+only the best ones. ``rerank.backend=caption`` ranks them instead by the mean log-likelihood of the
+prompt given each candidate's codes under the transformer itself (a checkpoint trained with
+``model.model.captioning=true``; no CLIP, no decode); ``rerank.combine=rank_sum|zsum`` with a CLIP ranks
+by both (:mod:`t2i.caption_rerank`); each sample's ``clip_score`` / ``caption_score`` are recorded. With ``sr.ckpt`` (a Real-ESRGAN ``.pth`` or a ``t2i-import realesrgan`` file) every
 kept image is upscaled by the RRDBNet after reranking, before it is written (``sr.scale``: must be the
 weights' own scale, x2 / x4 / x8 are separate models; ``sr.tile`` > 0 runs tiles of that many pixels with
 ``sr.tile_pad`` context each). Prompts are sampled ``batch_size // num_samples`` at a time, each
@@ -77,11 +80,31 @@ def check_settings(cfg: DictConfig) -> None:
         v = sr.get(key, 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError(f"sr.{key}={v} must be an integer >= 0")
+    check_rerank(cfg.rerank)
     if sr.get("scale") is not None and sr.get("scale") not in (1, 2, 4, 8):
         raise ConfigError(f"sr.scale={sr.get('scale')} must be 1, 2, 4 or 8 (or null: the weights' own scale)")
     if sr.get("ckpt") and not Path(str(sr.get("ckpt"))).expanduser().is_file():
         raise ConfigError(f"sr.ckpt={sr.get('ckpt')}: no such file (a Real-ESRGAN .pth, e.g. RealESRGAN_x4plus.pth, "
                           f"or a `t2i-import realesrgan` output)")
+
+
+def check_rerank(rr: DictConfig) -> tuple[bool, bool, str | None]:
+    """``(by CLIP, by caption likelihood, combine)`` from the ``rerank`` block; one ConfigError for settings
+    that cannot work (checked before any model loads)."""
+    from t2i.caption_rerank import check_combine
+
+    backend = rr.get("backend", "t2i")
+    if backend == "caption":
+        if rr.get("combine") not in (None, "null", "none"):
+            raise ConfigError(f"rerank.combine={rr.combine} takes its CLIP from rerank.backend/rerank.ckpt: set "
+                              f"rerank.backend to the CLIP's kind (t2i, open_clip, cn_clip), not caption")
+        if rr.get("ckpt"):
+            raise ConfigError(f"rerank.backend=caption ranks by the caption likelihood, but rerank.ckpt={rr.ckpt} "
+                              f"is a CLIP: drop rerank.ckpt, or rank by both with rerank.backend=<the CLIP's kind> "
+                              f"rerank.combine=rank_sum")
+        return False, True, None
+    combine = check_combine(rr.get("combine"), bool(rr.get("ckpt")))
+    return bool(rr.get("ckpt")), combine is not None, combine
 
 
 def load_upscaler(sr: DictConfig, device: torch.device):
@@ -200,8 +223,13 @@ def run(cfg: DictConfig) -> dict:
     device = pick_device(str(cfg.device))
     model, image_tok, tok, link = build(cfg, device)
     text = encode_prompts(tok, prompts, model.text_len, allow_unk=bool(cfg.get("allow_unk", False)))
+    by_clip, by_caption, combine = check_rerank(cfg.rerank)
+    if by_caption:
+        from t2i.caption_rerank import caption_scores, check_captioning, rank_candidates
+
+        check_captioning(model, f"ckpt={cfg.ckpt}")
     clip = None
-    if cfg.rerank.ckpt:  # loaded once the prompts are known to be usable
+    if by_clip:  # loaded once the prompts are known to be usable
         from t2i.rerank import load_reranker
 
         clip = load_reranker(cfg.rerank.ckpt, cfg.rerank.backend, cfg.rerank.get("model_name")).to(device)
@@ -220,28 +248,42 @@ def run(cfg: DictConfig) -> dict:
         codes = generate(model, text[idx[0]:idx[-1] + 1], int(cfg.num_samples), top_k=cfg.top_k, top_p=cfg.top_p,
                          temperature=float(cfg.temperature), cfg_scale=cfg.cfg_scale, use_cache=bool(cfg.use_cache),
                          generator=gen, entities=entities)
+        cap = None
+        if by_caption:  # on the codes, before any decoding
+            cap = caption_scores(model, codes, text[idx[0]:idx[-1] + 1].repeat_interleave(int(cfg.num_samples), 0))
+            cap = cap.cpu().view(len(idx), -1)
         images = decode_codes(image_tok, codes)
         for n, i in enumerate(idx):
             chunk = images[n * int(cfg.num_samples):(n + 1) * int(cfg.num_samples)]
             order, scores = list(range(len(chunk))), [None] * len(chunk)
-            if clip is not None:  # best first; keep rerank.top of them
-                from t2i.rerank import rerank
+            clip_s, cap_s, comb_s = [None] * len(chunk), [None] * len(chunk), [None] * len(chunk)
+            if clip is not None or cap is not None:  # best first; keep rerank.top of them
+                from t2i.rerank import score as clip_score
 
-                ranked, s = rerank(clip, chunk, prompts[i], top=cfg.rerank.top)
-                order, scores = ranked.tolist(), s.tolist()
+                cs = clip_score(clip, chunk, prompts[i]) if clip is not None else None
+                ranked, combined = rank_candidates(cs, None if cap is None else cap[n], combine)
+                ranked = ranked[:cfg.rerank.top] if cfg.rerank.top is not None else ranked
+                order = ranked.tolist()
+                clip_s = cs[ranked].tolist() if cs is not None else clip_s
+                cap_s = cap[n][ranked].tolist() if cap is not None else cap_s
+                comb_s = combined[ranked].tolist() if combined is not None else comb_s
+                scores = comb_s if combine else clip_s if clip is not None else cap_s
             pics = (chunk[order].float().clamp(-1, 1) + 1) / 2
             if upscaler is not None:  # RRDBNet works in [0, 1]
                 from t2i.models.rrdbnet import upscale
 
                 pics = torch.cat([upscale(upscaler, p[None], tile=int(cfg.sr.tile), tile_pad=int(cfg.sr.tile_pad))
                                   for p in pics]).float().clamp(0, 1)  # one image at a time: bounded memory
-            for j, (img, src, sc) in enumerate(zip(pics, order, scores)):
+            for j, (img, src, sc, c1, c2, c3) in enumerate(zip(pics, order, scores, clip_s, cap_s, comb_s)):
                 name = f"p{i:03d}_s{j:02d}.png"
                 save_image(img, out / name)
                 rows.append({"prompt": prompts[i], "prompt_index": i, "sample": j, "drawn": src,
                              "seed": int(cfg.seed) + start, "file": name, "settings": settings,
-                             "score": sc, "reranked": clip is not None, "sr": sr_info})
-            grid = sample_grid(pics, nrow=min(8, len(pics)), marked=[0] if clip is not None else [])
+                             "score": sc, "reranked": clip is not None or cap is not None, "sr": sr_info,
+                             "clip_score": c1, "caption_score": c2, "combined": c3,
+                             "rerank": None if clip is None and cap is None else combine or
+                             ("caption" if cap is not None else "clip")})
+            grid = sample_grid(pics, nrow=min(8, len(pics)), marked=[0] if clip is not None or cap is not None else [])
             save_image(grid, out / f"grid_p{i:03d}.png")
             bar.update(1)
     bar.close()

@@ -1,5 +1,6 @@
 """The evaluation loop shared by the :class:`~t2i.callbacks.generation_metrics.GenerationMetrics`
-callback and ``t2i-eval``: captions -> ``num_candidates`` samples each -> optional CLIP rerank ->
+callback and ``t2i-eval``: captions -> ``num_candidates`` samples each -> optional rerank (CLIP, the
+caption likelihood given the codes, or both: :mod:`t2i.caption_rerank`) ->
 one chosen image per caption -> metric updates.
 
 Captions are processed in fixed batches of ``batch_size``; batch ``k`` is drawn from a generator
@@ -30,13 +31,20 @@ class Drawn:
     candidates: torch.Tensor                  # [B, n, 3, H, W]
     chosen: torch.Tensor                      # [B] index of the chosen candidate
     scores: torch.Tensor | None = None        # [B, n] CLIP scores when reranked
+    caption_scores: torch.Tensor | None = None  # [B, n] caption log-likelihoods (rerank="caption" / combine)
+    combined: torch.Tensor | None = None      # [B, n] the combination's value (combine; see t2i.caption_rerank)
 
 
 @torch.no_grad()
 def draw(model, image_tokenizer, text_ids: torch.Tensor, captions: list[str], num_candidates: int = 1,
-         clip=None, generator: torch.Generator | None = None, **sample) -> Drawn:
+         clip=None, generator: torch.Generator | None = None, rerank: str = "clip", combine: str | None = None,
+         **sample) -> Drawn:
     """``num_candidates`` samples per caption; the chosen one is CLIP's best (or the first drawn). Everything
-    stays on the device the codes are drawn on (decoding and scoring in chunks of ``chunk`` images)."""
+    stays on the device the codes are drawn on (decoding and scoring in chunks of ``chunk`` images).
+    ``rerank="caption"``: the best by caption likelihood given the codes (``model.caption_logprob``, no
+    CLIP needed; CLIP, when given, is still scored and recorded); ``combine`` (``rank_sum`` / ``zsum``,
+    needs ``clip``): by both (:mod:`t2i.caption_rerank`)."""
+    from t2i.caption_rerank import caption_scores, rank_candidates
     from t2i.sampling import generate
 
     chunk = 64
@@ -45,14 +53,27 @@ def draw(model, image_tokenizer, text_ids: torch.Tensor, captions: list[str], nu
     b = len(captions)
     cands = images.view(b, num_candidates, *images.shape[1:])
     rows = torch.arange(b, device=images.device)
+    by_caption = num_candidates > 1 and (rerank == "caption" or combine is not None)
+    cap = caption_scores(model, codes, text_ids.to(codes.device).repeat_interleave(num_candidates, 0),
+                         chunk).view(b, num_candidates) if by_caption else None
+    combined = None
     if clip is not None and num_candidates > 1:
         texts = [c for c in captions for _ in range(num_candidates)]
         s = torch.cat([clip.score(images[i:i + chunk], texts[i:i + chunk]).float()
                        for i in range(0, len(images), chunk)]).view(b, num_candidates)
-        chosen = s.argmax(1)
+        if cap is None:
+            chosen = s.argmax(1)
+        else:
+            s = s.to(cap.device)
+            order, combined = rank_candidates(s, cap, combine)
+            if combine is None:  # rerank="caption", CLIP only recorded
+                order = rank_candidates(None, cap)[0]
+            chosen = order[:, 0]
+    elif cap is not None:
+        s, chosen = None, cap.argmax(1)
     else:
         s, chosen = None, torch.zeros(b, dtype=torch.long, device=images.device)
-    return Drawn(cands[rows, chosen.to(images.device)], cands, chosen, s)
+    return Drawn(cands[rows, chosen.to(images.device)], cands, chosen, s, cap, combined)
 
 
 def build_scores(cfg: DictConfig | dict, clip=None, device="cpu", seed: int = 0) -> GenerationScores:
@@ -121,13 +142,15 @@ class Loop:
     keep: int = 0                             # chosen images to keep (for the grid), from this rank
     autocast: torch.dtype | None = None       # bf16 / fp16 for sampling, decoding, CLIP and the extractors
     entities: callable = None                 # list[str] -> (ids [B, E], spans [B, E, 2]): a model with knowledge
+    rerank: str = "clip"                      # clip | caption (likelihood of the caption given the codes)
+    combine: str | None = None                # rank_sum | zsum: CLIP and caption likelihood together
 
     @torch.no_grad()
     def run(self, captions: list[str], real=None, hook=None) -> dict:
         """``real(start, end)`` gives the real images of captions ``start:end`` (skipped when the real
         statistics came from the cache); ``hook(start, captions, drawn)`` sees every drawn batch."""
         device = next(self.model.parameters()).device
-        kept, starts, chosen, picked = [], [], [], []
+        kept, starts, chosen, picked, picked_cap = [], [], [], [], []
         need_real = real is not None and not self.scores.real_loaded
         amp = torch.autocast(device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
         for k, start in enumerate(range(0, len(captions), self.batch_size)):
@@ -139,7 +162,8 @@ class Loop:
             linked = {} if self.entities is None else {"entities": self.entities(batch)}
             with amp:
                 out = draw(self.model, self.image_tokenizer, self.encode(batch).to(device), batch,
-                           self.num_candidates, self.clip, gen, **self.sample, **linked)
+                           self.num_candidates, self.clip, gen, rerank=self.rerank, combine=self.combine,
+                           **self.sample, **linked)
                 self.scores.update_fake(out.images, batch, start)
                 if need_real:
                     self.scores.update_real(real(start, end).to(device, non_blocking=True))
@@ -148,16 +172,19 @@ class Loop:
             starts.append(start)
             chosen.append(out.chosen)
             if out.scores is not None:
-                picked.append(out.scores.gather(1, out.chosen.view(-1, 1)).squeeze(1))
+                picked.append(out.scores.gather(1, out.chosen.view(-1, 1).to(out.scores.device)).squeeze(1))
+            if out.caption_scores is not None:
+                picked_cap.append(out.caption_scores.gather(1, out.chosen.view(-1, 1)).squeeze(1))
             if hook is not None:
                 hook(start, batch, out)
         # per-caption records, read from the device once at the end
         chosen = torch.cat(chosen).tolist() if chosen else []
         picked = torch.cat(picked).tolist() if picked else [None] * len(chosen)
+        picked_cap = torch.cat(picked_cap).tolist() if picked_cap else [None] * len(chosen)
         records, j = [], 0
         for start in starts:
             for i, c in enumerate(captions[start:start + self.batch_size]):
                 records.append({"index": start + i, "caption": c, "seed": self.seed + start,
-                                "chosen": chosen[j], "clip_score": picked[j]})
+                                "chosen": chosen[j], "clip_score": picked[j], "caption_score": picked_cap[j]})
                 j += 1
         return {"images": torch.cat(kept) if kept else None, "records": records}
