@@ -72,7 +72,7 @@ def timed(fns: dict, repeats: int, device: torch.device) -> dict:
 
 @torch.no_grad()
 def bench(size: str, batch: int, repeats: int, device: torch.device, autocast: torch.dtype | None,
-          tok: TextTokenizer, captions: list[str]) -> dict:
+          tok: TextTokenizer, captions: list[str], sample: bool = False) -> dict:
     s = SIZES[size]
     g, text_len = s["grid"], s["text_len"]
     torch.manual_seed(0)
@@ -111,12 +111,22 @@ def bench(size: str, batch: int, repeats: int, device: torch.device, autocast: t
            "params_clip": sum(p.numel() for p in clip.parameters()),
            "params_vqgan_decoder": sum(p.numel() for n, p in vqgan.named_parameters()
                                        if n.startswith(("decoder", "post_quant", "quantize")))}
-    seconds = timed({"caption": caption, "clip": clip_only, "decode": decode, "clip_decode": clip_decode},
-                    repeats, device)
+    fns = {"caption": caption, "clip": clip_only, "decode": decode, "clip_decode": clip_decode}
+    if sample:  # for scale: drawing the candidates in the first place (KV cache, no top-k, no CFG)
+        from t2i.sampling import generate
+
+        def draw():
+            with amp:
+                generate(model, ids[::8], 8, generator=torch.Generator(device).manual_seed(0), progress=False)
+
+        fns["sample"] = draw
+    seconds = timed(fns, repeats, device)
     for name, sec in seconds.items():
         out[f"{name}_per_s"] = batch / sec
     out["caption_vs_clip_decode"] = out["caption_per_s"] / out["clip_decode_per_s"]
     out["caption_vs_clip"] = out["caption_per_s"] / out["clip_per_s"]
+    if sample:
+        out["caption_vs_sample"] = out["caption_per_s"] / out["sample_per_s"]
     return out
 
 
@@ -128,6 +138,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--autocast", default=None, choices=[None, "bf16", "fp16"])
+    ap.add_argument("--sample", action="store_true", help="also time drawing the candidates (8 per prompt)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -136,18 +147,21 @@ def main() -> None:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[a.autocast]
     captions = [x.caption for x in make_split("train", 400, seed=0, image_size=32, lang="zh")]
     tok = TextTokenizer.train(captions, vocab_size=200)
-    rows = [bench(size, a.batch, a.repeats, device, amp, tok, captions) for size in a.sizes.split(",")]
+    if a.sample and a.batch % 8:
+        ap.error("--sample draws 8 candidates per prompt: --batch must be a multiple of 8")
+    rows = [bench(size, a.batch, a.repeats, device, amp, tok, captions, a.sample) for size in a.sizes.split(",")]
     env = {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": a.threads,
            "torch": torch.__version__, "autocast": a.autocast,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print(f"env: {json.dumps(env)}")
     print("| size | batch | caption likelihood (codes) | CLIP (images given) | VQGAN decode | CLIP + decode | "
-          "caption / (CLIP + decode) |")
-    print("|---|---|---|---|---|---|---|")
+          "caption / (CLIP + decode) |" + (" sampling the candidates |" if a.sample else ""))
+    print("|---" * (8 if a.sample else 7) + "|")
     for r in rows:
         print(f"| {r['size']} ({r['grid']}x{r['grid']} codes, {r['image_px']} px) | {r['batch']} | "
-              f"{r['caption_per_s']:.0f} | {r['clip_per_s']:.0f} | {r['decode_per_s']:.0f} | "
-              f"{r['clip_decode_per_s']:.0f} | {r['caption_vs_clip_decode']:.2f}x |")
+              f"{r['caption_per_s']:.1f} | {r['clip_per_s']:.1f} | {r['decode_per_s']:.1f} | "
+              f"{r['clip_decode_per_s']:.1f} | {r['caption_vs_clip_decode']:.2f}x |"
+              + (f" {r['sample_per_s']:.1f} |" if a.sample else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=2)
