@@ -62,3 +62,18 @@ def save_config(cfg: DictConfig, output_dir: str | Path, name: str = "config.yam
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+HELP_FLAGS = ("-h", "--help", "--hydra-help")
+
+
+def first_word_as(key: str, usage: str) -> None:
+    """``t2i-<tool> <word> key=value ...``: rewrite ``sys.argv`` so the first bare word becomes ``key=<word>``
+    (``t2i-data convert``, ``t2i-import easynlp``, ``t2i-knowledge train``); with neither a word nor ``key=``
+    (nor a help flag) print ``usage`` and exit with status 2."""
+    args = sys.argv[1:]
+    if args and "=" not in args[0] and not args[0].startswith("-"):
+        sys.argv = [sys.argv[0], f"{key}={args[0]}", *args[1:]]
+    elif not any(a.startswith(f"{key}=") for a in args) and not any(a in HELP_FLAGS for a in args):
+        print(usage, file=sys.stderr)
+        sys.exit(2)

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from t2i.cli.common import clear_errors
+from t2i.cli.common import clear_errors, first_word_as
 from t2i.data.skips import BadSample, DataError, SkipLog
 
 log = logging.getLogger("t2i.data")
@@ -62,7 +62,6 @@ def cmd_shapes(cfg: DictConfig) -> dict:
     return {"paths": paths, "oracle_test": check_oracle(Path(cfg.output), "test")}
 
 
-ORACLE_MIN = 0.99  # the oracle must read the written ground truth back at least this well
 def cmd_shapes_kg(cfg: DictConfig) -> dict:
     """Shapes-KG (objects named in captions, their look in a knowledge graph) plus its text tokenizer,
     trained on the captions of *all* splits and every object name, so the held-out objects' characters are
@@ -86,6 +85,38 @@ def cmd_shapes_kg(cfg: DictConfig) -> dict:
     return {"paths": paths, "oracle_test": check_oracle(out, "test", prefix=PREFIX)}
 
 
+def cmd_shapes_layout(cfg: DictConfig) -> dict:
+    """Shapes layouts (issue 21, SPADE): images with 1..max_objects objects and their class maps, checked with
+    the layout oracle (it must read the written ground truth back)."""
+    from t2i.data.layouts import write_shapes_layout
+    from t2i.data.oracle import layout_accuracy
+
+    out = Path(need(cfg, "output"))
+    paths = write_shapes_layout(out, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                                image_size=cfg.image_size, seed=cfg.seed, min_objects=cfg.min_objects,
+                                max_objects=cfg.max_objects, sizes=tuple(cfg.get("sizes") or ("large",)),
+                                progress=cfg.progress)
+    print(f"shapes_layout: wrote {out} ({cfg.n_train}/{cfg.n_val}/{cfg.n_test} train/val/test at {cfg.image_size}px, "
+          f"{cfg.min_objects}-{cfg.max_objects} objects; <split>/images, <split>/labels, <split>/specs.jsonl)")
+    import numpy as np
+    from PIL import Image
+
+    test = out / "test"
+    stems = sorted(p.stem for p in (test / "images").glob("*.png"))[:200]
+    result = {}
+    if stems:
+        images = [Image.open(test / "images" / f"{s}.png").convert("RGB") for s in stems]
+        maps = [np.asarray(Image.open(test / "labels" / f"{s}.png")) for s in stems]
+        result = layout_accuracy(images, maps)
+        print(f"layout oracle on ground-truth test: all {result['all']:.3f} (objects {result['objects']:.3f}, "
+              f"n={result['n']})")
+        if result["all"] < ORACLE_MIN:
+            print(f"warning: the layout oracle reads only {100 * result['all']:.1f}% of the ground-truth test "
+                  f"layouts back (< {100 * ORACLE_MIN:.0f}%)", file=sys.stderr)
+    return {"paths": paths, "oracle_test": result}
+
+
+ORACLE_MIN = 0.99  # the oracle must read the written ground truth back at least this well
 
 
 def check_oracle(root: Path, split: str, prefix: str = "shapes") -> dict:
@@ -126,37 +157,6 @@ def check_oracle(root: Path, split: str, prefix: str = "shapes") -> dict:
               f"of {root} back (< {100 * ORACLE_MIN:.0f}%): its scores on this data are not trustworthy",
               file=sys.stderr)
     return result
-
-
-def cmd_shapes_layout(cfg: DictConfig) -> dict:
-    """Shapes layouts (issue 21, SPADE): images with 1..max_objects objects and their class maps, checked with
-    the layout oracle (it must read the written ground truth back)."""
-    from t2i.data.layouts import write_shapes_layout
-    from t2i.data.oracle import layout_accuracy
-
-    out = Path(need(cfg, "output"))
-    paths = write_shapes_layout(out, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
-                                image_size=cfg.image_size, seed=cfg.seed, min_objects=cfg.min_objects,
-                                max_objects=cfg.max_objects, sizes=tuple(cfg.get("sizes") or ("large",)),
-                                progress=cfg.progress)
-    print(f"shapes_layout: wrote {out} ({cfg.n_train}/{cfg.n_val}/{cfg.n_test} train/val/test at {cfg.image_size}px, "
-          f"{cfg.min_objects}-{cfg.max_objects} objects; <split>/images, <split>/labels, <split>/specs.jsonl)")
-    import numpy as np
-    from PIL import Image
-
-    test = out / "test"
-    stems = sorted(p.stem for p in (test / "images").glob("*.png"))[:200]
-    result = {}
-    if stems:
-        images = [Image.open(test / "images" / f"{s}.png").convert("RGB") for s in stems]
-        maps = [np.asarray(Image.open(test / "labels" / f"{s}.png")) for s in stems]
-        result = layout_accuracy(images, maps)
-        print(f"layout oracle on ground-truth test: all {result['all']:.3f} (objects {result['objects']:.3f}, "
-              f"n={result['n']})")
-        if result["all"] < ORACLE_MIN:
-            print(f"warning: the layout oracle reads only {100 * result['all']:.1f}% of the ground-truth test "
-                  f"layouts back (< {100 * ORACLE_MIN:.0f}%)", file=sys.stderr)
-    return {"paths": paths, "oracle_test": result}
 
 
 def cmd_convert(cfg: DictConfig) -> dict:
@@ -282,12 +282,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``t2i-data <command> key=value ...``: the first bare word becomes ``command=<word>``."""
-    args = sys.argv[1:]
-    if args and "=" not in args[0] and not args[0].startswith("-"):
-        sys.argv = [sys.argv[0], f"command={args[0]}", *args[1:]]
-    elif not any(a.startswith("command=") for a in args) and not any(a in ("-h", "--help", "--hydra-help") for a in args):
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
+    first_word_as("command", __doc__)
     _hydra_main()
 
 

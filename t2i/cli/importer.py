@@ -18,13 +18,12 @@ temporary file and renamed, so a failed import leaves nothing behind.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from t2i.cli.common import clear_errors
+from t2i.cli.common import clear_errors, first_word_as
 from t2i.errors import ConfigError
 
 SOURCES = ("easynlp", "rudalle", "realesrgan", "taming", "openai")
@@ -109,12 +108,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``t2i-import <source> key=value ...``: the first bare word becomes ``source=<word>``."""
-    args = sys.argv[1:]
-    if args and "=" not in args[0] and not args[0].startswith("-"):
-        sys.argv = [sys.argv[0], f"source={args[0]}", *args[1:]]
-    elif not any(a.startswith("source=") for a in args) and not any(a in ("-h", "--help", "--hydra-help") for a in args):
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
+    first_word_as("source", __doc__)
     _hydra_main()
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from t2i.cli.common import clear_errors
+from t2i.cli.common import clear_errors, first_word_as
 from t2i.data.skips import DataError
 
 log = logging.getLogger("t2i.knowledge")
@@ -128,12 +127,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``t2i-knowledge <command> key=value ...``: the first bare word becomes ``command=<word>``."""
-    args = sys.argv[1:]
-    if args and "=" not in args[0] and not args[0].startswith("-"):
-        sys.argv = [sys.argv[0], f"command={args[0]}", *args[1:]]
-    elif not any(a.startswith("command=") for a in args) and not any(a in ("-h", "--help", "--hydra-help") for a in args):
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
+    first_word_as("command", __doc__)
     _hydra_main()
 
 
