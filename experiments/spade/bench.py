@@ -59,8 +59,8 @@ def step_fn(module: SPADEModule, batch: int):
     real = torch.rand(batch, 3, h, w) * 2 - 1
     seg = module.seg_input(label)
     gen = list(module.generator.parameters()) + (list(module.encoder.parameters()) if module.encoder else [])
-    opt_g = torch.optim.Adam(gen, lr=1e-4, betas=(0, 0.9), fused=True)
-    opt_d = torch.optim.Adam(module.loss.discriminator.parameters(), lr=4e-4, betas=(0, 0.9), fused=True)
+    opt_g = torch.optim.Adam(gen, lr=1e-4, betas=(0.0, 0.9), fused=True)
+    opt_d = torch.optim.Adam(module.loss.discriminator.parameters(), lr=4e-4, betas=(0.0, 0.9), fused=True)
 
     def step():
         z = mu = logvar = None

@@ -20,6 +20,7 @@ rebuild needs is in the hyper-parameters: ``SPADEModule(**ckpt["hyper_parameters
 from __future__ import annotations
 
 import copy
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -103,9 +104,12 @@ class SPADEModule(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         gen = list(self.generator.parameters()) + (list(self.encoder.parameters()) if self.encoder else [])
-        opt_g = torch.optim.Adam(gen, lr=h.lr_g, betas=tuple(h.betas), fused=True)
-        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=h.lr_d, betas=tuple(h.betas), fused=True)
-        total = total_steps(self)
+        betas = tuple(float(b) for b in h.betas)
+        opt_g = torch.optim.Adam(gen, lr=h.lr_g, betas=betas, fused=True)
+        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=h.lr_d, betas=betas, fused=True)
+        total = total_steps(self)  # batches: the trainer counts two optimizer steps per batch in max_steps
+        if total and not h.total_steps and self._trainer is not None and (self.trainer.max_steps or -1) > 0:
+            total = min(total, math.ceil(self.trainer.max_steps / 2))
         if h.schedule == "linear":
             f = linear_decay(h.decay_start, total)
         else:
