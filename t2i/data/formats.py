@@ -72,23 +72,31 @@ class EasyNLPTSV(Source):
     def inputs(self) -> list[Path]:
         return [self.path]
 
+    text_columns = 2  # idx, text; the base64 image is the next column
+
+    def _no_image_column(self, n: int, total: int) -> str:
+        return (f"{self.key}={self.path}: no image column ({n} of {total} lines are `idx \\t text`, captions "
+                f"only); give the 3-column `idx \\t text \\t base64` file, or read captions only with "
+                f"{images_off_hint(self.key)}")
+
+    def _extra(self, text: str, texts: list[str]) -> dict | None:
+        """More Record fields from a row's text columns after idx and text; None: a bad row."""
+        return {}
+
     def _parse(self, log: SkipLog, require_images: bool) -> list[Record]:
         rows = [(lineno, offset, line.split(b"\t")) for lineno, offset, line in _lines(self.path)]
-        counts = Counter(len(fields) for _, _, fields in rows if len(fields) in (2, 3))
-        ncols = 2 if counts[2] > counts[3] else 3
-        if ncols == 2 and require_images:
-            raise DataError(
-                f"{self.key}={self.path}: no image column ({counts[2]} of {len(rows)} lines are "
-                f"`idx \\t text`, captions only); give the 3-column `idx \\t text \\t base64` file, "
-                f"or read captions only with {images_off_hint(self.key)}"
-            )
+        k = self.text_columns
+        counts = Counter(len(fields) for _, _, fields in rows if len(fields) in (k, k + 1))
+        ncols = k if counts[k] > counts[k + 1] else k + 1
+        if ncols == k and require_images:
+            raise DataError(self._no_image_column(counts[k], len(rows)))
         out, seen = [], set()
         for lineno, offset, fields in rows:
             where = f"{self.path}:{lineno}"
             if len(fields) != ncols:
                 log.skip(BAD_COLUMNS, where)
                 continue
-            texts = _utf8(fields[:2])
+            texts = _utf8(fields[:k])
             if texts is None:
                 log.skip(BAD_UTF8, where)
                 continue
@@ -96,11 +104,15 @@ class EasyNLPTSV(Source):
             if not text:
                 log.skip(EMPTY_CAPTION, where)
                 continue
+            extra = self._extra(text, texts[2:])
+            if extra is None:
+                log.skip(BAD_LINKS, where)
+                continue
             if idx in seen:
                 log.skip(DUPLICATE, where)
                 continue
             seen.add(idx)
-            out.append(Record(idx, [text], (self.path, offset) if ncols == 3 else None, where))
+            out.append(Record(idx, [text], (self.path, offset) if ncols == k + 1 else None, where, **extra))
         return out
 
     def records(self, log: SkipLog) -> list[Record]:
@@ -142,7 +154,7 @@ def bert_word_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-class EasyNLPKnowledgeTSV(Source):
+class EasyNLPKnowledgeTSV(EasyNLPTSV):
     """EasyNLP's ARTIST knowledge TSV (``preprocess_data_knowl.py``): ``idx \\t text \\t lex_ids \\t pos_s \\t
     pos_e \\t token_len \\t base64`` lines (or without the image column: captions only).
 
@@ -160,23 +172,29 @@ class EasyNLPKnowledgeTSV(Source):
 
     name = "easynlp_knowledge_tsv"
 
+    text_columns = 6  # idx, text, lex_ids, pos_s, pos_e, token_len
+
     def __init__(self, path, require_images: bool = True, bert_vocab=None, key: str = "input"):
-        super().__init__(key)
-        self.path = require_path(path, key, "knowledge TSV file")
-        self.require_images = require_images
+        super().__init__(path, require_images, key)
         self._tok = None
         if bert_vocab:
             from t2i.pretrained.text import bert_tokenizer
 
             self._tok = bert_tokenizer(bert_vocab, key=_sibling_key(key, "bert_vocab"))
 
-    def inputs(self) -> list[Path]:
-        return [self.path]
-
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         if self._tok is None:
             return bert_word_spans(text)
         return [tuple(o) for o in self._tok.tok.encode(text, add_special_tokens=False).offsets]
+
+    def _no_image_column(self, n: int, total: int) -> str:
+        return (f"{self.key}={self.path}: no image column ({n} of {total} lines have the 6 columns idx, text, "
+                f"lex_ids, pos_s, pos_e, token_len: captions only); give the 7-column file with imgbase64, or "
+                f"read captions only with {images_off_hint(self.key)}")
+
+    def _extra(self, text: str, texts: list[str]) -> dict | None:
+        links = self._links(text, texts)
+        return None if links is None else {"links": [links]}
 
     def _links(self, text: str, fields: list[str]) -> list[tuple[int, int, int]] | None:
         try:
@@ -197,48 +215,6 @@ class EasyNLPKnowledgeTSV(Source):
                 return None
             out.append((i, spans[a][0], spans[b][1]))
         return out
-
-    def _parse(self, log: SkipLog, require_images: bool) -> list[Record]:
-        rows = [(lineno, offset, line.split(b"\t")) for lineno, offset, line in _lines(self.path)]
-        counts = Counter(len(fields) for _, _, fields in rows if len(fields) in (6, 7))
-        ncols = 6 if counts[6] > counts[7] else 7
-        if ncols == 6 and require_images:
-            raise DataError(
-                f"{self.key}={self.path}: no image column ({counts[6]} of {len(rows)} lines have the 6 columns "
-                f"idx, text, lex_ids, pos_s, pos_e, token_len: captions only); give the 7-column file with "
-                f"imgbase64, or read captions only with {images_off_hint(self.key)}"
-            )
-        out, seen = [], set()
-        for lineno, offset, fields in rows:
-            where = f"{self.path}:{lineno}"
-            if len(fields) != ncols:
-                log.skip(BAD_COLUMNS, where)
-                continue
-            texts = _utf8(fields[:6])
-            if texts is None:
-                log.skip(BAD_UTF8, where)
-                continue
-            idx, text = texts[0].strip() or f"line{lineno}", texts[1].strip()
-            if not text:
-                log.skip(EMPTY_CAPTION, where)
-                continue
-            links = self._links(text, texts[2:6])
-            if links is None:
-                log.skip(BAD_LINKS, where)
-                continue
-            if idx in seen:
-                log.skip(DUPLICATE, where)
-                continue
-            seen.add(idx)
-            out.append(Record(idx, [text], (self.path, offset) if ncols == 7 else None, where, links=[links]))
-        return out
-
-    def records(self, log: SkipLog) -> list[Record]:
-        return self._parse(log, self.require_images)
-
-    def read_captions(self, log: SkipLog | None = None) -> list[tuple[str, str]]:
-        """(key, text) for every good line, with or without an image column."""
-        return [(r.key, r.captions[0]) for r in self._parse(log or self.log, require_images=False)]
 
 
 # -- 2. MUGE T2I -----------------------------------------------------------------------------
