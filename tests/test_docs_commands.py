@@ -26,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "t2i" / "conf"
 CONFIG_OF = {"data": "data", "train": "train", "tokenize": "tokenize", "generate": "generate", "eval": "eval",
-             "evaluate": "eval", "demo": "demo", "import": "import", "importer": "import",
+             "evaluate": "eval", "demo": "demo", "import": "import", "caption": "caption", "importer": "import",
              "knowledge": "knowledge", "synthesize": "synthesize"}
 PLACEHOLDER_PATH = "/tmp/t2i-docs/placeholder"
 MIN_COMMANDS = 60  # the docs hold more than this; far fewer means the extraction broke

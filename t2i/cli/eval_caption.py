@@ -39,8 +39,8 @@ log = logging.getLogger("t2i.eval")
 ATTRIBUTES = ("color", "shape", "position", "size")
 
 
-def caption_settings(p: DictConfig) -> dict:
-    """``eval.caption`` checked before any model loads (one ConfigError naming the key)."""
+def caption_settings(p: DictConfig, prefix: str = "eval.") -> dict:
+    """``<prefix>caption`` checked before any model loads (one ConfigError naming the key)."""
     from t2i.captioning import METHODS
     from t2i.sampling import check_sampling
 
@@ -49,14 +49,14 @@ def caption_settings(p: DictConfig) -> dict:
          "length_penalty": float(c.get("length_penalty", 1.0)), "top_k": c.get("top_k"), "top_p": c.get("top_p"),
          "temperature": float(c.get("temperature", 1.0)), "use_cache": bool(c.get("use_cache", True))}
     if s["method"] not in METHODS:
-        raise ConfigError(f"eval.caption.method={s['method']!r}: use one of {', '.join(METHODS)}")
+        raise ConfigError(f"{prefix}caption.method={s['method']!r}: use one of {', '.join(METHODS)}")
     b = s["beam_size"]
     if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-        raise ConfigError(f"eval.caption.beam_size={b} must be an integer >= 1")
+        raise ConfigError(f"{prefix}caption.beam_size={b} must be an integer >= 1")
     if s["method"] == "sample":
-        check_sampling(1, s["top_k"], s["top_p"], s["temperature"], prefix="eval.caption.")
+        check_sampling(1, s["top_k"], s["top_p"], s["temperature"], prefix=f"{prefix}caption.")
     if p.get("lang", "zh") not in ("zh", "en"):
-        raise ConfigError(f"eval.lang={p.get('lang')!r}: use zh (character tokens) or en (words)")
+        raise ConfigError(f"{prefix}lang={p.get('lang')!r}: use zh (character tokens) or en (words)")
     return s
 
 
