@@ -85,15 +85,14 @@ def collect(a, out: Path, seconds: dict) -> dict:
             runs[f"{arm}_s{seed}"] = {
                 "arm": arm, "seed": seed, "val_image_loss": tr["metrics"].get("val/image_loss"),
                 "train_seconds": tr.get("wall_seconds"), "summary": ev["summary"],
-                "per_attribute": ev.get("per_attribute") or {k: v.get("per_attribute") for k, v in
-                                                             (ev.get("splits") or {}).items()}}
+                "per_attribute": {k: v.get("acc_first") for k, v in (ev.get("splits") or {}).items()}}
     return {"kg": kg, "runs": runs, "seconds": seconds, "args": vars(a)}
 
 
 def table(res: dict) -> str:
     arms = sorted({r["arm"] for r in res["runs"].values()}, key=list(ARMS).index)
-    lines = ["| arm | seeds | test all-attribute (first sample) | kg_heldout all-attribute | val image loss |",
-             "|---|---|---|---|---|"]
+    lines = ["| arm | seeds | test all-attribute (first sample) | kg_heldout all-attribute | kg_heldout colour | "
+             "kg_heldout shape | val image loss |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
         rs = [r for r in res["runs"].values() if r["arm"] == arm]
 
@@ -103,7 +102,9 @@ def table(res: dict) -> str:
             return f"{statistics.mean(xs):.3f}{spread} ({', '.join(f'{x:.3f}' for x in xs)})"
 
         loss = statistics.mean(r["val_image_loss"] for r in rs)
-        lines.append(f"| {arm} | {len(rs)} | {stat('acc_first')} | {stat('acc_kg_heldout_first')} | {loss:.3f} |")
+        held = {a: statistics.mean(r["per_attribute"]["kg_heldout"][a] for r in rs) for a in ("color", "shape")}
+        lines.append(f"| {arm} | {len(rs)} | {stat('acc_first')} | {stat('acc_kg_heldout_first')} | "
+                     f"{held['color']:.3f} | {held['shape']:.3f} | {loss:.3f} |")
     return "\n".join(lines)
 
 
