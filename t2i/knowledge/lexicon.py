@@ -9,7 +9,9 @@ An :class:`EntityLexicon` maps entity strings to the ids of its file. Two file f
   their number and hold no entity). Single-character entities are dropped here too.
 
 Linking finds every substring of a caption that is an entity (lattice style: overlaps allowed) with
-one Aho-Corasick automaton (pyahocorasick), then orders the matches longest first (ties: leftmost)
+one Aho-Corasick automaton (``ahocorasick_rs``: the Rust ``aho-corasick`` crate, which returns every
+overlapping match of a caption in one native call, where pyahocorasick iterates in Python per match: 1.2x its
+captions/s in ``link_many``, ``experiments/knowledge``), then orders the matches longest first (ties: leftmost)
 and keeps at most ``max_entities``. Two matching rules, both documented for users:
 
 * **case**: matching ignores case (entities and captions are lower-cased character by character, so
@@ -32,7 +34,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import ahocorasick
+import ahocorasick_rs
 import torch
 
 from t2i.data.skips import DataError, require_path
@@ -44,23 +46,6 @@ _WORD_LIMIT = "\u2e80"  # below: scripts written with spaces between words; from
 def _is_word(c: str) -> bool:
     """A letter/digit of a space-separated script (whole-word matching applies to it)."""
     return c < _WORD_LIMIT and c.isalnum()
-
-
-class _Units(dict):
-    """``str.translate`` table: every character -> two code units, ``hi = cp >> 7`` and ``lo = cp & 127``, from
-    disjoint ranges (so a match can only start on a ``hi`` unit). In pyahocorasick a step costs more the more
-    children the node has, and a Chinese lexicon's root has one child per distinct first character (thousands);
-    two units cap a node at ~170 children (CJK) or 128. Measured (one core, 22-char captions, automaton walk
-    only): 300k random entities over a 20k-char alphabet 16k -> 95k captions/s; the 1M-entity benchmark
-    lexicon of ``experiments/knowledge`` 55k -> 75k."""
-
-    shift = 7
-    def __missing__(self, cp: int) -> str:
-        units = self[cp] = chr(0x1000 + (cp >> self.shift)) + chr(0x100 + (cp & ((1 << self.shift) - 1)))
-        return units
-
-
-_UNITS = _Units()
 
 
 def fold(text: str) -> str:
@@ -89,6 +74,7 @@ class EntityLexicon:
         top = max(self.ids, default=-1) + 1
         self.num_ids = max(int(num_ids), top) if num_ids is not None else top
         self._auto = None
+        self._meta: list[tuple[int, int, int]] = []
         self._has_word = False
 
     # -- reading -------------------------------------------------------------------------
@@ -175,61 +161,50 @@ class EntityLexicon:
         return d
 
     # -- linking ---------------------------------------------------------------------------
-    def build(self) -> ahocorasick.Automaton:
-        """The Aho-Corasick automaton (built once, on first use)."""
+    def build(self) -> ahocorasick_rs.AhoCorasick:
+        """The Aho-Corasick automaton over the case-folded names (built once, on first use)."""
         if self._auto is None:
-            a = ahocorasick.Automaton()
-            self._has_word = False
+            meta = []
             for name, i in zip(self.names, self.ids):
-                flags = _is_word(name[0]) | (_is_word(name[-1]) << 1)
-                self._has_word |= bool(flags)
-                a.add_word(fold(name).translate(_UNITS), (-len(name), len(name) - 1, i, flags))
-            a.make_automaton()
-            self._auto = a
+                meta.append((len(name), i, _is_word(name[0]) | (_is_word(name[-1]) << 1)))
+            self._meta = meta
+            self._neg_len, self._id_of = [-n for n, _, _ in meta], [i for _, i, _ in meta]
+            self._has_word = any(flags for _, _, flags in meta)
+            self._auto = ahocorasick_rs.AhoCorasick([fold(n) for n in self.names]) if self.names else None
         return self._auto
 
     def link(self, text: str, max_entities: int | None = 10) -> list[tuple[int, int, int]]:
         """``(entity_id, char_start, char_end)`` (end exclusive) of every entity in ``text``, overlaps
         allowed, longest first (ties: leftmost), at most ``max_entities`` (None: all)."""
-        auto = self._auto or self.build()
-        t = fold(text)
-        hits = []
-        if self._has_word:
-            n = len(t)
-            for end, (mn, m1, i, flags) in auto.iter(t.translate(_UNITS)):
-                last = end >> 1  # the match ends on the lo unit of character `last`
-                s = last - m1
-                if flags and ((flags & 1 and s > 0 and _is_word(t[s - 1]))
-                              or (flags & 2 and last + 1 < n and _is_word(t[last + 1]))):
-                    continue  # inside a longer word
-                hits.append((mn, s, i))
-        else:  # no entity starts or ends with a letter: no word boundaries to check
-            for end, (mn, m1, i, _) in auto.iter(t.translate(_UNITS)):
-                hits.append((mn, (end >> 1) - m1, i))
-        if not hits:
-            return []
-        hits.sort()
-        if max_entities is not None:
-            del hits[max(0, max_entities):]
-        return [(i, s, s - mn) for mn, s, i in hits]
+        return self.link_many([text], max_entities)[0]
 
     def link_many(self, texts: list[str], max_entities: int | None = 10) -> list[list[tuple[int, int, int]]]:
-        """:meth:`link` for each text (one loop, no per-text method calls: the benchmark's hot path)."""
-        auto = self._auto or self.build()
-        if self._has_word:
-            return [self.link(t, max_entities) for t in texts]
-        it, out, units = auto.iter, [], _UNITS
+        """:meth:`link` for each text."""
+        if self._auto is None:
+            self.build()
+        if self._auto is None:  # an empty lexicon
+            return [[] for _ in texts]
+        find, meta, word = self._auto.find_matches_as_indexes, self._meta, self._has_word
+        neg, ids = self._neg_len, self._id_of
         cap = None if max_entities is None else max(0, max_entities)
+        out = []
         for text in texts:
             t = text.lower()
             if len(t) != len(text):
                 t = fold(text)
-            hits = [(mn, (end >> 1) - m1, i) for end, (mn, m1, i, _) in it(t.translate(units))]
+            if word:
+                hits = []
+                for k, a, b in find(t, overlapping=True):
+                    flags = meta[k][2]
+                    if flags and ((flags & 1 and a > 0 and _is_word(t[a - 1]))
+                                  or (flags & 2 and b < len(t) and _is_word(t[b]))):
+                        continue  # inside a longer word
+                    hits.append((neg[k], a, ids[k]))
+            else:  # no entity starts or ends with a letter: no word boundaries to check (the hot path)
+                hits = [(neg[k], a, ids[k]) for k, a, _ in find(t, overlapping=True)]
             if hits:
                 hits.sort()
-                if cap is not None:
-                    del hits[cap:]
-                out.append([(i, s, s - mn) for mn, s, i in hits])
+                out.append([(i, a, a - mn) for mn, a, i in (hits if cap is None else hits[:cap])])
             else:
                 out.append(hits)
         return out
