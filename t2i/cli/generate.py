@@ -224,9 +224,9 @@ def run(cfg: DictConfig) -> dict:
     model, image_tok, tok, link = build(cfg, device)
     text = encode_prompts(tok, prompts, model.text_len, allow_unk=bool(cfg.get("allow_unk", False)))
     by_clip, by_caption, combine = check_rerank(cfg.rerank)
-    if by_caption:
-        from t2i.caption_rerank import caption_scores, check_captioning, rank_candidates
+    from t2i.caption_rerank import caption_scores, check_captioning, rank_candidates
 
+    if by_caption:
         check_captioning(model, f"ckpt={cfg.ckpt}")
     clip = None
     if by_clip:  # loaded once the prompts are known to be usable
