@@ -217,6 +217,40 @@ class EasyNLPKnowledgeTSV(EasyNLPTSV):
         return out
 
 
+def join_image_tsv(img_path: Path, caps: dict, wheres: dict, seen: set, log: SkipLog,
+                   require_images: bool) -> list[Record]:
+    """Records of ``caps`` (id -> captions) joined by id with an ``id \\t base64`` image TSV (MUGE's layout).
+    ``wheres[id]``: the caption rows' locations; ``seen``: every id a caption row named, good or bad.
+    Skips: bad_columns, duplicate (a repeated image id keeps its first line), missing_caption (an image
+    no caption row named), missing_image (once per caption row of an id without image, when images are
+    required; otherwise the record comes without an image)."""
+    out, found = [], set()
+    for lineno, offset, line in _lines(img_path):
+        where = f"{img_path}:{lineno}"
+        fields = line.split(b"\t")
+        if len(fields) != 2:
+            log.skip(BAD_COLUMNS, where)
+            continue
+        id_ = fields[0].decode("utf-8", "replace").strip()
+        if id_ in found:
+            log.skip(DUPLICATE, where)
+            continue
+        found.add(id_)
+        if id_ in caps:
+            out.append(Record(id_, caps[id_], (img_path, offset), where))
+        elif id_ not in seen:
+            log.skip(MISSING_CAPTION, where)
+    for id_, c in caps.items():
+        if id_ in found:
+            continue
+        if require_images:
+            for where in wheres[id_]:
+                log.skip(MISSING_IMAGE, where)
+        else:
+            out.append(Record(id_, c, None, wheres[id_][0]))
+    return out
+
+
 # -- 2. MUGE T2I -----------------------------------------------------------------------------
 
 
@@ -284,31 +318,7 @@ class MUGE(Source):
                 f"{self.key}: {self.img_path} not found; MUGE's {self.split} split has captions only "
                 f"here -- read them with {images_off_hint(self.key)}"
             )
-        out, found = [], set()
-        for lineno, offset, line in _lines(self.img_path):
-            where = f"{self.img_path}:{lineno}"
-            fields = line.split(b"\t")
-            if len(fields) != 2:
-                log.skip(BAD_COLUMNS, where)
-                continue
-            id_ = fields[0].decode("utf-8", "replace").strip()
-            if id_ in found:
-                log.skip(DUPLICATE, where)
-                continue
-            found.add(id_)
-            if id_ in caps:
-                out.append(Record(id_, caps[id_], (self.img_path, offset), where))
-            elif id_ not in seen:
-                log.skip(MISSING_CAPTION, where)
-        for id_, c in caps.items():
-            if id_ in found:
-                continue
-            if require_images:
-                for where in wheres[id_]:
-                    log.skip(MISSING_IMAGE, where)
-            else:
-                out.append(Record(id_, c, None, wheres[id_][0]))
-        return out
+        return join_image_tsv(self.img_path, caps, wheres, seen, log, require_images)
 
     def records(self, log: SkipLog) -> list[Record]:
         return self._parse(log, self.require_images)
@@ -411,30 +421,8 @@ class MUGECaption(Source):
         caps, wheres, seen = self._captions(log)
         if not self.require_images and (self.img_path is None or not self.img_path.is_file()):
             return [Record(i, c, None, wheres[i]) for i, c in caps.items()]
-        out, found = [], set()
-        for lineno, offset, line in _lines(self.img_path):
-            where = f"{self.img_path}:{lineno}"
-            fields = line.split(b"\t")
-            if len(fields) != 2:
-                log.skip(BAD_COLUMNS, where)
-                continue
-            id_ = fields[0].decode("utf-8", "replace").strip()
-            if id_ in found:
-                log.skip(DUPLICATE, where)
-                continue
-            found.add(id_)
-            if id_ in caps:
-                out.append(Record(id_, caps[id_], (self.img_path, offset), where))
-            elif id_ not in seen:
-                log.skip(MISSING_CAPTION, where)
-        for id_ in caps:
-            if id_ in found:
-                continue
-            if self.require_images:
-                log.skip(MISSING_IMAGE, wheres[id_])
-            else:
-                out.append(Record(id_, caps[id_], None, wheres[id_]))
-        return out
+        return join_image_tsv(self.img_path, caps, {i: [w] for i, w in wheres.items()}, seen, log,
+                              self.require_images)
 
     def read_captions(self, log: SkipLog | None = None) -> list[tuple[str, str]]:
         """(id, caption) for every caption of every good line; the image TSV is not read."""
