@@ -20,7 +20,8 @@ from t2i.losses.dvae import (
     map_pixels,
     unmap_pixels,
 )
-from t2i.models import TOKENIZER_KEY, load_tokenizer
+from t2i.keys import TOKENIZER_KEY
+from t2i.pretrained.image_tokenizers import load_tokenizer
 from t2i.models.dvae import DVAE
 from t2i.models.quantizers import CodebookUsage
 

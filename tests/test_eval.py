@@ -361,7 +361,7 @@ def test_t2i_eval_reconstruction(trained, codes, tmp_path):  # noqa: F811
     import numpy as np
 
     from t2i.cli.evaluate import shapes_items
-    from t2i.models import load_tokenizer
+    from t2i.pretrained.image_tokenizers import load_tokenizer
 
     real = shapes_items("test", 20, 0, 16, "zh").real(0, 20)
     tok = load_tokenizer(str(tok_ckpt)).eval()

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from t2i.data.tokenizer import tokenizer_from_checkpoint
 from t2i.errors import T2IError
 from t2i.lit.transformer import TransformerModule
-from t2i.models import load_tokenizer
+from t2i.pretrained.image_tokenizers import load_tokenizer
 from tests.peers import mingpt_gpt, rudalle_module
 from tests.test_artifacts import TAMING_DD, generate
 from tests.test_import_transformers import randomize

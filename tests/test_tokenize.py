@@ -67,7 +67,7 @@ def test_round_trip_and_manifest(tmp_path, ckpt, capsys):
     assert "${" not in json.dumps(manifest["data"])
     assert manifest["splits"]["train"] == {"world_size": 1, "shard_size": 16, "records": 40, "skipped": {}}
 
-    from t2i.models import load_tokenizer
+    from t2i.pretrained.image_tokenizers import load_tokenizer
 
     tok = load_tokenizer(ckpt)
     for split in ("train", "test"):

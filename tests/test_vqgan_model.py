@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from t2i.models import build
+from t2i.models.records import build
 from t2i.models.discriminator import ActNorm, NLayerDiscriminator
 from t2i.models.quantizers import GumbelQuantizer
 from t2i.models.vqgan import VQGAN

@@ -11,7 +11,7 @@ from t2i.cli.train import train
 from t2i.errors import T2IError
 from t2i.losses.perceptual import LPIPS, VGG16_FILE
 from t2i.losses.vqgan import VQGANLoss, adaptive_weight, generator_adv, hinge_d, vanilla_d
-from t2i.models import load_tokenizer
+from t2i.pretrained.image_tokenizers import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.models import tokenizer_entry
+from t2i.models.records import tokenizer_entry
 
 TARGET = "tests.toy_tokenizer.PoolTokenizer"
 

@@ -388,7 +388,7 @@ def reconstruction(cfg: DictConfig, device) -> dict:
     from t2i.losses.perceptual import LPIPS
     from t2i.metrics.generation import build_scores
     from t2i.metrics.scores import to_uint8
-    from t2i.models import load_tokenizer
+    from t2i.pretrained.image_tokenizers import load_tokenizer
 
     p = cfg.eval
     if not cfg.tokenizer_ckpt:

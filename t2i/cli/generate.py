@@ -204,10 +204,11 @@ def build(cfg: DictConfig, device: torch.device):
 
 
 def image_tokenizer(cfg: DictConfig, ckpt: dict):
-    """The override (a tokenizer .ckpt or a spec, see :func:`t2i.models.load_tokenizer`), else the tokenizer
+    """The override (a tokenizer .ckpt or a spec, see :func:`t2i.pretrained.load_tokenizer`), else the tokenizer
     the transformer checkpoint carries, else (checkpoints from before it carried one) the one its
     hyper-parameters name."""
-    from t2i.models import IMAGE_TOKENIZER_KEY, load_tokenizer
+    from t2i.keys import IMAGE_TOKENIZER_KEY
+    from t2i.pretrained.image_tokenizers import load_tokenizer
 
     source = cfg.image_tokenizer or ckpt.get(IMAGE_TOKENIZER_KEY) or ckpt["hyper_parameters"].get("image_tokenizer")
     if not source:

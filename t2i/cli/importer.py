@@ -37,8 +37,9 @@ def _need(cfg: DictConfig, *keys: str) -> None:
 
 
 def tokenizer_file(model, output, meta: dict) -> Path:
-    """An image-tokenizer checkpoint: the carried-record layout :func:`t2i.models.load_tokenizer` reads."""
-    from t2i.models import IMAGE_TOKENIZER_KEY, tokenizer_record
+    """An image-tokenizer checkpoint: the carried-record layout :func:`t2i.pretrained.load_tokenizer` reads."""
+    from t2i.keys import IMAGE_TOKENIZER_KEY
+    from t2i.models.records import tokenizer_record
     from t2i.pretrained.export import IMPORT_KEY, save_atomic
 
     return save_atomic({IMAGE_TOKENIZER_KEY: tokenizer_record(model), IMPORT_KEY: meta}, output)

@@ -110,7 +110,7 @@ def pick_device(name: str) -> torch.device:
 def load_image_tokenizer(cfg: DictConfig, output=None) -> tuple[nn.Module, Path, dict]:
     """The image tokenizer ``tokenizer_kind`` names, the file that identifies it (hashed into the manifest)
     and its spec (every file: absolute path, sha256, path relative to ``output``), which the manifest
-    records so that stage 2 finds and checks the same files (:func:`t2i.models.load_tokenizer`).
+    records so that stage 2 finds and checks the same files (:func:`t2i.pretrained.load_tokenizer`).
 
     ``t2i``: our own checkpoint. ``taming`` / ``openai_dvae``: public weights through :mod:`t2i.pretrained`
     (``tokenizer_config``: the taming YAML, default the one beside the .ckpt; ``tokenizer_decoder``: the
@@ -126,7 +126,7 @@ def load_image_tokenizer(cfg: DictConfig, output=None) -> tuple[nn.Module, Path,
     if not path.is_file():
         raise ConfigError(f"tokenizer_ckpt={ckpt}: no such file (give a .ckpt from `t2i-train experiment=*_vqgan` "
                           "or *_dvae)")
-    from t2i.models import load_tokenizer, tokenizer_spec
+    from t2i.pretrained.image_tokenizers import load_tokenizer, tokenizer_spec
 
     spec = tokenizer_spec(kind, path, cfg.get("tokenizer_config"), cfg.get("tokenizer_decoder"),
                           relative_to=output,

@@ -145,9 +145,9 @@ class CodesDataModule(pl.LightningDataModule):
 def stage2_info(codes: str, tokenizer: str | None = None, image_tokenizer: bool = True) -> dict:
     """What a transformer config needs from its data: ``text_vocab``, ``text_pad_id``, ``image_vocab``,
     ``image_grid`` and ``image_tokenizer``: the image tokenizer the codes were made with, as a
-    :func:`t2i.models.load_tokenizer` spec whose files exist here and match their recorded sha256
+    :func:`t2i.pretrained.load_tokenizer` spec whose files exist here and match their recorded sha256
     (found at the recorded path or relative to the moved code folder; ``model.image_tokenizer=`` overrides)."""
-    from t2i.models import resolve_spec
+    from t2i.data.specs import resolve_spec
 
     manifest = read_manifest(codes)
     tok = TextTokenizer.from_file(text_tokenizer_path(manifest, tokenizer), key="data.tokenizer")

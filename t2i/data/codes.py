@@ -26,7 +26,7 @@ finish, or under ``torchrun`` by rank 0 after a barrier. It holds::
      "skipped": {reason: n}}}}
 
 The folder is self-describing wherever it is moved: ``image_tokenizer`` (a spec for
-:func:`t2i.models.load_tokenizer`) records every file of the image tokenizer with its sha256, its
+:func:`t2i.pretrained.load_tokenizer`) records every file of the image tokenizer with its sha256, its
 absolute path and its path relative to the folder (tried when the absolute one is gone);
 ``text_tokenizer`` is a copy of the data config's text tokenizer beside the manifest (when it existed
 at tokenize time; ``text_tokenizer_source`` otherwise names it absolutely and relatively).
@@ -51,7 +51,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from t2i.data.shards import SHARD_MTIME, sanitize_key
 from t2i.data.skips import DataError
-from t2i.models import file_sha256  # noqa: F401 (re-exported: t2i-tokenize, metrics and eval import it from here)
+from t2i.data.specs import file_sha256  # noqa: F401 (re-exported: t2i-tokenize, metrics and eval import it from here)
 
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -271,8 +271,8 @@ def text_tokenizer_path(manifest: dict, override=None, key: str = "data.tokenize
 
 
 def image_tokenizer_spec(manifest: dict) -> dict:
-    """The manifest's image tokenizer as a :func:`t2i.models.load_tokenizer` spec (old manifests: built
-    from ``tokenizer_ckpt`` / ``tokenizer_sha256``); resolve it with ``t2i.models.resolve_spec(spec,
+    """The manifest's image tokenizer as a :func:`t2i.pretrained.load_tokenizer` spec (old manifests: built
+    from ``tokenizer_ckpt`` / ``tokenizer_sha256``); resolve it with ``t2i.data.specs.resolve_spec(spec,
     base=manifest["path"])``."""
     spec = manifest.get("image_tokenizer")
     if spec:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from t2i.errors import T2IError
-
-LEXICON_KEY = "t2i_entity_lexicon"  # = t2i.lit.transformer.LEXICON_KEY (not imported: no Lightning here)
+from t2i.keys import LEXICON_KEY
 
 
 def link_prompts(lexicon, tokenizer, prompts: list[str], text_len: int,

@@ -4,7 +4,7 @@
 
 Logs ``train/{loss,rec_loss,kl,temperature,kl_weight}``; ``val/`` and ``test/`` ``{rec_loss,kl,psnr,ssim}`` of
 the hard (argmax) reconstruction, and codebook usage over the whole epoch (``codebook_perplexity``,
-``dead_codes``). Checkpoints carry the tokenizer entry read by :func:`t2i.models.load_tokenizer`.
+``dead_codes``). Checkpoints carry the tokenizer entry read by :func:`t2i.pretrained.load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from t2i.distributed import batch_share
 from t2i.lit.metrics import image_metrics
 from t2i.lit.optim import GuardedSteps, StepGuard, live_loss
 from t2i.losses.dvae import DVAELoss, anneal
-from t2i.models import TOKENIZER_KEY, tokenizer_entry
+from t2i.keys import TOKENIZER_KEY
+from t2i.models.records import tokenizer_entry
 from t2i.models.dvae import DVAE
 from t2i.models.quantizers import CodebookUsage
 

@@ -35,13 +35,13 @@ from torch import nn
 
 from t2i.distributed import batch_share
 from t2i.errors import ConfigError
+from t2i.keys import LEXICON_KEY
 from t2i.lit.optim import GuardedSteps, StepGuard, adamw_warmup_cosine, ema_update, live_loss
-from t2i.models import SPEC_HINT
+from t2i.data.specs import SPEC_HINT
 from t2i.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 INFERRED = ("text_vocab", "text_pad_id", "image_vocab", "image_grid")
-LEXICON_KEY = "t2i_entity_lexicon"
 
 
 def no_decay(name: str, p: nn.Parameter) -> bool:
@@ -122,7 +122,8 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
         """Sizes from the code shards' manifest, or (images encoded on the fly) from the image tokenizer,
         ``image_size`` and the text tokenizer file; plus ``image_tokenizer``: the stage-1 tokenizer as a
         spec of existing, hash-checked files (the codes' own unless ``model.image_tokenizer`` is set)."""
-        from t2i.models import resolve_spec, tokenizer_spec
+        from t2i.data.specs import resolve_spec
+        from t2i.pretrained.image_tokenizers import tokenizer_spec
 
         def checked(source):
             if isinstance(source, Mapping):
@@ -156,7 +157,7 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
     @property
     def image_tokenizer(self) -> nn.Module | None:
         """The frozen stage-1 model: the one this module's checkpoint carries, else the one ``hparams.image_tokenizer``
-        names (a path or a spec, see :func:`t2i.models.load_tokenizer`). Built on first use without touching
+        names (a path or a spec, see :func:`t2i.pretrained.load_tokenizer`). Built on first use without touching
         the global RNG (a resumed run draws the same numbers); saved in checkpoints under
         ``t2i_image_tokenizer`` (weights + constructor arguments), not with this module's weights."""
         if self._image_tokenizer is None and (self._image_tokenizer_record or self.hparams.image_tokenizer):
@@ -167,7 +168,7 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
     @staticmethod
     def _load_image_tokenizer(source, check_hash: bool = True) -> nn.Module:
         """Frozen, in eval mode, built without drawing from the global RNG (module init would)."""
-        from t2i.models import load_tokenizer
+        from t2i.pretrained.image_tokenizers import load_tokenizer
 
         with torch.random.fork_rng(devices=[]):
             tok = load_tokenizer(source, key="model.image_tokenizer", check_hash=check_hash)
@@ -175,7 +176,8 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The image tokenizer travels with the checkpoint: ``load_tokenizer(<this .ckpt>)`` rebuilds it."""
-        from t2i.models import IMAGE_TOKENIZER_KEY, tokenizer_record
+        from t2i.keys import IMAGE_TOKENIZER_KEY
+        from t2i.models.records import tokenizer_record
 
         if self._image_tokenizer_record is None and self.image_tokenizer is not None:
             self._image_tokenizer_record = tokenizer_record(self._image_tokenizer[0])  # frozen: made once
@@ -185,7 +187,7 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
             checkpoint[LEXICON_KEY] = self.lexicon.to_str()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from t2i.models import IMAGE_TOKENIZER_KEY
+        from t2i.keys import IMAGE_TOKENIZER_KEY
 
         if checkpoint.get(LEXICON_KEY):
             from t2i.knowledge.lexicon import EntityLexicon

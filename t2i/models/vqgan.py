@@ -224,7 +224,7 @@ class VQGAN(nn.Module):
     """Encoder -> quant_conv -> quantizer -> post_quant_conv -> Decoder.
 
     All constructor arguments are plain JSON-able values; ``self.config`` holds them (lists, not tuples)
-    for :func:`t2i.models.tokenizer_entry`. ``quantizer`` is ``{"kind": "vq", "beta": 0.25, "legacy":
+    for :func:`t2i.models.records.tokenizer_entry`. ``quantizer`` is ``{"kind": "vq", "beta": 0.25, "legacy":
     False, "l2_normalize": False, "codebook_dim": None, "ema_decay": None, "restart_dead": 0}`` or
     ``{"kind": "gumbel", "temperature": 1.0, "kl_weight": 5e-4, "straight_through": True}`` (keys optional).
 

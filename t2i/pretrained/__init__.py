@@ -1,5 +1,8 @@
-"""Importers for public weights (``t2i-import`` is the command-line front door, :mod:`t2i.cli.importer`).
+"""Weights from files: :func:`load_tokenizer` (any image tokenizer, ours or a release) and the importers for
+public weights (``t2i-import`` is the command-line front door, :mod:`t2i.cli.importer`).
 
+* :func:`load_tokenizer` / :func:`tokenizer_spec` (:mod:`t2i.pretrained.image_tokenizers`): an image tokenizer
+  from our checkpoint, a carried record or a spec naming public files.
 * :func:`load_taming_vqgan`: CompVis taming-transformers VQGAN (``VQModel`` / ``GumbelVQ``) ``.ckpt`` +
   YAML -> :class:`t2i.models.vqgan.VQGAN`.
 * :func:`load_openai_dvae`: OpenAI's DALL·E dVAE (``encoder.pkl`` / ``decoder.pkl``) ->
@@ -13,6 +16,7 @@ No file is fully unpickled unless the caller passes ``trust_pickle=True`` (see :
 """
 
 from t2i.pretrained.easynlp import load_easynlp
+from t2i.pretrained.image_tokenizers import load_tokenizer, tokenizer_spec
 from t2i.pretrained.openai import load_openai_dvae, openai_dvae_config, save_openai_dvae_state
 from t2i.pretrained.realesrgan import load_realesrgan, load_sr
 from t2i.pretrained.rudalle import load_rudalle
@@ -20,5 +24,5 @@ from t2i.pretrained.taming import find_taming_config, load_taming_vqgan, taming_
 from t2i.pretrained.text import bert_tokenizer, yttm_tokenizer
 
 __all__ = ["bert_tokenizer", "find_taming_config", "load_easynlp", "load_openai_dvae", "load_realesrgan",
-           "load_rudalle", "load_sr", "load_taming_vqgan", "openai_dvae_config", "save_openai_dvae_state",
-           "taming_vqgan_config", "yttm_tokenizer"]
+           "load_rudalle", "load_sr", "load_taming_vqgan", "load_tokenizer", "openai_dvae_config", "save_openai_dvae_state",
+           "taming_vqgan_config", "tokenizer_spec", "yttm_tokenizer"]

@@ -154,11 +154,11 @@ def load_easynlp(input, vocab=None, text_len: int = 32, vqgan_config=None, image
     """Read an EasyNLP release -> ``(model_config, state_dict, text_tokenizer, image_tokenizer, files)``.
 
     ``vocab``: the BERT ``vocab.txt`` when the release has none; ``vqgan_config``: a taming YAML for a
-    first stage other than f16-16384; ``image_tokenizer``: a :func:`t2i.models.load_tokenizer` source
+    first stage other than f16-16384; ``image_tokenizer``: a :func:`t2i.pretrained.load_tokenizer` source
     to use instead of the weights' ``first_stage_model`` (a transformer-only file); ``entities`` /
     ``vectors``: ARTIST's ``entity2id.txt`` / ``entity2vec.pt`` (a knowledge model needs both; the
     lexicon is returned in ``files["lexicon"]``)."""
-    from t2i.models import load_tokenizer
+    from t2i.pretrained.image_tokenizers import load_tokenizer
     from t2i.models.vqgan import VQGAN
     from t2i.pretrained.taming import taming_vqgan_config
     from t2i.pretrained.text import bert_tokenizer

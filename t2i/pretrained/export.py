@@ -20,11 +20,11 @@ from torch import nn
 
 from t2i.data.tokenizer import TextTokenizer
 from t2i.errors import T2IError
-from t2i.models import IMAGE_TOKENIZER_KEY, file_sha256, tokenizer_record
+from t2i.data.specs import file_sha256
+from t2i.keys import IMAGE_TOKENIZER_KEY, IMPORT_KEY, LEXICON_KEY, TEXT_TOKENIZER_KEY
+from t2i.models.records import tokenizer_record
 from t2i.models.transformer import Transformer
 
-TEXT_TOKENIZER_KEY = "t2i_text_tokenizer"
-IMPORT_KEY = "t2i_import"
 
 
 def check_state(model: nn.Module, state: dict, where: str) -> None:
@@ -74,7 +74,6 @@ def transformer_checkpoint(model_config: dict, state: dict, text_tokenizer: Text
     if model_config.get("knowledge"):
         if lexicon is None:
             raise T2IError(f"{where}: a model with knowledge needs its entity lexicon")
-        from t2i.lit.transformer import LEXICON_KEY
 
         k = model_config["knowledge"]
         hparams["knowledge"] = {"enabled": True, "lexicon": None, "vectors": None, "trainable": k["trainable"],

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from t2i.errors import ConfigError, T2IError
+from t2i.keys import SR_KEY
 from t2i.models.rrdbnet import SCALES, RRDBNet
 from t2i.pretrained._pickle import module_state, read_weights, tensor_mapping
 
-SR_KEY = "t2i_sr"
 TARGET = "t2i.models.rrdbnet.RRDBNet"
 WHAT = "Real-ESRGAN weights"
 
