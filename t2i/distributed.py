@@ -14,7 +14,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from hydra.utils import get_class
 from pytorch_lightning.strategies import FSDPStrategy
 from pytorch_lightning.strategies.fsdp import _setup_activation_checkpointing
 
@@ -24,6 +23,8 @@ from t2i.errors import ConfigError
 def _classes(names: list[str] | None, key: str) -> set[type] | None:
     if not names:
         return None
+    from hydra.utils import get_class
+
     out = set()
     for name in names:
         try:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from t2i.caption_rerank import (
+from t2i.pipeline.caption_rerank import (
     accuracy_by_ranking,
     caption_scores,
     check_captioning,
@@ -203,7 +203,7 @@ def test_t2i_generate_backend_caption(ckpts, tok, tmp_path):
 
 
 def test_t2i_generate_rank_sum_records_both_scores(ckpts, tok, tmp_path):
-    from t2i.rerank import load_reranker, score
+    from t2i.pipeline.rerank import load_reranker, score
 
     prompts = shapes_captions(1)
     generate_run(tmp_path, f"ckpt={ckpts['cap']}", prompts_file(tmp_path, prompts), "num_samples=5",

@@ -15,7 +15,7 @@ from t2i.errors import ConfigError
 from t2i.lit.clip import CLIPModule, retrieval_recall
 from t2i.losses.clip import ContrastiveLoss
 from t2i.models.clip import CLIP
-from t2i.rerank import load_reranker, rerank, score
+from t2i.pipeline.rerank import load_reranker, rerank, score
 
 
 def features(seed, n=6, d=8):

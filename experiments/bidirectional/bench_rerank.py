@@ -16,7 +16,7 @@ Sizes (``--sizes shapes,large``):
   and CLIP architectures at the 64 px those codes decode to (the VQGAN with 1024 codes).
 
 Caption scoring = ``Transformer.caption_logprob(codes, text)`` and nothing else (the prompt ids are those
-the sampler already used). CLIP scoring = ``t2i.rerank.score(reranker, images, texts)`` as t2i-generate /
+the sampler already used). CLIP scoring = ``t2i.pipeline.rerank.score(reranker, images, texts)`` as t2i-generate /
 t2i-eval call it (prompt tokenisation and the text tower per candidate included); "+ decode" adds
 ``VQGAN.decode(codes)``. Each timing is the median of ``--repeats`` passes over ``--batch`` candidates
 after one warm-up pass, the four measurements interleaved round by round.
@@ -38,7 +38,7 @@ from t2i.data.tokenizer import TextTokenizer
 from t2i.models.clip import CLIP
 from t2i.models.transformer import Transformer
 from t2i.models.vqgan import VQGAN
-from t2i.rerank import Reranker, score
+from t2i.pipeline.rerank import Reranker, score
 
 SIZES = {
     "shapes": {"transformer": dict(n_layer=4, n_head=4, d_model=256, attention="full", conv_kernel=5,

@@ -18,7 +18,7 @@ import torch
 from t2i.data.oracle import score as oracle
 from t2i.data.shapes import make_split, parse_caption
 from t2i.lit.transformer import TransformerModule
-from t2i.rerank import load_reranker, score
+from t2i.pipeline.rerank import load_reranker, score
 from t2i.sampling import decode_codes, generate
 
 

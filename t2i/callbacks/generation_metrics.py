@@ -4,7 +4,7 @@ Every ``every_n_val_epochs`` validation epochs it takes a fixed, seeded subset o
 validation captions, draws ``num_candidates`` samples each with the module's sampling model
 (EMA weights when present), keeps CLIP's best when a ``clip`` is configured (``rerank.backend=caption``:
 the best by the caption's likelihood given the codes under that same model, no CLIP needed;
-``rerank.combine=rank_sum|zsum``: by both, :mod:`t2i.caption_rerank`), and logs
+``rerank.combine=rank_sum|zsum``: by both, :mod:`t2i.pipeline.caption_rerank`), and logs
 ``val/fid``, ``val/is_mean``, ``val/clip_score``, ``val/fd_clip`` (whichever are configured). Under DDP
 each rank draws its share of the caption batches (ranks may get different numbers) and the metric
 states are summed (IS logits gathered in caption order) across ranks: the values equal one process's.
@@ -37,7 +37,7 @@ class GenerationMetrics(pl.Callback):
                  batch_size: int = 16, seed: int = 0, sample: dict | None = None, metrics: dict | None = None,
                  clip: dict | None = None, dataset: str | None = None, table_rows: int = 8,
                  rerank: dict | None = None):
-        from t2i.caption_rerank import check_combine
+        from t2i.pipeline.caption_rerank import check_combine
         from t2i.errors import ConfigError
 
         self.every = max(1, int(every_n_val_epochs))
@@ -60,7 +60,7 @@ class GenerationMetrics(pl.Callback):
     # -- pieces -----------------------------------------------------------------------------
     def _build(self, pl_module) -> None:
         if self.clip_cfg.get("ckpt"):
-            from t2i.rerank import load_reranker
+            from t2i.pipeline.rerank import load_reranker
 
             self.clip = load_reranker(self.clip_cfg["ckpt"], self.clip_cfg.get("backend", "t2i"),
                                       self.clip_cfg.get("model_name")).to(pl_module.device)
@@ -113,7 +113,7 @@ class GenerationMetrics(pl.Callback):
         tokenizer = trainer.datamodule.tokenizer
         model = plain.sampling_model()
         if self.rerank == "caption" or self.combine:
-            from t2i.caption_rerank import check_captioning
+            from t2i.pipeline.caption_rerank import check_captioning
 
             check_captioning(model, "the model (callbacks.generation_metrics.rerank)")
         loop = Loop(model, plain.image_tokenizer, lambda caps: tokenizer.encode(caps, model.text_len),

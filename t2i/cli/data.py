@@ -181,7 +181,7 @@ def cmd_filter(cfg: DictConfig) -> dict:
     f = cfg.filter
     clip = None
     if f.clip.ckpt:
-        from t2i.rerank import load_reranker
+        from t2i.pipeline.rerank import load_reranker
 
         clip = load_reranker(f.clip.ckpt, f.clip.backend, f.clip.get("model_name"))
     elif f.clip.threshold is not None:

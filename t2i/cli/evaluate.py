@@ -10,7 +10,7 @@
 Protocols live in ``conf/eval/``. Generation protocols draw ``num_candidates`` samples per caption,
 keep CLIP's best (or the first drawn without a CLIP; ``rerank.backend=caption``: the best by the caption's
 likelihood given the codes under the transformer itself; ``rerank.combine=rank_sum|zsum``: by both, see
-:mod:`t2i.caption_rerank`), and score the chosen images (every candidate's scores in ``rerank_scores.jsonl``;
+:mod:`t2i.pipeline.caption_rerank`), and score the chosen images (every candidate's scores in ``rerank_scores.jsonl``;
 on Shapes, ``acc_by``: the oracle's accuracy under each available ranking and the best-of-n ceiling); ``shapes`` adds
 the oracle's attribute accuracy of the first and of the chosen sample on ``test`` and
 ``compositional`` (``shapes_kg``: on ``test``, seen objects, and ``kg_heldout``, objects known only
@@ -218,7 +218,7 @@ def versions() -> dict:
 def load_clip(cfg: DictConfig, device):
     if not cfg.clip.ckpt:
         return None
-    from t2i.rerank import load_reranker
+    from t2i.pipeline.rerank import load_reranker
 
     return load_reranker(cfg.clip.ckpt, cfg.clip.backend, cfg.clip.get("model_name")).to(device)
 
@@ -258,7 +258,7 @@ def generation(cfg: DictConfig, device) -> dict:
     for key, v in (("eval.num_candidates", p.num_candidates), ("batch_size", cfg.batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key}={v} must be an integer >= 1")
-    from t2i.caption_rerank import (
+    from t2i.pipeline.caption_rerank import (
         accuracy_by_ranking,
         candidate_rows,
         check_captioning,

@@ -12,7 +12,7 @@ checkpoint) the ``num_samples`` candidates of a prompt are scored by CLIP and wr
 only the best ones. ``rerank.backend=caption`` ranks them instead by the mean log-likelihood of the
 prompt given each candidate's codes under the transformer itself (a checkpoint trained with
 ``model.model.captioning=true``; no CLIP, no decode); ``rerank.combine=rank_sum|zsum`` with a CLIP ranks
-by both (:mod:`t2i.caption_rerank`); each sample's ``clip_score`` / ``caption_score`` are recorded. With ``sr.ckpt`` (a Real-ESRGAN ``.pth`` or a ``t2i-import realesrgan`` file) every
+by both (:mod:`t2i.pipeline.caption_rerank`); each sample's ``clip_score`` / ``caption_score`` are recorded. With ``sr.ckpt`` (a Real-ESRGAN ``.pth`` or a ``t2i-import realesrgan`` file) every
 kept image is upscaled by the RRDBNet after reranking, before it is written (``sr.scale``: must be the
 weights' own scale, x2 / x4 / x8 are separate models; ``sr.tile`` > 0 runs tiles of that many pixels with
 ``sr.tile_pad`` context each). Prompts are sampled ``batch_size // num_samples`` at a time, each
@@ -91,7 +91,7 @@ def check_settings(cfg: DictConfig) -> None:
 def check_rerank(rr: DictConfig) -> tuple[bool, bool, str | None]:
     """``(by CLIP, by caption likelihood, combine)`` from the ``rerank`` block; one ConfigError for settings
     that cannot work (checked before any model loads)."""
-    from t2i.caption_rerank import check_combine
+    from t2i.pipeline.caption_rerank import check_combine
 
     backend = rr.get("backend", "t2i")
     if backend == "caption":
@@ -225,13 +225,13 @@ def run(cfg: DictConfig) -> dict:
     model, image_tok, tok, link = build(cfg, device)
     text = encode_prompts(tok, prompts, model.text_len, allow_unk=bool(cfg.get("allow_unk", False)))
     by_clip, by_caption, combine = check_rerank(cfg.rerank)
-    from t2i.caption_rerank import caption_scores, check_captioning, rank_candidates
+    from t2i.pipeline.caption_rerank import caption_scores, check_captioning, rank_candidates
 
     if by_caption:
         check_captioning(model, f"ckpt={cfg.ckpt}")
     clip = None
     if by_clip:  # loaded once the prompts are known to be usable
-        from t2i.rerank import load_reranker
+        from t2i.pipeline.rerank import load_reranker
 
         clip = load_reranker(cfg.rerank.ckpt, cfg.rerank.backend, cfg.rerank.get("model_name")).to(device)
     upscaler = load_upscaler(cfg.get("sr"), device)
@@ -259,7 +259,7 @@ def run(cfg: DictConfig) -> dict:
             order, scores = list(range(len(chunk))), [None] * len(chunk)
             clip_s, cap_s, comb_s = [None] * len(chunk), [None] * len(chunk), [None] * len(chunk)
             if clip is not None or cap is not None:  # best first; keep rerank.top of them
-                from t2i.rerank import score as clip_score
+                from t2i.pipeline.rerank import score as clip_score
 
                 cs = clip_score(clip, chunk, prompts[i]) if clip is not None else None
                 ranked, combined = rank_candidates(cs, None if cap is None else cap[n], combine)

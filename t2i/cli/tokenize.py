@@ -70,6 +70,7 @@ from t2i.data.codes import (
 )
 from t2i.data.skips import BadSample, DataError, SkipLog
 from t2i.data.transforms import ImageTransform, from_raw
+from t2i.devices import pick_device  # noqa: F401 (t2i-generate, -eval, -synthesize)
 from t2i.errors import ConfigError
 
 log = logging.getLogger("t2i.tokenize")
@@ -90,21 +91,6 @@ def rank_world() -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} WORLD_SIZE={world}: need WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
     return rank, world
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
-    name = str(name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name}: not a torch device; use auto, cpu, cuda or cuda:N") from None
 
 
 def load_image_tokenizer(cfg: DictConfig, output=None) -> tuple[nn.Module, Path, dict]:

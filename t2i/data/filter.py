@@ -79,7 +79,7 @@ def filter_pairs(source: Source, output, min_side: int = 0, max_aspect: float | 
         if clip is not None and pending:
             images = torch.stack([p[4] for p in pending for _ in p[1]])
             texts = [c for p in pending for c in p[1]]
-            from t2i.rerank import score
+            from t2i.pipeline.rerank import score
 
             s = score(clip, images, texts, batch_size=batch_size).tolist()
             scores.extend(s)

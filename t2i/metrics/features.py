@@ -63,7 +63,7 @@ class InceptionFeatures(nn.Module):
 
 
 class CLIPFeatures(nn.Module):
-    """Normalised CLIP image embeddings of a reranker (:func:`t2i.rerank.load_reranker`)."""
+    """Normalised CLIP image embeddings of a reranker (:func:`t2i.pipeline.rerank.load_reranker`)."""
 
     def __init__(self, clip, name: str = "clip"):
         super().__init__()

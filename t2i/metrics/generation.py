@@ -1,6 +1,6 @@
 """The evaluation loop shared by the :class:`~t2i.callbacks.generation_metrics.GenerationMetrics`
 callback and ``t2i-eval``: captions -> ``num_candidates`` samples each -> optional rerank (CLIP, the
-caption likelihood given the codes, or both: :mod:`t2i.caption_rerank`) ->
+caption likelihood given the codes, or both: :mod:`t2i.pipeline.caption_rerank`) ->
 one chosen image per caption -> metric updates.
 
 Captions are processed in fixed batches of ``batch_size``; batch ``k`` is drawn from a generator
@@ -32,7 +32,7 @@ class Drawn:
     chosen: torch.Tensor                      # [B] index of the chosen candidate
     scores: torch.Tensor | None = None        # [B, n] CLIP scores when reranked
     caption_scores: torch.Tensor | None = None  # [B, n] caption log-likelihoods (rerank="caption" / combine)
-    combined: torch.Tensor | None = None      # [B, n] the combination's value (combine; see t2i.caption_rerank)
+    combined: torch.Tensor | None = None      # [B, n] the combination's value (combine; see t2i.pipeline.caption_rerank)
 
 
 @torch.no_grad()
@@ -43,8 +43,8 @@ def draw(model, image_tokenizer, text_ids: torch.Tensor, captions: list[str], nu
     stays on the device the codes are drawn on (decoding and scoring in chunks of ``chunk`` images).
     ``rerank="caption"``: the best by caption likelihood given the codes (``model.caption_logprob``, no
     CLIP needed; CLIP, when given, is still scored and recorded); ``combine`` (``rank_sum`` / ``zsum``,
-    needs ``clip``): by both (:mod:`t2i.caption_rerank`)."""
-    from t2i.caption_rerank import caption_scores, rank_candidates
+    needs ``clip``): by both (:mod:`t2i.pipeline.caption_rerank`)."""
+    from t2i.pipeline.caption_rerank import caption_scores, rank_candidates
     from t2i.sampling import generate
 
     chunk = 64

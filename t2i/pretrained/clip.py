@@ -1,4 +1,4 @@
-"""Pretrained CLIP rerankers from local files, behind the :mod:`t2i.rerank` API (``score(images, texts)``).
+"""Pretrained CLIP rerankers from local files, behind the :mod:`t2i.pipeline.rerank` API (``score(images, texts)``).
 
 - :class:`OpenCLIPReranker`: any open_clip architecture (``model_name``, e.g. ``ViT-B-32``,
   ``xlm-roberta-base-ViT-B-32`` for Chinese) with weights from a local ``.pt`` / ``.bin`` /

@@ -1,0 +1,44 @@
+"""Which device and which autocast dtype a command or a pipeline runs with (one ConfigError for a bad name)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from t2i.errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+OFF = (None, False, "null", "none", "false", "fp32", "float32", torch.float32)
+
+
+def pick_device(name="auto", key: str = "device") -> torch.device:
+    """``auto``: this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU; ``cpu``, ``cuda``, ``cuda:N``."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but no CUDA device is visible; use {key}=cpu or {key}=auto")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}={name}: not a torch device; use auto, cpu, cuda or cuda:N") from None
+
+
+def autocast_dtype(value, device: torch.device, key: str = "autocast") -> torch.dtype | None:
+    """``auto`` (bf16 on CUDA, off elsewhere), ``bf16``, ``fp16`` (a GPU only) or off (``null`` / ``fp32``);
+    a ``torch.dtype`` is taken as it is."""
+    if value in OFF:
+        return None
+    if value == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    dtype = value if isinstance(value, torch.dtype) else DTYPES.get(value)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ConfigError(f"{key}={value!r}: use auto, bf16, fp16 or null")
+    if dtype is torch.float16 and device.type == "cpu":
+        raise ConfigError(f"{key}=fp16 needs a GPU; use {key}=bf16 or null on the CPU")
+    return dtype
