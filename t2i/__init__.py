@@ -9,7 +9,7 @@
 """
 
 __version__ = "0.1.0"
-_EXPORTS = ("Pipeline", "Generation", "Synthesizer", "load", "identify")
+_EXPORTS = ("Pipeline", "Generation", "Synthesizer", "Synthesis", "load", "identify")
 __all__ = [*_EXPORTS, "__version__"]
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from t2i.cli import synthesize as synth
+from t2i.pipeline import spade as spade_lib
 from t2i.data.layouts import NUM_LAYOUT_CLASSES, write_shapes_layout
 from t2i.data.oracle import layout_accuracy
 from t2i.data.shapes import BACKGROUND, COLORS, SHAPES
@@ -20,7 +21,7 @@ from t2i.errors import ConfigError
 from t2i.metrics.segmentation import ConfusionMatrix, mean_iou
 
 TINY = '{_target_:tests.test_eval.TinyFeatures,num_features:8}'
-REAL_MODULE_CLASS = synth.module_class  # SPADEModule (the stand-in replaces it in most tests)
+REAL_MODULE_CLASS = spade_lib.module_class  # SPADEModule (the stand-in replaces it in most tests)
 
 
 def shapes_palette() -> torch.Tensor:
@@ -75,7 +76,7 @@ def save_standin(path, painter="shapes", num_classes=NUM_LAYOUT_CLASSES, image_s
 
 @pytest.fixture(autouse=True)
 def standin(monkeypatch):
-    monkeypatch.setattr(synth, "module_class", lambda: StandInSPADE)
+    monkeypatch.setattr(spade_lib, "module_class", lambda: StandInSPADE)
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +262,7 @@ def test_synthesize_and_eval_load_a_real_spade_checkpoint(tmp_path, layouts, mon
     from t2i.cli.evaluate import run
     from t2i.lit.spade import SPADEModule
 
-    monkeypatch.setattr(synth, "module_class", REAL_MODULE_CLASS)
+    monkeypatch.setattr(spade_lib, "module_class", REAL_MODULE_CLASS)
     with initialize_config_module("t2i.conf", version_base="1.3"):
         cfg = compose("train", overrides=["experiment=shapes_spade", f"paths.root_dir={tmp_path}"])
     hp = OmegaConf.to_container(cfg.model, resolve=True)

@@ -28,47 +28,22 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 from t2i.cli.common import clear_errors
-from t2i.cli.tokenize import pick_device
 from t2i.data.skips import BadSample, DataError
-from t2i.errors import ConfigError, T2IError
+from t2i.devices import pick_device
+from t2i.errors import ConfigError
+from t2i.pipeline.spade import (  # noqa: F401 (t2i-eval's SPADE protocol reads them here)
+    colorize_map,
+    load_spade,
+    model_size,
+    module_class,
+    style_images,
+    synthesize,
+)
 
 log = logging.getLogger("t2i.synthesize")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-# -- the model ------------------------------------------------------------------------------------------
-def module_class():
-    """The LightningModule a SPADE checkpoint rebuilds (tests swap in a stand-in)."""
-    from t2i.lit.spade import SPADEModule
-
-    return SPADEModule
-
-
-def load_spade(path, device: torch.device, key: str = "ckpt"):
-    """``SPADEModule(**ckpt["hyper_parameters"])`` + its state dict, in eval mode on ``device``."""
-    p = Path(str(path)).expanduser() if path else None
-    if p is None or not p.is_file():
-        raise ConfigError(f"{key}={path}: no such file (a SPADE .ckpt from `t2i-train experiment=*_spade`)")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise T2IError(f"{key}={path} cannot be read ({type(e).__name__}: {e})") from None
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hp, dict) or "state_dict" not in ckpt or "num_classes" not in (hp.get("model") or {}):
-        raise T2IError(f"{key}={path} is not a SPADE checkpoint (train one with experiment=*_spade)")
-    module = module_class()(**hp)
-    module.load_state_dict(ckpt["state_dict"])
-    return module.to(device).eval()
-
-
-def model_size(module) -> tuple[int, int] | None:
-    """(H, W) the module's generator makes, when it says."""
-    g = module.sampling_generator() if hasattr(module, "sampling_generator") else getattr(module, "generator", None)
-    size = getattr(g, "size", None)
-    return tuple(int(s) for s in size) if size is not None else None
 
 
 # -- maps ---------------------------------------------------------------------------------------------------
@@ -95,11 +70,12 @@ def read_map(path: Path, num_classes: int, size: tuple[int, int] | None = None) 
     from t2i.data.layouts import LABEL_OUT_OF_RANGE, read_id_map, resize_nearest
 
     arr = read_id_map(path)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= num_classes:
+        raise BadSample(LABEL_OUT_OF_RANGE, str(path), f"class ids {lo}..{hi} in a {8 * arr.dtype.itemsize}-bit "
+                                                       f"map, the model knows 0..{num_classes - 1}")
     if size is not None and arr.shape != tuple(size):
         arr = resize_nearest(arr, size[1], size[0])
-    if arr.min() < 0 or arr.max() >= num_classes:
-        raise BadSample(LABEL_OUT_OF_RANGE, str(path),
-                        f"class ids {arr.min()}..{arr.max()}, the model knows 0..{num_classes - 1}")
     return torch.from_numpy(arr.astype(np.int64))
 
 
@@ -116,21 +92,22 @@ def read_instance(folder, stem: str, size: tuple[int, int] | None) -> torch.Tens
 
 
 def load_maps(cfg_maps, num_classes: int, size, instances=None, limit=None, max_bad_fraction: float = 0.01,
-              key: str = "maps"):
-    """(stems, labels [N, H, W], instances [N, H, W] or None, SkipLog) from a maps folder; bad maps counted."""
+              key: str = "maps", fraction_key: str = "max_bad_fraction"):
+    """(stems, labels [N, H, W], instances [N, H, W] or None, SkipLog) from a maps folder; bad maps counted (with
+    what is wrong with each); past ``max_bad_fraction`` one error whose hint names ``fraction_key``."""
     from t2i.data.layouts import LayoutSkipLog
 
     files = map_files(cfg_maps, key)
     if limit:
         files = files[: int(limit)]
-    slog = LayoutSkipLog(max_bad_fraction, name=f"{key} {cfg_maps}")
+    slog = LayoutSkipLog(max_bad_fraction, name=f"{key} {cfg_maps}", key=fraction_key)
     stems, labels, insts = [], [], []
     for f in files:
         try:
             lab = read_map(f, num_classes, size)
             inst = read_instance(instances, f.stem, tuple(lab.shape)) if instances else None
         except BadSample as e:
-            slog.skip(e.reason, e.where)
+            slog.skip(e.reason, e.where, e.detail)
             continue
         if labels and lab.shape != labels[0].shape:
             from t2i.data.layouts import SIZE_MISMATCH
@@ -147,82 +124,6 @@ def load_maps(cfg_maps, num_classes: int, size, instances=None, limit=None, max_
     if not labels:
         raise DataError(f"{key}={cfg_maps}: no usable label maps")
     return stems, torch.stack(labels), (torch.stack(insts) if instances else None), slog
-
-
-def colorize_map(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Label maps [B, H, W] -> pictures [B, 3, H, W] in [-1, 1]: Shapes layouts (25 classes) in their own
-    colours on white, other maps with a fixed palette (class 0 black)."""
-    from t2i.data.layouts import NUM_LAYOUT_CLASSES
-    from t2i.data.shapes import BACKGROUND, COLORS, SHAPES
-
-    if num_classes == NUM_LAYOUT_CLASSES:
-        rgb = [BACKGROUND] + [c for c in COLORS.values() for _ in SHAPES]
-        pal = torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1
-    else:
-        pal = torch.rand(num_classes, 3, generator=torch.Generator().manual_seed(7)) * 1.6 - 0.6
-        pal[0] = -1.0
-    return pal.to(label.device)[label.long()].permute(0, 3, 1, 2)
-
-
-def style_images(folder, n: int, size: tuple[int, int], key: str = "style") -> tuple[list[str], torch.Tensor]:
-    """The first ``n`` images of ``folder`` (sorted) as [n, 3, H, W] in [-1, 1] (resized to cover, centre crop)."""
-    from t2i.data.base import decode_image
-    from t2i.data.layouts import fit_pair
-
-    root = Path(str(folder)).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"{key}={folder}: use null, random or a folder of style images")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:n]
-    names, out = [], []
-    for f in files:
-        try:
-            img = decode_image(f.read_bytes(), str(f))
-        except BadSample as e:
-            log.warning("style image skipped: %s", e)
-            continue
-        pixels, _ = fit_pair(img, [], size[0], size[1])
-        out.append(torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1)
-        names.append(str(f))
-    if not out:
-        raise ConfigError(f"{key}={folder}: no readable images ({', '.join(IMAGE_SUFFIXES)})")
-    return names, torch.stack(out)
-
-
-# -- running ------------------------------------------------------------------------------------------------
-def synthesize(module, labels: torch.Tensor, instances: torch.Tensor | None, style, num_styles: int, seed: int,
-               batch_size: int, device: torch.device, progress: bool = False):
-    """Images [N, K, 3, H, W] in [-1, 1] for N maps and K styles, plus per style (kind, seed or file).
-
-    ``style``: None, ``"random"`` (style k from a generator seeded ``seed + k``, the same draw for every map:
-    maps go one at a time) or (names, images [K, 3, H, W])."""
-    n = labels.shape[0]
-    if style is None:
-        styles = [("prior", None)]
-    elif isinstance(style, str):
-        styles = [("random", seed + k) for k in range(num_styles)]
-    else:
-        styles = [("image", name) for name in style[0]]
-    out = torch.empty(n, len(styles), 3, *labels.shape[-2:])
-    bar = tqdm(total=n * len(styles), desc="synthesize", disable=not progress)
-    for k, (kind, what) in enumerate(styles):
-        # random: one map a call, each with a generator seeded seed + k, so style k is the same draw for every
-        # map (the grid's columns are styles) and no result depends on batch_size
-        step = 1 if kind == "random" else batch_size
-        for a in range(0, n, step):
-            lab = labels[a:a + step].to(device)
-            inst = instances[a:a + step].to(device) if instances is not None else None
-            gen = torch.Generator(device=device).manual_seed(int(what)) if kind == "random" else None
-            if kind == "prior":
-                s = None
-            elif kind == "random":
-                s = "random"
-            else:
-                s = style[1][k:k + 1].expand(len(lab), -1, -1, -1).to(device)
-            with torch.no_grad():
-                out[a:a + len(lab), k] = module.generate(lab, instance=inst, style=s, generator=gen).float().cpu()
-            bar.update(len(lab))
-    bar.close()
-    return out, styles
 
 
 def run(cfg: DictConfig) -> dict:

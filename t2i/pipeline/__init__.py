@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {"Pipeline": "text_to_image", "Generation": "text_to_image", "Synthesizer": "spade",
-            "load": "loading", "identify": "loading"}
+            "load": "loading", "identify": "loading", "Synthesis": "spade"}
 __all__ = sorted(_EXPORTS)
 
 
