@@ -71,14 +71,7 @@ LAYOUT_REASONS = (MISSING_LABEL, MISSING_INSTANCE, BAD_LABEL, SIZE_MISMATCH, LAB
 class LayoutSkipLog(SkipLog):
     """A :class:`SkipLog` that also knows the label-map reasons (:data:`LAYOUT_REASONS`)."""
 
-    def skip(self, reason: str, where: str) -> None:
-        if reason in LAYOUT_REASONS and reason not in REASONS:
-            self.by_reason[reason] += 1
-            self.by_file[where] += 1
-            if len(self.examples[reason]) < self.keep_examples:
-                self.examples[reason].append(where)
-            return
-        super().skip(reason, where)
+    reasons = REASONS + LAYOUT_REASONS
 
 
 # == Shapes layouts ================================================================================
@@ -366,18 +359,37 @@ class LabelFolder:
         return image, label, instance
 
 
+# PIL modes that hold one integer id per pixel. P is read by its palette indices (the PASCAL VOC way of storing
+# class maps), never through its colours; "1" holds ids 0 and 1. Grey + alpha, colour, CMYK, float and
+# multi-frame images are not id maps, whatever their values.
+ID_MAP_MODES = ("L", "P", "1", "I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def read_id_map(path: Path) -> np.ndarray:
-    """A label / instance PNG as an integer array [H, W] (palette indices kept, not converted to RGB)."""
+    """A label / instance map as an integer array [H, W] of its ids (uint8, uint16 or int32, as stored).
+
+    Raises :class:`BadSample` (``bad_label``, naming the mode) for an image that is not one frame of one channel
+    of integer ids (:data:`ID_MAP_MODES`), and for one that does not decode."""
     try:
         with Image.open(path) as im:
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:
+                raise BadSample(BAD_LABEL, str(path), f"a {im.format} of {frames} frames (mode {im.mode}), not one "
+                                "map of ids")
+            if im.mode not in ID_MAP_MODES:
+                bands = im.getbands()
+                what = "float values" if im.mode == "F" else f"{len(bands)} channels: {'+'.join(bands)}"
+                raise BadSample(BAD_LABEL, str(path), f"an image in mode {im.mode} ({what}), not a single-channel "
+                                f"map of integer ids (modes {', '.join(ID_MAP_MODES)})")
             im.load()
-            if im.mode in ("RGB", "RGBA"):
-                raise ValueError(f"an {im.mode} image, not a single-channel map of ids")
-            return np.asarray(im).astype(np.int64)
+            arr = np.asarray(im)
+    except BadSample:
+        raise
     except FileNotFoundError as e:
         raise BadSample(MISSING_IMAGE, str(path), str(e)) from None
     except Exception as e:  # PIL: OSError, SyntaxError, ValueError...
         raise BadSample(BAD_LABEL, str(path), f"{type(e).__name__}: {e}") from None
+    return arr.astype(np.uint8) if arr.dtype == bool else arr
 
 
 def _root(root, key: str = "data.root") -> Path:

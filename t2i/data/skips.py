@@ -2,7 +2,8 @@
 
 Readers call ``log.ok()`` for every good sample and ``log.skip(reason, where)`` for every
 bad one; ``log.check()`` raises one clear :class:`DataError` when the skipped fraction
-passes ``max_bad_fraction``, naming the file with the most bad rows.
+passes ``max_bad_fraction``, naming the file with the most bad rows and the override that raises the limit
+(``key``: ``data.max_bad_fraction`` in the training configs; a command whose key is another passes its own).
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ def file_of(where: str) -> str:
 class SkipLog:
     """Counts good and skipped samples; reasons, locations and per-file totals of the bad ones."""
 
-    def __init__(self, max_bad_fraction: float = 0.01, name: str = "data", keep_examples: int = 5):
+    reasons: tuple[str, ...] = REASONS
+
+    def __init__(self, max_bad_fraction: float = 0.01, name: str = "data", keep_examples: int = 5,
+                 key: str = "data.max_bad_fraction"):
         self.max_bad_fraction = float(max_bad_fraction)
         self.name = name
+        self.key = key  # the override that sets max_bad_fraction in the command reading this data, for the hint
         self.keep_examples = keep_examples
         self.n_ok = 0
         self.by_reason: Counter[str] = Counter()
@@ -72,13 +77,14 @@ class SkipLog:
     def ok(self, n: int = 1) -> None:
         self.n_ok += n
 
-    def skip(self, reason: str, where: str) -> None:
-        if reason not in REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; use one of {REASONS}")
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one bad sample; ``detail`` (what is wrong with it) goes beside its location in the examples."""
+        if reason not in self.reasons:
+            raise ValueError(f"unknown skip reason {reason!r}; use one of {self.reasons}")
         self.by_reason[reason] += 1
         self.by_file[file_of(where)] += 1
         if len(self.examples[reason]) < self.keep_examples:
-            self.examples[reason].append(where)
+            self.examples[reason].append(f"{where} ({detail})" if detail else where)
 
     def merge(self, other: SkipLog | dict) -> SkipLog:
         d = other.to_dict() if isinstance(other, SkipLog) else other
@@ -132,7 +138,7 @@ class SkipLog:
             reasons = ", ".join(f"{r}={c}" for r, c in self.by_reason.most_common())
             raise DataError(
                 f"{self.name}: {self.n_bad} of {self.total} samples were bad "
-                f"({100 * self.fraction:.2f}% > max_bad_fraction={self.max_bad_fraction}); "
+                f"({100 * self.fraction:.2f}% > {self.key}={self.max_bad_fraction}); "
                 f"worst file: {worst} ({n} bad). Reasons: {reasons}. "
-                f"Fix the data or raise data.max_bad_fraction."
+                f"Fix the data or raise {self.key}."
             )
