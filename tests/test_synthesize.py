@@ -279,3 +279,27 @@ def test_synthesize_and_eval_load_a_real_spade_checkpoint(tmp_path, layouts, mon
     assert not torch.allclose(res["images"][:, 0], res["images"][:, 1])  # the style encoder's z matters
     m = run(eval_cfg(tmp_path, f"ckpt={tmp_path}/s.ckpt", "eval.num_maps=4", "metrics.extractor=null"))
     assert m["splits"]["test"]["diversity_l1"] > 0 and 0 <= m["summary"]["layout_all"] <= 1
+
+
+def test_synthesizer_api_gives_the_commands_images(tmp_path, layouts):
+    from PIL import Image
+
+    from t2i import Synthesizer
+
+    ckpt = save_standin(tmp_path / "spade.ckpt")
+    res = synth.run(synth_cfg(tmp_path, f"ckpt={ckpt}", f"maps={layouts}/test", "style=random", "num_styles=3",
+                              "limit=4"))
+    synth_api = Synthesizer.from_checkpoint(ckpt, device="cpu")
+    maps = [Image.open(layouts / "test" / "labels" / f"{stem}.png") for stem in res["stems"]]
+    out = synth_api(maps, style="random", num_styles=3, seed=0)
+    assert torch.equal(out.pixels, res["images"]) and [k for k, _ in out.styles] == ["random"] * 3
+    assert len(out.images) == 4 and all(len(row) == 3 and row[0].size == (32, 32) for row in out.images)
+    again = synth_api(torch.stack([torch.from_numpy(np.asarray(m).astype(np.int64)) for m in maps]),
+                      style="random", num_styles=3, seed=0)
+    assert torch.equal(again.pixels, out.pixels)  # tensors or PIL maps: the same images
+    with pytest.raises(ConfigError, match=r"label_maps hold class ids 99\.\.99; the model knows 0\.\.24"):
+        synth_api(torch.full((1, 32, 32), 99), style=None)
+    with pytest.raises(ConfigError, match="label_maps\\[0\\] is a RGB image"):
+        synth_api([Image.new("RGB", (32, 32))])
+    with pytest.raises(ConfigError, match="num_styles=0 must be an integer >= 1"):
+        synth_api(maps, style="random", num_styles=0)
