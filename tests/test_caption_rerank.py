@@ -103,7 +103,7 @@ SAMPLE = dict(top_k=None, top_p=None, temperature=1.0, cfg_scale=None, use_cache
 
 # -- scores and rankings --------------------------------------------------------------------------------
 def test_caption_scores_equal_caption_logprob_and_draw_chooses_the_argmax(tok):
-    from t2i.metrics.generation import draw
+    from t2i.eval.generation import draw
 
     model = tiny_model(tok)
     caps = shapes_captions(3)

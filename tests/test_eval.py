@@ -13,7 +13,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from t2i.errors import T2IError
-from t2i.metrics.generation import build_scores
+from t2i.eval.generation import build_scores
 from t2i.metrics.scores import GenerationScores, RealStatsCache, to_uint8
 
 
@@ -283,7 +283,7 @@ def test_callback_fid_and_is_equal_torchmetrics(trained):
     """The logged val/fid and val/is_mean of the last epoch equal torchmetrics run directly on the
     images the callback drew (redrawn with its seeds from the final weights)."""
     from t2i.lit.transformer import TransformerModule
-    from t2i.metrics.generation import draw
+    from t2i.eval.generation import draw
     from t2i.sampling import decode_codes
 
     tmp, metrics, obj, _ = trained

@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 
 from t2i.distributed import unsharded
-from t2i.metrics.generation import Loop, build_scores
+from t2i.eval.generation import Loop, build_scores
 from t2i.metrics.scores import RealStatsCache
 
 log = logging.getLogger(__name__)

@@ -109,7 +109,7 @@ def spade(cfg: DictConfig, device) -> dict:
     from t2i.cli.evaluate import load_clip, rank_world, sha256
     from t2i.pipeline.spade import colorize_map, load_spade, model_size
     from t2i.data.oracle import layout_accuracy
-    from t2i.metrics.generation import build_scores
+    from t2i.eval.generation import build_scores
     from t2i.metrics.scores import RealStatsCache
 
     p = cfg.eval

@@ -224,7 +224,7 @@ def load_clip(cfg: DictConfig, device):
 
 
 def scores_for(cfg, clip, device, split: str, image_size: int, n: int):
-    from t2i.metrics.generation import build_scores
+    from t2i.eval.generation import build_scores
     from t2i.metrics.scores import RealStatsCache
 
     scores = build_scores(cfg.metrics, clip, device, seed=int(cfg.seed))
@@ -246,7 +246,7 @@ def generation(cfg: DictConfig, device) -> dict:
     from t2i.cli.generate import build, encode_prompts
     from t2i.data.oracle import score as oracle
     from t2i.data.shapes import caption as shapes_caption
-    from t2i.metrics.generation import Loop
+    from t2i.eval.generation import Loop
     from t2i.metrics.scores import to_uint8
     from t2i.viz import captioned_rows
 
@@ -386,7 +386,7 @@ def reconstruction(cfg: DictConfig, device) -> dict:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     from t2i.losses.perceptual import LPIPS
-    from t2i.metrics.generation import build_scores
+    from t2i.eval.generation import build_scores
     from t2i.metrics.scores import to_uint8
     from t2i.pretrained.image_tokenizers import load_tokenizer
 

@@ -190,21 +190,44 @@ class Reranking:
 
         return caption_scores(model, codes, text.repeat_interleave(n, 0)).cpu().view(text.shape[0], -1)
 
-    def rank(self, images: torch.Tensor, prompt: str, caption: torch.Tensor | None = None, top: int | None = None) -> Ranked:
-        """One prompt's candidates ``images [n, 3, H, W]`` in [-1, 1] ordered best first, ``top`` kept."""
-        n = len(images)
-        none = [None] * n
-        if self.clip is None and caption is None:
-            keep = list(range(n))[:top] if top is not None else list(range(n))
-            return Ranked(keep, none[:len(keep)], none[:len(keep)], none[:len(keep)], none[:len(keep)])
-        from t2i.pipeline.caption_rerank import rank_candidates
+    def rank(self, images: torch.Tensor, prompts: list[str], caption: torch.Tensor | None = None,
+             top: int | None = None) -> list[Ranked]:
+        """The candidates of ``prompts`` (``images [B * n, 3, H, W]`` in [-1, 1], ``n`` per prompt, in order)
+        ranked best first, ``top`` kept per prompt; ``caption``: the ``[B, n]`` table of :meth:`caption_table`."""
+        b = len(prompts)
+        n = len(images) // b
+        clip = score_table(self.clip, images, prompts, n).cpu() if self.clip is not None else None
+        if clip is None and caption is None:
+            order, combined = torch.arange(n).expand(b, n), None
+        else:
+            order, combined = rank_table(clip, caption, self.combine, "caption" if self.by_caption else "clip")
+        out = []
+        for k in range(b):
+            ranked = order[k][:top] if top is not None else order[k]
+            clip_s, cap_s, comb_s = (t[k][ranked].tolist() if t is not None else [None] * len(ranked)
+                                     for t in (clip, caption, combined))
+            scores = comb_s if self.combine else clip_s if clip is not None else cap_s
+            out.append(Ranked(ranked.tolist(), scores, clip_s, cap_s, comb_s))
+        return out
 
-        cs = score(self.clip, images, prompt) if self.clip is not None else None
-        ranked, combined = rank_candidates(cs, caption, self.combine)
-        ranked = ranked[:top] if top is not None else ranked
-        k = len(ranked)
-        clip_s = cs[ranked].tolist() if cs is not None else none[:k]
-        cap_s = caption[ranked].tolist() if caption is not None else none[:k]
-        comb_s = combined[ranked].tolist() if combined is not None else none[:k]
-        scores = comb_s if self.combine else clip_s if cs is not None else cap_s
-        return Ranked(ranked.tolist(), scores, clip_s, cap_s, comb_s)
+
+def score_table(clip, images: torch.Tensor, captions: list[str], n: int, chunk: int = 64) -> torch.Tensor:
+    """``[B, n]`` CLIP scores of ``n`` candidates per caption (``images [B * n, 3, H, W]`` in [-1, 1]), on the
+    images' device, in chunks of ``chunk`` images."""
+    texts = [c for c in captions for _ in range(n)]
+    return torch.cat([clip.score(images[i:i + chunk], texts[i:i + chunk]).float()
+                      for i in range(0, len(images), chunk)]).view(len(captions), n)
+
+
+def rank_table(clip: torch.Tensor | None, caption: torch.Tensor | None, combine: str | None = None,
+               by: str = "clip") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(order [B, n] best first, combined or None)`` from the score tables: ``combine`` ranks by both;
+    otherwise ``by`` (``clip`` | ``caption``) names the table that ranks when both are there (the other is
+    only recorded)."""
+    from t2i.pipeline.caption_rerank import rank_candidates
+
+    if combine is not None:
+        return rank_candidates(clip.to(caption.device), caption, combine)
+    if by == "caption" and caption is not None:
+        return rank_candidates(None, caption)
+    return rank_candidates(clip, None) if clip is not None else rank_candidates(None, caption)

@@ -297,10 +297,9 @@ class Pipeline:
                                  cfg_scale, use_cache, gen)
             cap = rr.caption_table(self.model, codes, text[idx[0]:idx[-1] + 1], n)
             images = self.decode(codes) * 2 - 1  # the rerankers read [-1, 1]
-            for k, i in enumerate(idx):
-                chunk = images[k * n:(k + 1) * n]
-                ranked = rr.rank(chunk, prompts[i], None if cap is None else cap[k], top)
-                pics = (chunk[ranked.order] + 1) / 2
+            batch = [prompts[i] for i in idx]
+            for k, (i, ranked) in enumerate(zip(idx, rr.rank(images, batch, cap, top))):
+                pics = (images[k * n:(k + 1) * n][ranked.order] + 1) / 2
                 if self.upscaler is not None:
                     pics = upscale_images(self.upscaler, pics, self.upscale_tile, self.upscale_tile_pad)
                 pics = pics.cpu()

@@ -44,7 +44,8 @@ def draw(model, image_tokenizer, text_ids: torch.Tensor, captions: list[str], nu
     ``rerank="caption"``: the best by caption likelihood given the codes (``model.caption_logprob``, no
     CLIP needed; CLIP, when given, is still scored and recorded); ``combine`` (``rank_sum`` / ``zsum``,
     needs ``clip``): by both (:mod:`t2i.pipeline.caption_rerank`)."""
-    from t2i.pipeline.caption_rerank import caption_scores, rank_candidates
+    from t2i.pipeline.caption_rerank import caption_scores
+    from t2i.pipeline.rerank import rank_table, score_table
     from t2i.sampling import generate
 
     chunk = 64
@@ -56,23 +57,13 @@ def draw(model, image_tokenizer, text_ids: torch.Tensor, captions: list[str], nu
     by_caption = num_candidates > 1 and (rerank == "caption" or combine is not None)
     cap = caption_scores(model, codes, text_ids.to(codes.device).repeat_interleave(num_candidates, 0),
                          chunk).view(b, num_candidates) if by_caption else None
+    s = score_table(clip, images, captions, num_candidates, chunk) if clip is not None and num_candidates > 1 else None
     combined = None
-    if clip is not None and num_candidates > 1:
-        texts = [c for c in captions for _ in range(num_candidates)]
-        s = torch.cat([clip.score(images[i:i + chunk], texts[i:i + chunk]).float()
-                       for i in range(0, len(images), chunk)]).view(b, num_candidates)
-        if cap is None:
-            chosen = s.argmax(1)
-        else:
-            s = s.to(cap.device)
-            order, combined = rank_candidates(s, cap, combine)
-            if combine is None:  # rerank="caption", CLIP only recorded
-                order = rank_candidates(None, cap)[0]
-            chosen = order[:, 0]
-    elif cap is not None:
-        s, chosen = None, cap.argmax(1)
+    if s is not None or cap is not None:
+        order, combined = rank_table(s, cap, combine, "caption" if rerank == "caption" else "clip")
+        chosen = order[:, 0]
     else:
-        s, chosen = None, torch.zeros(b, dtype=torch.long, device=images.device)
+        chosen = torch.zeros(b, dtype=torch.long, device=images.device)
     return Drawn(cands[rows, chosen.to(images.device)], cands, chosen, s, cap, combined)
 
 
