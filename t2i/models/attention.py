@@ -148,13 +148,17 @@ def rotary_angles(text_len: int, h: int, w: int, head_dim: int, base: float = 10
 
 
 class KVCache:
-    """Keys and values of every layer for positions ``[0, length)``, preallocated to the full sequence."""
+    """Keys and values of every layer for positions ``[0, length)``, preallocated to the full sequence.
+
+    ``packed`` maps a model's ``nn.Linear`` layers to decode-step versions of them (:func:`pack_linear`),
+    made once for this cache's batch by :meth:`t2i.models.transformer.Transformer.new_cache`."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
         shape = (batch, n_head, max_len, head_dim)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.length = 0
+        self.packed: dict = {}
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -166,6 +170,33 @@ class KVCache:
         """Keep batch rows ``index`` (e.g. to repeat a prefilled prompt for several samples)."""
         self.k = [k.index_select(0, index) for k in self.k]
         self.v = [v.index_select(0, index) for v in self.v]
+
+
+def pack_linear(layer: nn.Linear, rows: int):
+    """``layer`` as a function for inputs of ``rows`` rows (a decode step), its weight copied once into the
+    blocked layout of MKL (float32) or oneDNN (bfloat16) on CPU, or None where neither applies.
+
+    ``F.linear`` reads the weight in its stored ``[out, in]`` layout on every call, which at a few rows
+    streams it at about half the machine's memory bandwidth; the packed copy streams it contiguously
+    (``experiments/transformer_speed/RESULTS_roofline.md``). Same values as ``layer(x)`` up to float
+    rounding (the MKL path falls back to ``F.linear`` for any other number of rows)."""
+    w, b = layer.weight, layer.bias
+    if w.device.type != "cpu" or w.dim() != 2:
+        return None
+    if w.dtype == torch.float32 and torch.backends.mkl.is_available():
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows)
+        return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, rows)
+    if w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and \
+            torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    return None
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    """``layer(x)``, through the cache's packed copy of the layer when it has one and no gradient is needed."""
+    fast = cache.packed.get(layer) if cache is not None else None
+    return layer(x) if fast is None or torch.is_grad_enabled() else fast(x)
 
 
 _compiled_flex = None
@@ -209,7 +240,7 @@ class Attention(nn.Module):
         """``x [B, t, d]`` at positions ``[start, start + t)``. ``mask`` is the layer's full ``[L, L]``
         mask; with a ``cache`` the new keys are stored and queries see every cached position."""
         B, t, _ = x.shape
-        q, k, v = self.qkv(x).view(B, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(self.qkv, x, cache).view(B, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -223,7 +254,7 @@ class Attention(nn.Module):
             y = flex(q, k, v, block_mask)
         else:
             y = attend(q, k, v, mask[start:end, :end], p, self.impl)
-        return self.proj(y.transpose(1, 2).reshape(B, t, -1))
+        return linear(self.proj, y.transpose(1, 2).reshape(B, t, -1), cache)
 
     def _pb_relax_attention(self, q, k, v, mask, p):
         scores = (q / (self.pb_alpha * math.sqrt(self.head_dim))) @ k.transpose(-2, -1)

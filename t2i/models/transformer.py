@@ -33,7 +33,7 @@ from torch import nn
 
 from t2i.errors import ConfigError
 from t2i.models import attention as A
-from t2i.models.attention import Attention, KVCache, layer_patterns, rotary_angles, sequence_mask
+from t2i.models.attention import Attention, KVCache, layer_patterns, linear, pack_linear, rotary_angles, sequence_mask
 from t2i.models.knowledge import KnowledgeFusion
 
 GELUS = ("exact", "tanh")
@@ -49,8 +49,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.approximate = "none" if gelu == "exact" else "tanh"
 
-    def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+    def forward(self, x, cache: KVCache | None = None):
+        h = F.gelu(linear(self.fc, x, cache), approximate=self.approximate)
+        return self.dropout(linear(self.proj, h, cache))
 
 
 class Block(nn.Module):
@@ -75,7 +76,7 @@ class Block(nn.Module):
     def forward(self, x, mask, start=0, cache=None, layer=0, rotary=None, block_mask=None):
         a = self.attn(self._ln(self.ln_1, x), mask, start, cache, layer, rotary, block_mask)
         x = x + self.dropout(self.ln_attn_out(a))
-        return x + self.ln_mlp_out(self.mlp(self._ln(self.ln_2, x)))
+        return x + self.ln_mlp_out(self.mlp(self._ln(self.ln_2, x), cache))
 
 
 class Transformer(nn.Module):
@@ -264,7 +265,16 @@ class Transformer(nn.Module):
 
     # -- decoding ----------------------------------------------------------------------------
     def new_cache(self, batch: int, device, dtype) -> KVCache:
-        return KVCache(self.n_layer, batch, self.n_head, self.seq_len, self.head_dim, device, dtype)
+        """An empty cache for ``batch`` sequences, with the linear layers packed for its decode steps
+        (:func:`~t2i.models.attention.pack_linear`; the packed copies live as long as the cache)."""
+        cache = KVCache(self.n_layer, batch, self.n_head, self.seq_len, self.head_dim, device, dtype)
+        heads = [h for h in (self.image_head, self.text_head) if h is not None]
+        with torch.no_grad():
+            for layer in [m for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)] + heads:
+                fast = pack_linear(layer, batch)
+                if fast is not None:
+                    cache.packed[layer] = fast
+        return cache
 
     def prefill(self, text: torch.Tensor, cache: KVCache | None, image: torch.Tensor | None = None,
                 entities=None) -> torch.Tensor:
@@ -278,7 +288,7 @@ class Transformer(nn.Module):
         """Feed image code ``index`` (``[B]``) with the cache; returns the logits of image code ``index + 1``."""
         start = self.text_len + index
         hid = self.hidden(self.embed(None, code[:, None], start), start, cache)
-        return self.image_head(hid[:, -1])
+        return linear(self.image_head, hid[:, -1], cache)
 
     def image_logits_uncached(self, text: torch.Tensor, image: torch.Tensor, entities=None) -> torch.Tensor:
         """The next image code's logits from a full forward pass over the caption and ``image`` so far."""
@@ -346,7 +356,7 @@ class Transformer(nn.Module):
         """Feed caption token ``index`` (model ids ``[B]``); the logits of token ``index + 1``."""
         start = self.n_image + index
         hid = self.hidden(self.embed_caption(None, token[:, None], start), start, cache, caption=True)
-        return self.text_head(hid[:, -1])
+        return linear(self.text_head, hid[:, -1], cache)
 
     def caption_logits_uncached(self, image: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """The next caption token's logits from a full pass over the image and the caption so far (model ids)."""
