@@ -179,7 +179,7 @@ def test_eval_shapes_caption_scores_what_it_wrote(caption_ckpt, tmp_path):
 
 
 def test_eval_shapes_caption_accuracy_counts_parsed_attributes():
-    from t2i.cli.eval_caption import shapes_accuracy
+    from t2i.eval.captioning import shapes_accuracy
     from t2i.data.shapes import ShapeSpec, caption
 
     truth = [ShapeSpec("red", "circle", "top_left", "large"), ShapeSpec("blue", "square", "centre", "small")]

@@ -33,7 +33,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def image_source(spec: str, n: int | None, size: int, lang: str):
     """``(keys, load(a, b, bad) -> (uint8 [k, 3, S, S], kept indices))`` for ``images=``."""
-    from t2i.cli.eval_caption import shapes_images, source_images
+    from t2i.eval.captioning import shapes_images, source_images
 
     if spec.startswith("shapes:"):
         data = shapes_images(spec.split(":", 1)[1], int(n or 16), 0, size, lang)
@@ -73,9 +73,9 @@ def image_source(spec: str, n: int | None, size: int, lang: str):
 
 def run(cfg: DictConfig) -> dict:
     from t2i.captioning import caption
-    from t2i.cli.eval_caption import caption_settings
-    from t2i.cli.generate import build
-    from t2i.cli.tokenize import pick_device
+    from t2i.devices import pick_device
+    from t2i.eval.captioning import caption_settings
+    from t2i.pipeline.parts import parts_for as build
     from t2i.viz import captioned_rows
 
     if not cfg.ckpt or not cfg.images:

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import nullcontext
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import hydra
@@ -46,75 +44,22 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from t2i.cli.common import clear_errors
-from t2i.cli.tokenize import pick_device
-from t2i.data.codes import file_sha256
+from t2i.devices import pick_device
 from t2i.errors import ConfigError, T2IError
+from t2i.eval.generation import load_clip
+from t2i.eval.processes import (  # noqa: F401 (tests and the protocols read them here)
+    autocast_dtype,
+    gathered,
+    rank_world,
+    sha256,
+    slurm_to_torchrun_env,
+    start_processes,
+    versions,
+)
 
 log = logging.getLogger("t2i.eval")
 RESIZE = ("shorter side to image_size with PIL bicubic (antialiased), centre crop; generated images are "
           "quantised to uint8; Inception resizes to 299 with TF1-style bilinear (antialias=False)")
-
-
-# -- processes ------------------------------------------------------------------------------------
-def slurm_to_torchrun_env() -> None:
-    """Under ``srun`` (one task per GPU) name the ranks as torchrun does: RANK, WORLD_SIZE, LOCAL_RANK,
-    and MASTER_ADDR / MASTER_PORT when the batch script did not export them (the job's first node)."""
-    env = os.environ
-    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) < 2 or "SLURM_PROCID" not in env:
-        return
-    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-    if "MASTER_ADDR" not in env:
-        from lightning_fabric.plugins.environments import SLURMEnvironment
-
-        env["MASTER_ADDR"] = SLURMEnvironment.resolve_root_node_address(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-
-
-def start_processes(device: torch.device) -> bool:
-    """Join the process group torchrun / srun describe (WORLD_SIZE > 1): nccl on a GPU, gloo on the CPU.
-    True when this call made the group (and should end it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or (dist.is_available() and dist.is_initialized()):
-        return False
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
-    if missing:
-        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start t2i-eval "
-                          "with torchrun (torchrun --nproc_per_node=N -m t2i.cli.evaluate ...) or srun")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))
-    return True
-
-
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gathered(obj) -> list:
-    """``obj`` from every rank (rank order); ``[obj]`` in one process."""
-    rank, world = rank_world()
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
-    """``autocast``: auto (bf16 on CUDA, off elsewhere), bf16, fp16 or null / false (float32)."""
-    value = cfg.get("autocast", "auto")
-    if value in (None, False, "null", "none", "false", "fp32", "float32"):
-        return None
-    if value == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if value not in dtypes:
-        raise ConfigError(f"autocast={value!r}: use auto, bf16, fp16 or null")
-    if dtypes[value] is torch.float16 and device.type == "cpu":
-        raise ConfigError("autocast=fp16 needs a GPU; use autocast=bf16 or null on the CPU")
-    return dtypes[value]
 
 
 # -- what gets evaluated ------------------------------------------------------------------------
@@ -198,31 +143,7 @@ def source_items(p: DictConfig, image_size: int) -> Items:
     return Items(captions, load, skipped=bad)
 
 
-# -- reproducibility ----------------------------------------------------------------------------
-def sha256(path) -> str | None:
-    return file_sha256(path) if path and Path(str(path)).is_file() else None
-
-
-def versions() -> dict:
-    out = {}
-    for pkg in ("t2i", "torch", "torchvision", "torchmetrics", "torch-fidelity", "numpy", "pillow", "open_clip_torch",
-                "cn_clip"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 # -- protocols ----------------------------------------------------------------------------------
-def load_clip(cfg: DictConfig, device):
-    if not cfg.clip.ckpt:
-        return None
-    from t2i.pipeline.rerank import load_reranker
-
-    return load_reranker(cfg.clip.ckpt, cfg.clip.backend, cfg.clip.get("model_name")).to(device)
-
-
 def scores_for(cfg, clip, device, split: str, image_size: int, n: int):
     from t2i.eval.generation import build_scores
     from t2i.metrics.scores import RealStatsCache
@@ -243,11 +164,12 @@ def scores_for(cfg, clip, device, split: str, image_size: int, n: int):
 
 
 def generation(cfg: DictConfig, device) -> dict:
-    from t2i.cli.generate import build, encode_prompts
     from t2i.data.oracle import score as oracle
     from t2i.data.shapes import caption as shapes_caption
     from t2i.eval.generation import Loop
     from t2i.metrics.scores import to_uint8
+    from t2i.pipeline.parts import encode_prompts
+    from t2i.pipeline.parts import parts_for as build
     from t2i.viz import captioned_rows
 
     p = cfg.eval
@@ -385,8 +307,8 @@ def generation(cfg: DictConfig, device) -> dict:
 def reconstruction(cfg: DictConfig, device) -> dict:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from t2i.losses.perceptual import LPIPS
     from t2i.eval.generation import build_scores
+    from t2i.losses.perceptual import LPIPS
     from t2i.metrics.scores import to_uint8
     from t2i.pretrained.image_tokenizers import load_tokenizer
 
@@ -495,11 +417,11 @@ def run(cfg: DictConfig) -> dict:
     try:
         t0 = time.perf_counter()
         if p.kind == "spade":
-            from t2i.cli.eval_spade import spade  # label maps -> images (issue 21)
+            from t2i.eval.spade import spade  # label maps -> images
 
             result = spade(cfg, device)
         elif p.kind == "caption":
-            from t2i.cli.eval_caption import captioning  # images -> captions (issue 20)
+            from t2i.eval.captioning import captioning  # images -> captions
 
             result = captioning(cfg, device)
         else:

@@ -179,3 +179,12 @@ class Loop:
                                 "chosen": chosen[j], "clip_score": picked[j], "caption_score": picked_cap[j]})
                 j += 1
         return {"images": torch.cat(kept) if kept else None, "records": records}
+
+
+def load_clip(cfg: DictConfig, device):
+    """The ``clip`` block's reranker on ``device`` (None without ``clip.ckpt``)."""
+    if not cfg.clip.ckpt:
+        return None
+    from t2i.pipeline.rerank import load_reranker
+
+    return load_reranker(cfg.clip.ckpt, cfg.clip.backend, cfg.clip.get("model_name")).to(device)

@@ -76,6 +76,15 @@ class Parts:
     linker: object | None
     checkpoint: dict
 
+    def __iter__(self):  # model, image_tokenizer, text_tokenizer, linker = parts
+        return iter((self.model, self.image_tokenizer, self.text_tokenizer, self.linker))
+
+
+def parts_for(cfg, device: torch.device) -> Parts:
+    """:func:`load_parts` for a command's config (``ckpt``, ``ema``, ``image_tokenizer``, ``text_tokenizer``)."""
+    return load_parts(cfg.get("ckpt"), device, bool(cfg.get("ema", True)), cfg.get("image_tokenizer") or None,
+                      cfg.get("text_tokenizer") or None)
+
 
 def load_parts(path, device: torch.device, ema: bool = True, image_tokenizer_override=None,
                text_tokenizer_override=None, key: str = "ckpt", ckpt: dict | None = None) -> Parts:

@@ -106,11 +106,11 @@ def dataset_items(p: DictConfig, size: tuple[int, int], num_classes: int, use_in
 
 
 def spade(cfg: DictConfig, device) -> dict:
-    from t2i.cli.evaluate import load_clip, rank_world, sha256
-    from t2i.pipeline.spade import colorize_map, load_spade, model_size
     from t2i.data.oracle import layout_accuracy
-    from t2i.eval.generation import build_scores
+    from t2i.eval.generation import build_scores, load_clip
+    from t2i.eval.processes import rank_world, sha256
     from t2i.metrics.scores import RealStatsCache
+    from t2i.pipeline.spade import colorize_map, load_spade, model_size
 
     p = cfg.eval
     if rank_world()[1] > 1:

@@ -142,9 +142,9 @@ def shapes_accuracy(hyps: list[str], specs: list, lang: str) -> dict:
 
 def captioning(cfg: DictConfig, device) -> dict:
     from t2i.captioning import caption
-    from t2i.cli.evaluate import autocast_dtype, gathered, rank_world, sha256
-    from t2i.cli.generate import build
+    from t2i.eval.processes import autocast_dtype, gathered, rank_world, sha256
     from t2i.metrics.captioning import score_captions
+    from t2i.pipeline.parts import parts_for as build
     from t2i.viz import captioned_rows
 
     p = cfg.eval
