@@ -72,21 +72,18 @@ def image_source(spec: str, n: int | None, size: int, lang: str):
 
 
 def run(cfg: DictConfig) -> dict:
-    from t2i.captioning import caption
-    from t2i.devices import pick_device
     from t2i.eval.captioning import caption_settings
-    from t2i.pipeline.parts import parts_for as build
+    from t2i.pipeline import Pipeline
     from t2i.viz import captioned_rows
 
     if not cfg.ckpt or not cfg.images:
         raise ConfigError("t2i-caption needs ckpt=<transformer .ckpt with captioning> and images=<folder | shards | "
                           "shapes:<split>>")
     settings = caption_settings(cfg, prefix="")
-    device = pick_device(str(cfg.device))
-    model, image_tok, tok, _ = build(cfg, device)
-    model._need_captioning()
-    size = image_tok.downsample * model.grid[0]
-    keys, load = image_source(str(cfg.images), cfg.num_images, size, str(cfg.lang))
+    pipe = Pipeline.from_checkpoint(cfg.ckpt, device=str(cfg.device), ema=bool(cfg.ema),
+                                    image_tokenizer=cfg.image_tokenizer or None, text_tokenizer=cfg.text_tokenizer or None)
+    pipe.model._need_captioning()
+    keys, load = image_source(str(cfg.images), cfg.num_images, pipe.image_size, str(cfg.lang))
     out = Path(str(cfg.output)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     bad = {"count": 0, "examples": []}
@@ -96,14 +93,11 @@ def run(cfg: DictConfig) -> dict:
         pixels, kept = load(a, a + bs, bad)
         if not kept:
             continue
-        x = pixels.to(device).float() / 127.5 - 1
-        with torch.no_grad():
-            ids = caption(model, image_tok.encode(x), generator=torch.Generator(device=device).manual_seed(
-                int(cfg.seed) + a), **settings)
-        for j, (i, text) in enumerate(zip(kept, tok.decode(ids.cpu()))):
+        texts = pipe.caption(pixels, seed=int(cfg.seed) + a, batch_size=bs, **settings)
+        for j, (i, text) in enumerate(zip(kept, texts)):
             rows.append({"key": keys[i], "caption": text, **settings})
             if len(shown) < 32:
-                shown.append((x[j].cpu(), f"{keys[i]}: {text}"))
+                shown.append((pixels[j].float() / 127.5 - 1, f"{keys[i]}: {text}"))
     if bad["count"]:
         log.warning("%d image(s) did not decode and were skipped, e.g. %s", bad["count"], "; ".join(bad["examples"]))
     with open(out / "captions.jsonl", "w", encoding="utf-8") as f:

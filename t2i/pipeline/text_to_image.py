@@ -41,11 +41,11 @@ def to_pil(pics: torch.Tensor) -> list[Image.Image]:
 
 
 def from_pil(images, size: int | None = None) -> torch.Tensor:
-    """PIL images (or a float tensor ``[N, 3, H, W]`` in [0, 1]) -> ``[N, 3, S, S]`` in [-1, 1]; PIL images are
-    resized (shorter side) and centre-cropped to ``size`` when given."""
+    """PIL images (or a tensor ``[N, 3, H, W]``: float in [0, 1], or uint8) -> ``[N, 3, S, S]`` in [-1, 1]; PIL
+    images are resized (shorter side) and centre-cropped to ``size`` when given."""
     if isinstance(images, torch.Tensor):
         x = images if images.dim() == 4 else images[None]
-        return x.float() * 2 - 1
+        return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float() * 2 - 1
     if isinstance(images, Image.Image):
         images = [images]
     from t2i.data.transforms import ImageTransform
@@ -221,7 +221,7 @@ class Pipeline:
     @torch.no_grad()
     def tokenize(self, images) -> torch.Tensor:
         """Code grids ``[N, h, w]`` of images (PIL, resized and centre-cropped to the model's resolution; or
-        a float tensor ``[N, 3, H, W]`` in [0, 1] at that resolution)."""
+        a tensor ``[N, 3, H, W]`` at that resolution: float in [0, 1], or uint8)."""
         x = from_pil(images, self.image_size).to(self.device)
         with self._autocast():
             return self.image_tokenizer.encode(x).cpu()
@@ -238,8 +238,9 @@ class Pipeline:
     def caption(self, images, method: str = "beam", beam_size: int = 4, length_penalty: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
                 use_cache: bool = True, seed: int = 0, batch_size: int = 32) -> list[str]:
-        """Captions of images (PIL or ``[N, 3, H, W]`` in [0, 1]) by a captioning checkpoint
-        (``model.model.captioning=true``): ``method`` greedy | beam | sample (:func:`t2i.captioning.caption`)."""
+        """Captions of images (PIL, or ``[N, 3, H, W]`` float in [0, 1] or uint8) by a captioning checkpoint
+        (``model.model.captioning=true``): ``method`` greedy | beam | sample (:func:`t2i.captioning.caption`);
+        images ``a .. a + batch_size`` are captioned with a generator seeded ``seed + a``."""
         from t2i.captioning import caption
 
         self.model._need_captioning()
