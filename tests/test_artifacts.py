@@ -14,11 +14,11 @@ from t2i.cli.train import train
 from t2i.data.codes import read_manifest
 from t2i.errors import T2IError
 from t2i.keys import IMAGE_TOKENIZER_KEY
-from t2i.models.records import tokenizer_record
-from t2i.pretrained.image_tokenizers import load_tokenizer
 from t2i.models.dvae import DVAE
+from t2i.models.records import tokenizer_record
 from t2i.models.vqgan import VQGAN
 from t2i.pretrained import load_openai_dvae, load_taming_vqgan
+from t2i.pretrained.image_tokenizers import load_tokenizer
 from tests.test_pretrained import taming  # noqa: F401 (the fixture: taming.models.vqgan)
 from tests.test_tokenize import SHAPES, tok_cfg
 from tests.test_transformer_train import compose_transformer, generate_cfg
@@ -224,8 +224,8 @@ def test_tokenizer_record_rebuilds_every_kind(make, tmp_path):
 def test_building_the_image_tokenizer_leaves_the_global_rng_alone(tmp_path):
     """issue 17: the tokenizer is built lazily (first validation); doing so must not draw from the global RNG,
     or a resumed run (which builds it at another moment) diverges. Then it travels with the checkpoint."""
-    from t2i.lit.transformer import TransformerModule
     from t2i.keys import TOKENIZER_KEY
+    from t2i.lit.transformer import TransformerModule
     from t2i.models.records import tokenizer_entry
 
     vqgan = VQGAN(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=32, embed_dim=8, n_embed=16,

@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from t2i.errors import ConfigError
+from t2i.models.transformer import Transformer
 from t2i.pipeline.caption_rerank import (
     accuracy_by_ranking,
     caption_scores,
@@ -21,8 +23,6 @@ from t2i.pipeline.caption_rerank import (
     ranks,
     zscores,
 )
-from t2i.errors import ConfigError
-from t2i.models.transformer import Transformer
 from t2i.sampling import generate
 
 SIDE, BLOCK = 3, 8

@@ -179,8 +179,8 @@ def test_eval_shapes_caption_scores_what_it_wrote(caption_ckpt, tmp_path):
 
 
 def test_eval_shapes_caption_accuracy_counts_parsed_attributes():
-    from t2i.eval.captioning import shapes_accuracy
     from t2i.data.shapes import ShapeSpec, caption
+    from t2i.eval.captioning import shapes_accuracy
 
     truth = [ShapeSpec("red", "circle", "top_left", "large"), ShapeSpec("blue", "square", "centre", "small")]
     hyps = [caption(truth[0], "zh"), caption(ShapeSpec("blue", "triangle", "centre", "small"), "zh")]

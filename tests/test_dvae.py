@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_module
 
 from t2i.cli.train import train
 from t2i.data.datamodule import ImageTextDataModule
+from t2i.keys import TOKENIZER_KEY
 from t2i.lit.dvae import DVAEModule
 from t2i.losses.dvae import (
     Anneal,
@@ -20,10 +21,9 @@ from t2i.losses.dvae import (
     map_pixels,
     unmap_pixels,
 )
-from t2i.keys import TOKENIZER_KEY
-from t2i.pretrained.image_tokenizers import load_tokenizer
 from t2i.models.dvae import DVAE
 from t2i.models.quantizers import CodebookUsage
+from t2i.pretrained.image_tokenizers import load_tokenizer
 
 TINY = dict(n_hid=16, n_blk_per_group=1, vocab_size=64, group_count=3, n_init=16)
 

@@ -282,8 +282,8 @@ def trained(tmp_path_factory, codes):  # noqa: F811
 def test_callback_fid_and_is_equal_torchmetrics(trained):
     """The logged val/fid and val/is_mean of the last epoch equal torchmetrics run directly on the
     images the callback drew (redrawn with its seeds from the final weights)."""
-    from t2i.lit.transformer import TransformerModule
     from t2i.eval.generation import draw
+    from t2i.lit.transformer import TransformerModule
     from t2i.sampling import decode_codes
 
     tmp, metrics, obj, _ = trained

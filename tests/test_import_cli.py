@@ -239,7 +239,8 @@ def test_rudalle_import_equals_reference_from_caption_to_logits(rudalle_release,
                      f"output={tmp_path}/malevich.ckpt")
     ckpt, model = rebuild(out)
     tok = tokenizer_from_checkpoint(ckpt)
-    captions = ["Красный КРУГ слева", "синий квадрат", "ёлка йогурт большой маленький красный круг вверху внизу"]
+    captions = ["Красный КРУГ слева", "синий квадрат", "ёлка йогурт большой маленький красный круг вверху внизу",
+                "\xa0синий круг\u3000", "\u2028Квадрат\u205f\u2003"]  # Unicode spaces: str.strip() drops them
     bpe = r["yttm"].BPE(str(r["bpe"]))
     ref = torch.zeros(len(captions), T, dtype=torch.long)
     for i, c in enumerate(captions):  # ruDALL-E's pipeline: lower(), encode, <BOS> ids <EOS>, pad with 0 / cut

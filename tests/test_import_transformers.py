@@ -94,6 +94,30 @@ def test_easynlp_strict_key_errors():
         easynlp.model_config(cfg, text_len=T + 1)
 
 
+@pytest.mark.parametrize("key,shape", [("blocks.0.attn.value.weight", (32, 16)), ("blocks.1.attn.key.bias", (31,)),
+                                       ("blocks.0.mlp.0.weight", (64, 32)), ("blocks.1.ln2.weight", (33,)),
+                                       ("tok_emb.weight", (69, 32)), ("pos_emb", (1, 4, 32)), ("head.weight", (40, 16))])
+def test_easynlp_wrong_shape_names_the_files_key_before_combining(key, shape):
+    """Each source tensor is checked before torch.cat: one line with the key as the file spells it, both shapes."""
+    gpt, cfg = easynlp_reference()
+    config = easynlp.model_config(cfg, text_len=T)
+    sd = {**gpt.state_dict(), key: torch.zeros(shape)}
+    with pytest.raises(T2IError) as e:
+        easynlp.convert_gpt(sd, config, "w.bin")
+    msg = str(e.value)
+    assert msg.startswith(f"w.bin: transformer.{key} has shape {list(shape)}, expected ["), msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("n_unmasked", [12, 1])
+def test_easynlp_n_unmasked_is_refused_naming_the_key(n_unmasked):
+    """taming's GPT lets the first n_unmasked positions see each other both ways; ours is causal: refuse."""
+    _, cfg = easynlp_reference()
+    with pytest.raises(T2IError, match=rf"^config.json: n_unmasked={n_unmasked}: .* only releases whose n_unmasked is 0"):
+        easynlp.model_config({**cfg, "n_unmasked": n_unmasked}, text_len=T)
+    assert easynlp.model_config({**cfg, "n_unmasked": 0}, text_len=T) == easynlp.model_config(cfg, text_len=T)
+
+
 # -- ruDALL-E ------------------------------------------------------------------------------------------
 R_T, R_SIDE, R_IMG = 8, 7, 24  # 7 x 7 grid: the 11-wide conv window is clamped at every border
 

@@ -202,8 +202,8 @@ def test_t2i_eval_shapes_kg_links_prompts_and_scores_the_redraw(bench, kg_ckpt, 
     import t2i.sampling
     from t2i.cli.evaluate import run
     from t2i.data.oracle import score
-    from t2i.knowledge.prompts import link_prompts
     from t2i.eval.generation import draw
+    from t2i.knowledge.prompts import link_prompts
     from t2i.metrics.scores import to_uint8
     from tests.test_eval import eval_cfg
 

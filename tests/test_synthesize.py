@@ -12,13 +12,13 @@ from PIL import Image
 from torch import nn
 
 from t2i.cli import synthesize as synth
-from t2i.pipeline import spade as spade_lib
 from t2i.data.layouts import NUM_LAYOUT_CLASSES, write_shapes_layout
 from t2i.data.oracle import layout_accuracy
 from t2i.data.shapes import BACKGROUND, COLORS, SHAPES
 from t2i.data.skips import DataError
 from t2i.errors import ConfigError
 from t2i.metrics.segmentation import ConfusionMatrix, mean_iou
+from t2i.pipeline import spade as spade_lib
 
 TINY = '{_target_:tests.test_eval.TinyFeatures,num_features:8}'
 REAL_MODULE_CLASS = spade_lib.module_class  # SPADEModule (the stand-in replaces it in most tests)

@@ -1,4 +1,4 @@
-"""Imported text tokenizers (t2i.pretrained.text) give the original tokenizers' ids: Hugging Face
+"""Imported text tokenizers (t2i.data.vocabs) give the original tokenizers' ids: Hugging Face
 ``BertTokenizer`` for EasyNLP's BERT vocab.txt, ``youtokentome`` (+ ruDALL-E's wrap/pad rule) for ruDALL-E's."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from t2i.data.skips import DataError
 from t2i.data.tokenizer import TextTokenizer
-from t2i.pretrained.text import bert_tokenizer, load_text_tokenizer, read_yttm, yttm_tokenizer
+from t2i.data.vocabs import bert_tokenizer, load_text_tokenizer, read_yttm, yttm_tokenizer
 
 yttm = pytest.importorskip("youtokentome")
 transformers = pytest.importorskip("transformers")
@@ -186,6 +186,26 @@ def test_yttm_lowercase_option(yttm_model, yttm_pair):
     low = yttm_tokenizer(yttm_model, lowercase=True)
     want = _ref_yttm_ids(ref, [s.lower() for s in texts])
     assert [e.ids for e in low.tok.encode_batch(texts, add_special_tokens=False)] == want
+
+
+def test_python_spaces_are_every_isspace_char():
+    from t2i.data.vocabs import PY_SPACES
+
+    assert sorted(PY_SPACES) == [chr(c) for c in range(0x110000) if chr(c).isspace()]
+
+
+def test_yttm_strip_gives_rudalle_pipeline_ids_for_unicode_spaces(yttm_model, yttm_pair):
+    """ruDALL-E's generate_images encodes ``text.lower().strip()``: NBSP, U+3000, U+2028 ... at either end go."""
+    ref, _, texts = yttm_pair
+    edges = ["\xa0", "\u3000", "\u2028", "\u2029", "\u205f", "\u1680", "\u2003", "\x85", "\x1c", " \xa0 "]
+    texts = texts + [a + t + b for t in texts[:60] for a, b in [(edges[len(t) % 10], edges[(len(t) + 3) % 10])]]
+    tok = yttm_tokenizer(yttm_model, lowercase=True, strip=True)
+    want = torch.tensor([_rudalle_encode(ref, s.lower().strip(), 32) for s in texts])
+    got = tok.encode(texts, 32)
+    bad = [texts[i] for i in range(len(texts)) if not torch.equal(got[i], want[i])]
+    assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[0]!r}"
+    unstripped = yttm_tokenizer(yttm_model, lowercase=True).encode(texts, 32)
+    assert not torch.equal(unstripped, want)  # the strip is what makes them equal
 
 
 @pytest.mark.parametrize("text_len", [1, 4, 16, 128])

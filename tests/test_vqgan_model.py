@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from t2i.models.records import build
 from t2i.models.discriminator import ActNorm, NLayerDiscriminator
 from t2i.models.quantizers import GumbelQuantizer
+from t2i.models.records import build
 from t2i.models.vqgan import VQGAN
 
 SMALL = dict(ch=32, num_res_blocks=1, z_channels=8, embed_dim=4, n_embed=16)

@@ -140,8 +140,8 @@ def saved_bytes(fn) -> int:
 
 def measure(vqgan_ckpt: Path, transformer_ckpt: Path) -> dict:
     """FLOPs per sample of each stage's work, parameters, and activation bytes per training sample."""
-    from t2i.pretrained.image_tokenizers import load_tokenizer
     from t2i.models.transformer import Transformer
+    from t2i.pretrained.image_tokenizers import load_tokenizer
     from t2i.sampling import generate
 
     torch.manual_seed(0)

@@ -37,8 +37,8 @@ class GenerationMetrics(pl.Callback):
                  batch_size: int = 16, seed: int = 0, sample: dict | None = None, metrics: dict | None = None,
                  clip: dict | None = None, dataset: str | None = None, table_rows: int = 8,
                  rerank: dict | None = None):
-        from t2i.pipeline.caption_rerank import check_combine
         from t2i.errors import ConfigError
+        from t2i.pipeline.caption_rerank import check_combine
 
         self.every = max(1, int(every_n_val_epochs))
         self.num_captions, self.num_candidates = int(num_captions), int(num_candidates)

@@ -46,7 +46,9 @@ def reader_kwargs(cfg: DictConfig) -> dict:
 def open_input(cfg: DictConfig):
     from t2i.data.formats import open_source
 
-    return open_source(cfg.source, need(cfg, "input"), key="input", **reader_kwargs(cfg))
+    source = open_source(cfg.source, need(cfg, "input"), key="input", **reader_kwargs(cfg))
+    source.log.key = "max_bad_fraction"  # its refusal names this command's key, not the training configs' one
+    return source
 
 
 def cmd_shapes(cfg: DictConfig) -> dict:
@@ -134,7 +136,7 @@ def check_oracle(root: Path, split: str, prefix: str = "shapes") -> dict:
         row = json.loads(line)
         specs[row["key"]] = ShapeSpec.from_dict(row["spec"])
     src = EasyNLPTSV(root / f"{prefix}_{split}.tsv")
-    slog = SkipLog(name=f"oracle check of {prefix}_{split}.tsv")
+    slog = SkipLog(name=f"oracle check of {prefix}_{split}.tsv", key="max_bad_fraction")
     images, wanted = [], []
     for rec in src.records(slog):
         try:
@@ -210,7 +212,7 @@ def cmd_inspect(cfg: DictConfig) -> dict:
     from t2i.data.tokenizer import TextTokenizer
 
     source = open_input(cfg)
-    slog = SkipLog(cfg.max_bad_fraction, name=f"{cfg.source} {cfg.input}")
+    slog = SkipLog(cfg.max_bad_fraction, name=f"{cfg.source} {cfg.input}", key="max_bad_fraction")
     records = source.records(slog)
     n_caps = [len(r.captions) for r in records]
     chars = [len(c) for r in records for c in r.captions]

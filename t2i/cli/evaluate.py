@@ -114,7 +114,7 @@ def source_items(p: DictConfig, image_size: int) -> Items:
     spec = p.split
     src = open_source(p.source, **dict(spec), key="eval.split") if isinstance(spec, DictConfig) else \
         open_source(p.source, str(spec), key="eval.split")
-    skips = SkipLog(float(p.get("max_bad_fraction", 0.01)), name=f"eval {p.name}")
+    skips = SkipLog(float(p.get("max_bad_fraction", 0.01)), name=f"eval {p.name}", key="eval.max_bad_fraction")
     records = src.records(skips)
     if not records:
         raise T2IError(f"eval.split={OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else spec}: "
@@ -406,11 +406,15 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError("eval=spade needs ckpt=<a t2i-train experiment=*_spade .ckpt>")
     if p.kind != "reconstruction" and not cfg.ckpt:
         raise ConfigError(f"eval={p.name} needs ckpt=<a t2i-train experiment=*_transformer .ckpt>")
+    from t2i.data.prompts import check_output_folder
+    from t2i.eval.checks import check_protocol
+
+    check_protocol(p)
+    out = check_output_folder(cfg.output)
     torch.set_flush_denormal(True)
     slurm_to_torchrun_env()
     device = pick_device(str(cfg.device))
     autocast_dtype(cfg, device)  # a bad value fails before any model loads
-    out = Path(str(cfg.output)).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     cfg.output = str(out)
     started = start_processes(device)

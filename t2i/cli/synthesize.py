@@ -134,7 +134,7 @@ def run(cfg: DictConfig) -> dict:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{k}={v} must be an integer >= 1")
     style_cfg = cfg.style
-    if style_cfg in ("null", "none", ""):
+    if str(style_cfg).lower() in ("null", "none", ""):  # Hydra's null, and None as Python callers write it
         style_cfg = None
     device = pick_device(str(cfg.device))
     map_files(cfg.maps)  # a bad folder fails before the model loads

@@ -79,9 +79,8 @@ def filter_pairs(source: Source, output, min_side: int = 0, max_aspect: float | 
         if clip is not None and pending:
             images = torch.stack([p[4] for p in pending for _ in p[1]])
             texts = [c for p in pending for c in p[1]]
-            from t2i.pipeline.rerank import score
-
-            s = score(clip, images, texts, batch_size=batch_size).tolist()
+            s = [v for i in range(0, len(images), batch_size)  # any model with .score(images, texts) -> [N]
+                 for v in clip.score(images[i:i + batch_size], texts[i:i + batch_size]).float().cpu().tolist()]
             scores.extend(s)
             i = 0
             for rec, caps, data, image, _ in pending:

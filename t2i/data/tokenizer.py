@@ -6,7 +6,7 @@ CJK characters are split one per token as BERT-Chinese does (``BertNormalizer`` 
 ``[PAD]=0, [UNK], [CLS], [SEP], [MASK]``. A tokenizer loads from a ``tokenizer.json`` (ours or
 any HF one) or a BERT ``vocab.txt`` (e.g. bert-base-chinese) and travels inside checkpoints as a
 JSON string; :func:`check_same` compares fingerprints when a checkpoint is loaded. Imported tokenizers
-(:mod:`t2i.pretrained.text`, e.g. ruDALL-E's ``<BOS> text <EOS>``) may carry a wrap that ``encode`` applies.
+(:mod:`t2i.data.vocabs`, e.g. ruDALL-E's ``<BOS> text <EOS>``) may carry a wrap that ``encode`` applies.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _space_between(a: str, b: str) -> bool:
 def _wrap_of(post_processor) -> tuple[list[int], list[int]] | None:
     """``(ids before, ids after)`` the text when ``post_processor`` is a single-text wrap: a
     ``TemplateProcessing`` whose pair template holds no special token, as the importers in
-    :mod:`t2i.pretrained.text` write it (ruDALL-E's ``<BOS> $A <EOS>``). Hub files such as BERT's
+    :mod:`t2i.data.vocabs` write it (ruDALL-E's ``<BOS> $A <EOS>``). Hub files such as BERT's
     (``[CLS] $A [SEP] $B [SEP]`` for pairs) give None: they keep encoding without specials."""
     pp = post_processor or {}
     if pp.get("type") != "TemplateProcessing" or any("SpecialToken" in p for p in pp.get("pair") or []):

@@ -94,7 +94,7 @@ def source_images(p: DictConfig, size: int) -> Images:
     spec = p.split
     src = open_source(p.source, **dict(spec), key="eval.split") if isinstance(spec, DictConfig) else \
         open_source(p.source, str(spec), key="eval.split")
-    skips = SkipLog(float(p.get("max_bad_fraction", 0.01)), name=f"eval {p.name}")
+    skips = SkipLog(float(p.get("max_bad_fraction", 0.01)), name=f"eval {p.name}", key="eval.max_bad_fraction")
     records = src.records(skips)
     skips.ok(len(records))
     if skips.n_bad:

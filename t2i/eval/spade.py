@@ -74,7 +74,8 @@ def dataset_items(p: DictConfig, size: tuple[int, int], num_classes: int, use_in
     if src.num_classes > num_classes:
         raise ConfigError(f"eval.data={p.data} has {src.num_classes} classes; the model knows {num_classes}")
     src.num_classes = num_classes
-    slog = LayoutSkipLog(float(p.get("max_bad_fraction", 0.01)), name=f"eval spade {p.data}")
+    slog = LayoutSkipLog(float(p.get("max_bad_fraction", 0.01)), name=f"eval spade {p.data}",
+                         key="eval.max_bad_fraction")
     pairs = src.pairs(slog)
     if not pairs:
         raise T2IError(f"eval.data={p.data} eval.root={p.get('root')}: no image + label-map pairs")

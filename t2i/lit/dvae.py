@@ -16,13 +16,13 @@ import pytorch_lightning as pl
 import torch
 
 from t2i.distributed import batch_share
+from t2i.keys import TOKENIZER_KEY
 from t2i.lit.metrics import image_metrics
 from t2i.lit.optim import GuardedSteps, StepGuard, live_loss
 from t2i.losses.dvae import DVAELoss, anneal
-from t2i.keys import TOKENIZER_KEY
-from t2i.models.records import tokenizer_entry
 from t2i.models.dvae import DVAE
 from t2i.models.quantizers import CodebookUsage
+from t2i.models.records import tokenizer_entry
 
 log = logging.getLogger(__name__)
 LR_SCHEDULES = ("cosine", "exp", "linear", "constant")

@@ -33,11 +33,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from t2i.data.specs import SPEC_HINT
 from t2i.distributed import batch_share
 from t2i.errors import ConfigError
 from t2i.keys import LEXICON_KEY
 from t2i.lit.optim import GuardedSteps, StepGuard, adamw_warmup_cosine, ema_update, live_loss
-from t2i.data.specs import SPEC_HINT
 from t2i.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class TransformerModule(GuardedSteps, pl.LightningModule):
             return batch["codes"]
         if self.image_tokenizer is None:
             raise ConfigError("the batches carry images, not codes: set model.image_tokenizer=<tokenizer .ckpt> "
-                              "to encode them on the fly, or train on t2i-tokenize output (data=*_codes)")
+                              "to encode them on the fly, or train on t2i-tokenize output (data=codes)")
         with torch.no_grad():
             return self.image_tokenizer.encode(batch["image"])
 

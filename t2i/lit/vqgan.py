@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from t2i.keys import TOKENIZER_KEY
 from t2i.lit.metrics import image_metrics
 from t2i.lit.optim import live_loss, lr_lambda, total_steps
 from t2i.losses.vqgan import VQGANLoss
-from t2i.keys import TOKENIZER_KEY
-from t2i.models.records import tokenizer_entry
 from t2i.models.quantizers import CodebookUsage
+from t2i.models.records import tokenizer_entry
 from t2i.models.vqgan import VQGAN
 
 

@@ -194,9 +194,13 @@ def pack_linear(layer: nn.Linear, rows: int):
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-    """``layer(x)``, through the cache's packed copy of the layer when it has one and no gradient is needed."""
+    """``layer(x)``, through the cache's packed copy of the layer when it has one, no gradient is needed and
+    ``x`` is in the weight's own dtype with no autocast on (autocast decides the dtype of ``layer(x)``)."""
     fast = cache.packed.get(layer) if cache is not None else None
-    return layer(x) if fast is None or torch.is_grad_enabled() else fast(x)
+    if fast is None or torch.is_grad_enabled() or x.dtype != layer.weight.dtype or \
+            torch.is_autocast_enabled(x.device.type):
+        return layer(x)
+    return fast(x)
 
 
 _compiled_flex = None
@@ -236,9 +240,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, start: int = 0, cache: KVCache | None = None,
                 layer: int = 0, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                block_mask=None) -> torch.Tensor:
+                block_mask=None, keys: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, t, d]`` at positions ``[start, start + t)``. ``mask`` is the layer's full ``[L, L]``
-        mask; with a ``cache`` the new keys are stored and queries see every cached position."""
+        mask; with a ``cache`` the new keys are stored and queries see every cached position. ``keys``
+        (a decode step, ``t == 1``): the cached positions the query may see; only those are read."""
         B, t, _ = x.shape
         q, k, v = linear(self.qkv, x, cache).view(B, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if rotary is not None:
@@ -247,18 +252,24 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
         end = start + t
+        if keys is not None:  # sparse patterns: a row / column / window of the cache instead of all of it
+            k, v, mask = k.index_select(2, keys), v.index_select(2, keys), None
+        else:
+            mask = mask[start:end, :end]
         p = self.dropout if self.training else 0.0
         if self.pb_relax:
-            y = self._pb_relax_attention(q, k, v, mask[start:end, :end], p)
+            y = self._pb_relax_attention(q, k, v, mask, p)
         elif self.impl == "flex" and block_mask is not None and cache is None:
             y = flex(q, k, v, block_mask)
         else:
-            y = attend(q, k, v, mask[start:end, :end], p, self.impl)
+            y = attend(q, k, v, mask, p, self.impl)
         return linear(self.proj, y.transpose(1, 2).reshape(B, t, -1), cache)
 
     def _pb_relax_attention(self, q, k, v, mask, p):
         scores = (q / (self.pb_alpha * math.sqrt(self.head_dim))) @ k.transpose(-2, -1)
-        scores = scores.float().masked_fill(~mask, float("-inf"))
+        scores = scores.float()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         scores = (scores - scores.amax(-1, keepdim=True).detach()) * self.pb_alpha
         att = F.dropout(scores.softmax(-1), p=p, training=p > 0)
         return att.to(v.dtype) @ v

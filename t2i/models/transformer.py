@@ -33,7 +33,15 @@ from torch import nn
 
 from t2i.errors import ConfigError
 from t2i.models import attention as A
-from t2i.models.attention import Attention, KVCache, layer_patterns, linear, pack_linear, rotary_angles, sequence_mask
+from t2i.models.attention import (
+    Attention,
+    KVCache,
+    layer_patterns,
+    linear,
+    pack_linear,
+    rotary_angles,
+    sequence_mask,
+)
 from t2i.models.knowledge import KnowledgeFusion
 
 GELUS = ("exact", "tanh")
@@ -73,8 +81,8 @@ class Block(nn.Module):
         # PB-relax (CogView): LN(x) == LN(x / max|x|); dividing first keeps half precision in range
         return ln(x / x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-6)) if self.pb_relax else ln(x)
 
-    def forward(self, x, mask, start=0, cache=None, layer=0, rotary=None, block_mask=None):
-        a = self.attn(self._ln(self.ln_1, x), mask, start, cache, layer, rotary, block_mask)
+    def forward(self, x, mask, start=0, cache=None, layer=0, rotary=None, block_mask=None, keys=None):
+        a = self.attn(self._ln(self.ln_1, x), mask, start, cache, layer, rotary, block_mask, keys)
         x = x + self.dropout(self.ln_attn_out(a))
         return x + self.ln_mlp_out(self.mlp(self._ln(self.ln_2, x), cache))
 
@@ -100,12 +108,13 @@ class Transformer(nn.Module):
             if value not in allowed:
                 raise ConfigError(f"model.{key}={value!r} is unknown; use one of {', '.join(allowed)}")
         if rotary and captioning:
-            raise ConfigError("model.captioning has no rotary positions yet (the order of the sequence differs): "
-                              "use model.rotary=false")
+            raise ConfigError("model.model.captioning has no rotary positions yet (the order of the sequence "
+                              "differs): use model.model.rotary=false")
         if rotary and image_pos != "rowcol":
-            raise ConfigError("model.rotary replaces the position tables: leave model.image_pos=rowcol")
+            raise ConfigError("model.model.rotary replaces the position tables: leave model.model.image_pos=rowcol")
         if attn_impl == "flex" and attn_dropout > 0:
-            raise ConfigError("model.attn_impl=flex has no attention dropout; set model.attn_dropout=0 or use sdpa")
+            raise ConfigError("model.model.attn_impl=flex has no attention dropout; set model.model.attn_dropout=0 "
+                              "or use sdpa")
         self.text_vocab, self.text_len, self.image_vocab = text_vocab, text_len, image_vocab
         self.grid, self.n_image = (h, w), h * w
         self.seq_len = text_len + h * w
@@ -152,6 +161,7 @@ class Transformer(nn.Module):
             for p in sorted(set(self.patterns)):
                 self.register_buffer(f"cmask_{p}", A.caption_mask(p, text_len, h, w, conv_kernel), persistent=False)
         self._block_masks: dict = {}
+        self._step_keys: dict = {}
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
@@ -219,17 +229,27 @@ class Transformer(nn.Module):
                                                        device=str(device))
         return self._block_masks[key]
 
+    def step_keys(self, layer: int, position: int, caption: bool = False) -> torch.Tensor | None:
+        """The positions a decode step at ``position`` attends to in ``layer`` (its mask row), or None
+        where that is every earlier position; kept per pattern and position."""
+        key = (self.patterns[layer], caption, position)
+        if key not in self._step_keys:
+            row = self.mask(layer, caption)[position, :position + 1]
+            self._step_keys[key] = None if bool(row.all()) else row.nonzero()[:, 0]
+        return self._step_keys[key]
+
     def hidden(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None, entities=None,
                caption: bool = False) -> torch.Tensor:
         t = x.shape[1]
         rot = (self.rot_cos[start:start + t], self.rot_sin[start:start + t]) if self.rotary else None
         flex = self.attn_impl == "flex" and cache is None and start == 0 and not caption
         if flex and x.device.type == "cpu" and torch.is_grad_enabled():
-            raise ConfigError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward); "
-                              "use model.attn_impl=sdpa there")
+            raise ConfigError("model.model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward); "
+                              "use model.model.attn_impl=sdpa there")
         for i, block in enumerate(self.blocks):
             bm = self.block_mask(i, t, x.device) if flex else None
-            x = block(x, self.mask(i, caption), start, cache, i, rot, bm)
+            keys = self.step_keys(i, start, caption) if cache is not None and t == 1 else None
+            x = block(x, self.mask(i, caption), start, cache, i, rot, bm, keys)
         if start == 0 and not caption and self._fuses(entities, "easynlp"):  # EasyNLP: on the text states after the last block
             T = self.text_len
             x = torch.cat([self.knowledge(x[:, :T], *entities), x[:, T:]], dim=1)
@@ -326,7 +346,7 @@ class Transformer(nn.Module):
         caption token ``[B, text_len, text ids]`` (token ``k`` read from the position before it)."""
         image = image.flatten(1)
         if self.text_head is None:
-            raise ConfigError("captioning needs a text head (model.text_head=true)")
+            raise ConfigError("captioning needs a text head (model.model.text_head=true)")
         x = self.embed_caption(image, self.text_ids(text)[:, :-1])
         hid = self.hidden(x, caption=True)
         return self.text_head(hid[:, self.n_image - 1:])

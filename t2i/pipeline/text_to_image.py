@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from t2i.data.prompts import check_output_folder, prompt_list
 from t2i.devices import autocast_dtype, pick_device
 from t2i.errors import ConfigError
 from t2i.pipeline.parts import encode_prompts, load_checkpoint, load_parts
 from t2i.pipeline.rerank import Reranking
 from t2i.pipeline.upscale import check_upscale, load_upscaler, upscale_images
+from t2i.sampling import DEFAULT_TOP_K
 
 SETTINGS = ("top_k", "top_p", "temperature", "cfg_scale", "use_cache", "ema")
-DEFAULT_TOP_K = None  # set from the one documented default below once the CLI and eval agree
 
 
 def to_pil(pics: torch.Tensor) -> list[Image.Image]:
@@ -69,20 +70,6 @@ def check_count(key: str, v) -> int:
     return v
 
 
-def prompt_list(prompts) -> list[str]:
-    """A string is one prompt; a list holds one prompt per entry (never a string's characters)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = [str(p) for p in prompts]
-    if not prompts:
-        raise ConfigError("no prompts: pass a caption or a list of captions")
-    for i, p in enumerate(prompts):
-        if not p.strip():
-            raise ConfigError(f"prompts[{i}] is empty (it would sample without any caption): remove it or write "
-                              f"the caption")
-    return prompts
-
-
 @dataclass
 class Generation:
     """What one call made. Per prompt, best first: ``images`` (PIL), ``scores`` (the ranking score, None
@@ -106,9 +93,7 @@ class Generation:
         reranked pick in a red frame) and ``samples.jsonl``: the files ``t2i-generate`` writes."""
         from t2i.viz import sample_grid
 
-        out = Path(str(folder)).expanduser()
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"output={folder} is a file, not a folder: pass a folder (it is created when missing)")
+        out = check_output_folder(folder)
         out.mkdir(parents=True, exist_ok=True)
         rows = iter(self.records)
         for i, imgs in enumerate(self.images):
@@ -256,7 +241,8 @@ class Pipeline:
         return out
 
     # -- the whole chain ---------------------------------------------------------------------------------
-    def check(self, num_samples=4, batch_size=32, top_k=DEFAULT_TOP_K, top_p=None, temperature=1.0, cfg_scale=None,
+    @staticmethod
+    def check(num_samples=4, batch_size=32, top_k=DEFAULT_TOP_K, top_p=None, temperature=1.0, cfg_scale=None,
               top=None) -> None:
         """One ConfigError for call settings that cannot work (before anything is sampled)."""
         from t2i.sampling import check_sampling

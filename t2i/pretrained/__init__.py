@@ -10,18 +10,18 @@ public weights (``t2i-import`` is the command-line front door, :mod:`t2i.cli.imp
 * :func:`load_easynlp` (:mod:`t2i.pretrained.easynlp`): EasyNLP pai-painter -> transformer + tokenizers.
 * :func:`load_rudalle` (:mod:`t2i.pretrained.rudalle`): ruDALL-E v3 (Malevich) -> transformer + tokenizers.
 * :func:`load_realesrgan` / :func:`load_sr` (:mod:`t2i.pretrained.realesrgan`): Real-ESRGAN -> RRDBNet.
-* :func:`bert_tokenizer`, :func:`yttm_tokenizer` (:mod:`t2i.pretrained.text`): their text tokenizers.
+* :func:`bert_tokenizer`, :func:`yttm_tokenizer` (:mod:`t2i.data.vocabs`): their text tokenizers.
 
 No file is fully unpickled unless the caller passes ``trust_pickle=True`` (see :mod:`t2i.pretrained._pickle`).
 """
 
+from t2i.data.vocabs import bert_tokenizer, yttm_tokenizer
 from t2i.pretrained.easynlp import load_easynlp
 from t2i.pretrained.image_tokenizers import load_tokenizer, tokenizer_spec
 from t2i.pretrained.openai import load_openai_dvae, openai_dvae_config, save_openai_dvae_state
 from t2i.pretrained.realesrgan import load_realesrgan, load_sr
 from t2i.pretrained.rudalle import load_rudalle
 from t2i.pretrained.taming import find_taming_config, load_taming_vqgan, taming_vqgan_config
-from t2i.pretrained.text import bert_tokenizer, yttm_tokenizer
 
 __all__ = ["bert_tokenizer", "find_taming_config", "load_easynlp", "load_openai_dvae", "load_realesrgan",
            "load_rudalle", "load_sr", "load_taming_vqgan", "load_tokenizer", "openai_dvae_config", "save_openai_dvae_state",

@@ -88,6 +88,11 @@ def read_config(folder: Path) -> dict:
 
 def model_config(cfg: dict, text_len: int) -> dict:
     """Our :class:`~t2i.models.transformer.Transformer` arguments for an EasyNLP ``config.json``."""
+    unmasked = cfg.get("n_unmasked") or 0
+    if unmasked != 0:  # taming's GPT: the first n_unmasked positions attend to each other both ways
+        raise T2IError(f"config.json: n_unmasked={unmasked}: the release's first {unmasked} positions attend to each "
+                       "other in both directions, which t2i's causal transformer does not compute; only releases "
+                       "whose n_unmasked is 0 (or absent) import exactly")
     n_image = int(cfg["block_size"]) - int(text_len)
     side = round(max(n_image, 0) ** 0.5)
     if n_image <= 0 or side * side != n_image:
@@ -100,43 +105,51 @@ def model_config(cfg: dict, text_len: int) -> dict:
             "image_pos": "absolute", "gelu": "exact", "head_bias": False, "text_head": False}
 
 
-def convert_gpt(sd: dict, config: dict, where: str) -> dict:
-    """minGPT weights (``tok_emb.weight``, ``pos_emb``, ``blocks.N.*``, ``ln_f.*``, ``head.weight``, no
-    prefix) -> our Transformer's state dict for ``config`` (from :func:`model_config`). Every input key
-    is used exactly once; leftovers and gaps are one error naming ``where``."""
+def convert_gpt(sd: dict, config: dict, where: str, prefix: str = "transformer.") -> dict:
+    """minGPT weights (``tok_emb.weight``, ``pos_emb``, ``blocks.N.*``, ``ln_f.*``, ``head.weight``, keys
+    without ``prefix``) -> our Transformer's state dict for ``config`` (from :func:`model_config`). Every
+    source tensor's shape is checked before anything is combined; a wrong one is one error naming its key
+    as the file spells it (``prefix`` + key) and both shapes. Every input key is used exactly once;
+    leftovers and gaps are one error naming ``where``."""
     sd = dict(sd)
     used: set[str] = set()
-
-    def take(key):
-        if key not in sd:
-            raise T2IError(f"{where}: missing transformer.{key} (not an EasyNLP ARTIST / pai-painter model?)")
-        used.add(key)
-        return sd[key]
-
-    v_img, v_txt, t = config["image_vocab"], config["text_vocab"], config["text_len"]
+    v_img, v_txt, t, d = config["image_vocab"], config["text_vocab"], config["text_len"], config["d_model"]
     n = config["image_grid"][0] * config["image_grid"][1]
-    tok = take("tok_emb.weight")
-    if tok.shape[0] != v_img + v_txt:
-        raise T2IError(f"{where}: tok_emb has {tok.shape[0]} rows, config.json says {v_img} image + {v_txt} text")
-    pos = take("pos_emb")
-    if pos.dim() != 3 or pos.shape[1] < t + n:
-        raise T2IError(f"{where}: pos_emb has shape {tuple(pos.shape)}, expected [1, {t + n}, d]")
-    head = take("head.weight")
-    if head.shape[0] != v_img:
-        raise T2IError(f"{where}: head.weight has {head.shape[0]} rows; ARTIST's head covers the {v_img} image "
-                       "codes only")
+
+    def take(key, *shape, why: str = ""):
+        if key not in sd:
+            raise T2IError(f"{where}: missing {prefix}{key} (not an EasyNLP ARTIST / pai-painter model?)")
+        used.add(key)
+        x = sd[key]
+        if tuple(x.shape) != shape:
+            raise T2IError(f"{where}: {prefix}{key} has shape {list(x.shape)}, expected {list(shape)} "
+                           f"({why or f'config.json: n_embd={d}'})")
+        return x
+
+    tok = take("tok_emb.weight", v_img + v_txt, d, why=f"config.json: {v_img} image + {v_txt} text codes, n_embd={d}")
+    pos = sd.get("pos_emb")
+    block = pos.shape[1] if pos is not None and pos.dim() == 3 and pos.shape[1] >= t + n else t + n
+    pos = take("pos_emb", 1, block, d, why=f"text_len={t} + {n} image positions at least, n_embd={d}")
+    head = take("head.weight", v_img, d, why=f"ARTIST's head covers the {v_img} image codes only, n_embd={d}")
     out = {"image_emb.weight": tok[:v_img], "text_emb.weight": tok[v_img:], "text_pos": pos[0, :t],
-           "image_pos_emb": pos[0, t:t + n], "ln_f.weight": take("ln_f.weight"), "ln_f.bias": take("ln_f.bias"),
+           "image_pos_emb": pos[0, t:t + n], "ln_f.weight": take("ln_f.weight", d), "ln_f.bias": take("ln_f.bias", d),
            "image_head.weight": head}
+    f = config["d_ff"]
     for i in range(config["n_layer"]):
-        a, b = f"blocks.{i}.", f"blocks.{i}."
+        a = f"blocks.{i}."
         for kind in ("weight", "bias"):
-            out[f"{b}ln_1.{kind}"] = take(f"{a}ln1.{kind}")
-            out[f"{b}ln_2.{kind}"] = take(f"{a}ln2.{kind}")
-            out[f"{b}attn.qkv.{kind}"] = torch.cat([take(f"{a}attn.{p}.{kind}") for p in ("query", "key", "value")])
-            out[f"{b}attn.proj.{kind}"] = take(f"{a}attn.proj.{kind}")
-            out[f"{b}mlp.fc.{kind}"] = take(f"{a}mlp.0.{kind}")
-            out[f"{b}mlp.proj.{kind}"] = take(f"{a}mlp.2.{kind}")
+            def w(rows, cols, kind=kind):  # a bias has the output size only
+                return (rows, cols) if kind == "weight" else (rows,)
+
+            out[f"{a}ln_1.{kind}"] = take(f"{a}ln1.{kind}", d)
+            out[f"{a}ln_2.{kind}"] = take(f"{a}ln2.{kind}", d)
+            qkv = [take(f"{a}attn.{p}.{kind}", *w(d, d)) for p in ("query", "key", "value")]
+            out[f"{a}attn.qkv.{kind}"] = torch.cat(qkv)
+            out[f"{a}attn.proj.{kind}"] = take(f"{a}attn.proj.{kind}", *w(d, d))
+            out[f"{a}mlp.fc.{kind}"] = take(f"{a}mlp.0.{kind}", *w(f, d), why=f"config.json: n_embd={d}, 4 * n_embd "
+                                            f"hidden units")
+            out[f"{a}mlp.proj.{kind}"] = take(f"{a}mlp.2.{kind}", *w(d, f), why=f"config.json: n_embd={d}, 4 * "
+                                              f"n_embd hidden units")
         used.update(k for k in sd if k.startswith(a) and k.endswith("attn.mask"))  # minGPT's causal-mask buffer
     left = sorted(set(sd) - used)
     if left:
@@ -158,10 +171,10 @@ def load_easynlp(input, vocab=None, text_len: int = 32, vqgan_config=None, image
     to use instead of the weights' ``first_stage_model`` (a transformer-only file); ``entities`` /
     ``vectors``: ARTIST's ``entity2id.txt`` / ``entity2vec.pt`` (a knowledge model needs both; the
     lexicon is returned in ``files["lexicon"]``)."""
-    from t2i.pretrained.image_tokenizers import load_tokenizer
+    from t2i.data.vocabs import bert_tokenizer
     from t2i.models.vqgan import VQGAN
+    from t2i.pretrained.image_tokenizers import load_tokenizer
     from t2i.pretrained.taming import taming_vqgan_config
-    from t2i.pretrained.text import bert_tokenizer
 
     with release_folder(input) as folder:
         cfg = read_config(folder)

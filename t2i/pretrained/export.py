@@ -18,13 +18,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from t2i.data.specs import file_sha256
 from t2i.data.tokenizer import TextTokenizer
 from t2i.errors import T2IError
-from t2i.data.specs import file_sha256
 from t2i.keys import IMAGE_TOKENIZER_KEY, IMPORT_KEY, LEXICON_KEY, TEXT_TOKENIZER_KEY
 from t2i.models.records import tokenizer_record
 from t2i.models.transformer import Transformer
-
 
 
 def check_state(model: nn.Module, state: dict, where: str) -> None:

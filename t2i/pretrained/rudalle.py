@@ -122,10 +122,10 @@ def load_rudalle(input, tokenizer, vae, vae_config=None, text_len: int = 128, n_
     ``input``: ``pytorch_model_v3.bin``; ``tokenizer``: its ``bpe.model``; ``vae``: the Sber VQGAN
     ``.ckpt`` (``vae_config``: its taming YAML when not the released f8-8192 geometry); ``n_head``:
     the model's head count (16 for Malevich; default ``d_model / 128``)."""
+    from t2i.data.vocabs import yttm_tokenizer
     from t2i.models.vqgan import VQGAN
     from t2i.pretrained.export import check_state, provenance
     from t2i.pretrained.taming import GENERATOR_PREFIXES, IGNORED_PREFIXES, _taming_state, taming_vqgan_config
-    from t2i.pretrained.text import yttm_tokenizer
 
     if version != "v3":
         raise T2IError(f"version={version}: only ruDALL-E v3 weights (Malevich, Surrealist_XL, Kandinsky) are "
@@ -138,7 +138,8 @@ def load_rudalle(input, tokenizer, vae, vae_config=None, text_len: int = 128, n_
     state = convert_dalle(sd, config, where)
     if not tokenizer:
         raise T2IError("tokenizer= is required: the model's YouTokenToMe bpe.model")
-    text_tok = yttm_tokenizer(tokenizer, key="tokenizer", lowercase=True)  # its pipeline lowercases prompts
+    # its pipeline encodes text.lower().strip()
+    text_tok = yttm_tokenizer(tokenizer, key="tokenizer", lowercase=True, strip=True)
     if not vae:
         raise T2IError("vae= is required: the Sber VQGAN checkpoint (vqgan.gumbelf8-sber.model.ckpt)")
     vq = read_weights(vae, _taming_state, what="Sber VQGAN checkpoint", trust_pickle=trust_pickle)

@@ -123,9 +123,11 @@ def find_taming_config(ckpt_path) -> Path:
             return models[0]
         if len(models) > 1:
             raise T2IError(f"taming checkpoint {ckpt_path}: several model configs in {place} "
-                           f"({[m.name for m in models]}); pass config_path=")
+                           f"({[m.name for m in models]}); give the one to use (t2i-import taming: config=; a tokenizer spec: "
+                           f"files.config)")
     raise T2IError(f"taming checkpoint {ckpt_path}: no model config (*.yaml with model.target) found in "
-                   f"{places[0]} or {places[1]}; pass config_path= (taming's configs/model.yaml)")
+                   f"{places[0]} or {places[1]}; give taming's configs/model.yaml (t2i-import taming: config=; a "
+                   f"tokenizer spec: files.config)")
 
 
 def _taming_state(obj) -> dict[str, torch.Tensor] | None:

@@ -145,7 +145,7 @@ class EasyNLPKnowledgeTSV(EasyNLPTSV):
         super().__init__(path, require_images, key)
         self._tok = None
         if bert_vocab:
-            from t2i.pretrained.text import bert_tokenizer
+            from t2i.data.vocabs import bert_tokenizer
 
             self._tok = bert_tokenizer(bert_vocab, key=_sibling_key(key, "bert_vocab"))
 

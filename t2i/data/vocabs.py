@@ -36,6 +36,9 @@ from t2i.data.tokenizer import SPECIALS, TextTokenizer
 SPACE = "\u2581"  # YouTokenToMe's word-start mark
 YTTM_SPECIALS = ("<UNK>", "<PAD>", "<BOS>", "<EOS>")  # the file's order
 _WS = f"[\\t-\\r {SPACE}]"  # what YouTokenToMe splits words on (C isspace below 256, and "▁")
+# Python's str.isspace() chars (str.strip() removes these); ruDALL-E's pipeline strips prompts with it
+PY_SPACES = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
+    "\u2028\u2029\u202f\u205f\u3000"
 _BERT_EXPECTED = "a BERT vocab.txt (one token a line, with [PAD] and [UNK])"
 _YTTM_EXPECTED = "a YouTokenToMe BPE model file (ruDALL-E's bpe.model)"
 
@@ -108,12 +111,14 @@ def read_yttm(model_path, key: str = "tokenizer") -> tuple[dict[int, int], list[
     return chars, rules, specials
 
 
-def yttm_tokenizer(model_path, key: str = "tokenizer", wrap: bool = True, lowercase: bool = False) -> TextTokenizer:
+def yttm_tokenizer(model_path, key: str = "tokenizer", wrap: bool = True, lowercase: bool = False,
+                   strip: bool = False) -> TextTokenizer:
     """A YouTokenToMe BPE model file -> TextTokenizer with the same ids as ``yttm.BPE(model).encode``.
 
     ``wrap``: store ruDALL-E's ``<BOS> $A <EOS>`` so :meth:`TextTokenizer.encode` reproduces its
     ``encode_text`` (wrap, then pad with <PAD> / cut to ``text_len``). ``lowercase``: lowercase before
-    encoding (ruDALL-E's pipeline calls ``text.lower()`` before the tokenizer; the tokenizer does not)."""
+    encoding; ``strip``: drop leading / trailing whitespace as Python's ``str.strip()`` does (NBSP, U+3000,
+    U+2028, ... too). ruDALL-E's pipeline encodes ``text.lower().strip()``: both on give its prompt ids."""
     chars, rules, specials = read_yttm(model_path, key)
     text = {tid: chr(cp) for cp, tid in chars.items()}
     vocab = {chr(cp): tid for cp, tid in chars.items()}
@@ -130,6 +135,8 @@ def yttm_tokenizer(model_path, key: str = "tokenizer", wrap: bool = True, lowerc
     merges = [(text[x], text[y]) for x, y, _ in rules]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<UNK>", fuse_unk=True))
     steps = [normalizers.Lowercase()] if lowercase else []
+    if strip:
+        steps.append(normalizers.Replace(Regex(f"\\A[{PY_SPACES}]+|[{PY_SPACES}]+\\z"), ""))
     steps += [
         normalizers.Replace(Regex(f"\\A{_WS}+|{_WS}+\\z"), ""),  # YouTokenToMe skips edge whitespace
         normalizers.Replace(Regex(f"{_WS}+"), SPACE),  # any whitespace run (or "▁") separates two words
