@@ -137,7 +137,7 @@ def test_inspect_fails_past_max_bad_fraction(tmp_path, capsys):
     assert res.returncode == 1 and "Traceback" not in res.stderr
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "2 of 11 samples were bad" in err[0]
-    assert f"worst file: {tsv} (2 bad)" in err[0] and "data.max_bad_fraction" in err[0]
+    assert f"worst file: {tsv} (2 bad)" in err[0] and "raise max_bad_fraction." in err[0]
     assert "9 ok, 2 skipped" in res.stdout  # the stats are printed first
     stats = run(data_cfg(tmp_path, "command=inspect", f"input={tsv}", "max_bad_fraction=0.2"))
     assert stats["images"] == 9 and stats["skipped_while_indexing"] == {"bad_columns": 2}

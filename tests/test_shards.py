@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -230,3 +231,87 @@ def test_duplicate_ids_are_skipped_with_their_location(tmp_path, capsys):
                                            f"1\t重复\t{b64(png(3))}"])
     summary = convert(EasyNLPTSV(tsv), tmp_path / "out2", progress=False, max_bad_fraction=0.5)
     assert summary["written"] == 2 and summary["log"].examples["duplicate"] == [f"{tsv}:3"]
+
+
+def test_convert_into_a_new_folder_is_one_rename(folder, tmp_path, monkeypatch):
+    """Into a missing (or empty) output the staging folder is renamed in one step: no shard moves alone."""
+    import os
+
+    import t2i.data.shards as shards
+
+    moves = []
+
+    def spy(real):
+        def move(a, b):
+            if ".converting-" not in str(b):  # out of the staging folder (the writer's .tmp -> .tar stay in it)
+                moves.append((Path(a).name, Path(b).name))
+            return real(a, b)
+        return move
+
+    monkeypatch.setattr(shards.os, "replace", spy(os.replace))
+    monkeypatch.setattr(shards.os, "rename", spy(os.rename))
+    out = tmp_path / "new"
+    convert(ImageFolder(folder), out, shard_size=1, progress=False, max_bad_fraction=1)
+    assert moves == [(f".new.converting-{os.getpid()}", "new")] and len(list(out.glob("shard-*.tar"))) == 4
+    (tmp_path / "empty").mkdir()
+    convert(ImageFolder(folder), tmp_path / "empty", shard_size=1, progress=False, max_bad_fraction=1)
+    assert moves[1:] == [(f".empty.converting-{os.getpid()}", "empty")]
+    assert len(list((tmp_path / "empty").glob("shard-*.tar"))) == 4
+    assert not list(tmp_path.glob(".*.converting-*"))
+
+
+def test_a_kill_while_moving_shards_in_leaves_a_set_readers_refuse(folder, tmp_path, monkeypatch):
+    """Into a folder that holds other files the shards move one by one under a marker; killed midway, every
+    reader refuses the folder and a rerun needs overwrite=true, which completes it."""
+    import os
+
+    import t2i.data.shards as shards
+    from t2i.data.wds import expand_urls
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.txt").write_text("mine")
+    real, calls = os.replace, []
+
+    def killed(a, b):
+        if ".converting-" in str(b):  # the writer finishing a shard in the staging folder
+            return real(a, b)
+        calls.append(b)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the kill, after two whole shards moved in
+        real(a, b)
+
+    monkeypatch.setattr(shards.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        convert(ImageFolder(folder), out, shard_size=1, progress=False, max_bad_fraction=1)
+    monkeypatch.setattr(shards.os, "replace", real)
+    assert len(list(out.glob("shard-*.tar"))) == 2 and (out / ".t2i-incomplete").is_file()
+    with pytest.raises(DataError, match=r"input=.*out: its shards are an incomplete set .*overwrite=true"):
+        expand_urls(str(out))
+    with pytest.raises(DataError, match=r"input=.*incomplete set"):
+        expand_urls(str(out / "shard-*.tar"))
+    with pytest.raises(DataError, match=r"holds an incomplete set of shards .*pass overwrite=true"):
+        convert(ImageFolder(folder), out, shard_size=1, progress=False, max_bad_fraction=1)
+    convert(ImageFolder(folder), out, shard_size=1, progress=False, max_bad_fraction=1, overwrite=True)
+    assert len(expand_urls(str(out))) == 4 and not (out / ".t2i-incomplete").exists()
+    assert (out / "README.txt").read_text() == "mine"
+
+
+def test_stale_staging_folders_of_dead_runs_are_removed(folder, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.converting-{pid}"
+    stale.mkdir()
+    (stale / "shard-000000.tar.tmp").write_bytes(b"half")
+    import os
+
+    live = tmp_path / f".out.converting-{os.getppid()}"  # a running process's folder is left alone
+    live.mkdir()
+    convert(ImageFolder(folder), out, progress=False, max_bad_fraction=1)
+    assert not stale.exists() and live.is_dir()
+    assert f"removed {stale}: the staging folder of an earlier run (pid {pid}) that did not finish" in \
+        capsys.readouterr().out

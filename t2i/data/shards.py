@@ -10,6 +10,7 @@ as the decoded RGB image re-encoded to JPEG at ``quality``.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from t2i.data.base import Source
 from t2i.data.skips import DUPLICATE, BadSample, DataError
+from t2i.data.wds import INCOMPLETE, incomplete_marker
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -177,6 +179,49 @@ def staging_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.converting-{os.getpid()}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def clean_stale_staging(out: Path) -> list[Path]:
+    """Remove the ``.{name}.converting-<pid>`` folders beside ``out`` whose process is gone (a killed run's);
+    says so for each. Returns what it removed."""
+    removed = []
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.converting-*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"removed {p}: the staging folder of an earlier run (pid {pid}) that did not finish")
+            removed.append(p)
+    return removed
+
+
+def move_into(stage: Path, shards: list[Path], out: Path, prefix: str) -> list[Path]:
+    """Put the finished ``shards`` (in ``stage``) into ``out``. Into a missing or empty ``out``: one rename of
+    the staging folder (nothing between "no shards" and "all shards"). Into a folder that holds other files
+    (or the old shards ``overwrite`` replaces): :data:`INCOMPLETE` is written first and removed last, so a kill
+    midway leaves a folder every reader refuses."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.rename(stage, out)  # rename(2) replaces an empty folder
+        return [out / p.name for p in shards]
+    mark = incomplete_marker(out)
+    mark.write_text(f"t2i-data convert pid {os.getpid()} is moving {len(shards)} shard(s) in\n", encoding="utf-8")
+    for p in existing_shards(out, prefix):  # overwrite: the old shards go once the new ones are whole
+        p.unlink()
+    moved = []
+    for p in shards:
+        moved.append(out / p.name)
+        os.replace(p, moved[-1])  # a rename on one file system: the staging folder is a sibling
+    mark.unlink()
+    return moved
+
+
 def convert(
     source: Source,
     output: str | Path,
@@ -193,7 +238,9 @@ def convert(
     """Write every good sample of ``source`` to shards in ``output``; bad ones are counted in ``source.log``.
 
     The shards are written to a temporary sibling folder (``.{name}.converting-{pid}``) and moved
-    into ``output`` only when the run succeeds: a run that fails - too many bad rows (past
+    into ``output`` only when the run succeeds (:func:`move_into`: one rename into a new or empty folder,
+    else under a marker every reader refuses until a rerun completes); staging folders of killed runs
+    (their pid gone) are removed first, with a line saying so. A run that fails - too many bad rows (past
     ``max_bad_fraction``, default the source log's own), no sample at all, an interrupt - leaves
     ``output`` as it was and the temporary folder removed. A repeated id (the same source key
     twice) keeps its first sample; the others are skipped as ``duplicate`` with their location.
@@ -207,7 +254,11 @@ def convert(
     """
     out = check_output(output)
     check_not_input(source, out, prefix)
+    clean_stale_staging(out)
     old = existing_shards(out, prefix)
+    if incomplete_marker(out).is_file() and not overwrite:
+        raise DataError(f"output={output} holds an incomplete set of shards (a killed convert; "
+                        f"{INCOMPLETE} marks it): pass overwrite=true to replace them")
     if old and not overwrite:
         raise DataError(
             f"output={output} already holds {len(old)} shard(s) named {prefix}-*.tar; "
@@ -257,13 +308,7 @@ def convert(
         if writer.count == 0:
             raise DataError(f"{source.key}={input_name(source)}: all {log.n_bad} samples were skipped "
                             f"(see the summary above); nothing was written")
-        out.mkdir(parents=True, exist_ok=True)
-        for p in existing_shards(out, prefix):  # overwrite: the old shards go once the new ones are whole
-            p.unlink()
-        shards = []
-        for p in writer.shards:
-            shards.append(out / p.name)
-            shutil.move(str(p), str(shards[-1]))  # a rename on one file system
+        shards = move_into(stage, writer.shards, out, prefix)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     print(f"wrote {writer.count} samples to {len(shards)} shard(s) in {output}")

@@ -21,6 +21,21 @@ from t2i.data.skips import (
     require_path,
 )
 
+INCOMPLETE = ".t2i-incomplete"  # in a shard folder while t2i-data convert moves finished shards in
+
+
+def incomplete_marker(folder: Path) -> Path:
+    """The file that marks ``folder`` while finished shards move into it one by one
+    (:func:`t2i.data.shards.move_into`); readers refuse a folder that has it."""
+    return Path(folder) / INCOMPLETE
+
+
+def check_complete(folder: Path, key: str = "input") -> None:
+    """A DataError when ``folder`` holds the mark of a conversion that was killed while moving its shards in."""
+    if incomplete_marker(folder).is_file():
+        raise DataError(f"{key}={folder}: its shards are an incomplete set (a t2i-data convert was killed while "
+                        f"moving them in; {INCOMPLETE} marks it): rerun that convert with overwrite=true")
+
 
 def expand_urls(urls, key: str = "input") -> list[Path]:
     """A path, folder (its *.tar), glob, brace pattern or list of them -> existing tar paths."""
@@ -40,6 +55,8 @@ def expand_urls(urls, key: str = "input") -> list[Path]:
             out += sorted(p.glob("*.tar")) if p.is_dir() else [p]
     if not out:
         raise DataError(f"{key}={urls}: no .tar files found")
+    for folder in sorted({p.parent for p in out}):
+        check_complete(folder, key)
     return out
 
 
