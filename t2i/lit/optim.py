@@ -4,7 +4,10 @@ Skipped steps (:class:`StepGuard`): a step whose gradient norm is not finite (a 
 rank: DDP averages the gradients, so one rank's NaN reaches every rank) is skipped on the device by the
 fused AdamW's ``found_inf`` input -- weights, moments and step count unchanged, on every rank alike,
 with no host synchronisation. The count of consecutive skipped steps lives on the device too and is
-read only every ``check_every`` steps.
+read every ``check_every`` steps (at most ``max_bad``), and at every step while the last read saw a run of
+skipped steps going on: a run long enough to pass the limit always holds a regular read, so the run stops at
+the very step it reaches ``max_bad``, on every rank at once (their counters are equal), while a healthy run
+reads the host once per ``check_every`` steps.
 """
 
 from __future__ import annotations
@@ -76,14 +79,15 @@ class StepGuard:
     final: in ``configure_gradient_clipping``) hands ``found_inf`` to the fused AdamW, which then leaves
     weights and moments untouched, and counts skipped steps. ``ok`` is the last step's verdict (a 0-dim
     bool tensor) for an EMA update. ``check(step)`` reads the counter every ``check_every`` steps (the
-    only host sync; ``step=0`` forces a read, e.g. at the epoch's end) and raises ``error(n)`` once
-    ``max_bad`` steps in a row were skipped."""
+    only host sync; ``step=0`` forces a read, e.g. at the epoch's end; every step while a run of skipped
+    steps is going on) and raises ``error(n)`` at the step where ``max_bad`` steps in a row were skipped."""
 
     def __init__(self, max_bad: int, check_every: int = 10):
         self.max_bad = int(max_bad)
         self.check_every = max(1, min(int(check_every), self.max_bad))  # never later than the limit
         self.ok: torch.Tensor | None = None
         self._run = self._worst = self._total = None
+        self._in_run = False  # the last read saw skipped steps going on: read every step until it ends
 
     def after_backward(self, optimizer, grad_norm: torch.Tensor) -> None:
         ok = torch.isfinite(grad_norm)
@@ -102,9 +106,10 @@ class StepGuard:
         return self._total if self._total is not None else torch.zeros((), dtype=torch.long)
 
     def check(self, step: int, error) -> None:
-        if self._worst is None or self.max_bad <= 0 or step % self.check_every:
+        if self._worst is None or self.max_bad <= 0 or (step % self.check_every and not self._in_run):
             return
-        worst = int(self._worst)
+        run, worst = torch.stack([self._run, self._worst]).tolist()  # one read
+        self._in_run = run > 0
         if worst >= self.max_bad:
             raise error(worst)
 

@@ -5,6 +5,13 @@ generator (encoder, quantizer, decoder), then, once ``loss.disc_start`` batches 
 discriminator, each with gradient clipping and its own warm-up + cosine/constant LR schedule.
 ``self.step`` counts batches (Lightning's ``global_step`` counts both optimizers' steps); it is a buffer, so
 checkpoints carry it, mirrored by a Python int so that a training step reads no tensor on the host.
+
+Uneven and empty batches under DDP: each rank's losses are scaled by its share of the global batch
+(:func:`t2i.distributed.batch_share`), so the averaged gradient is the global batch's mean. A rank whose
+batch is empty (every sample undecodable) runs a stand-in sample weighted 0, so it joins every collective
+(the gradient all-reduce, the quantizer's EMA and restart syncs) like the others; when no rank has a sample
+the step is skipped on every rank (read on the host only by the empty ranks, which are then all of them).
+The stand-in's codes do reach the quantizer's usage and EMA statistics on that one step.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from t2i.distributed import batch_share
 from t2i.keys import TOKENIZER_KEY
 from t2i.lit.metrics import image_metrics
 from t2i.lit.optim import live_loss, lr_lambda, total_steps
@@ -94,8 +102,12 @@ class VQGANModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x = self._input(batch)
-        if x.shape[0] == 0:  # every sample of this batch failed to decode (counted by the datamodule)
-            return None
+        n = x.shape[0]
+        share = batch_share(n, x.device)  # collective: every rank, every step
+        if n == 0:  # every sample of this rank's batch failed to decode (counted by the datamodule)
+            if not bool(torch.isfinite(share)):  # no rank has a sample (read only on an empty rank): skip everywhere
+                return None
+            x = x.new_zeros((1, *x.shape[1:]))  # a stand-in weighted 0: this rank still joins every collective
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
         step = self._host_step()
@@ -104,7 +116,7 @@ class VQGANModule(pl.LightningModule):
         recon, qloss, info = self.model(x)
         g_loss, g_logs = self.loss.generator_loss(x, recon, qloss, self.model.last_layer, step)
         opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g_loss)
+        self.manual_backward(g_loss * share)
         self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt_g.step()
         sched_g.step()
@@ -113,7 +125,7 @@ class VQGANModule(pl.LightningModule):
         if self.loss.gan_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(x, recon.detach(), step)
             opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
+            self.manual_backward(d_loss * share)
             self.clip_gradients(opt_d, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
             opt_d.step()
             sched_d.step()
@@ -122,6 +134,8 @@ class VQGANModule(pl.LightningModule):
             logs["train/codebook_perplexity"] = info["perplexity"]
         self.step += 1
         self._step = step + 1
+        if n == 0:  # the stand-in's losses are not this rank's data
+            return
         self.log_dict(logs, prog_bar=False)
         self.log("train/loss", g_logs["total_loss"], prog_bar=live_loss(self))
 
