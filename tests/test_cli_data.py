@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
@@ -210,6 +211,35 @@ def test_filter_rules_report_and_clip_threshold(tmp_path):
     assert 1 <= half["kept"] <= 3 and half["dropped_images"]["clip_score"] == 4 - half["kept"]
     res = t2i_data(tmp_path, "filter", f"input={tsv}", f"output={tmp_path}/z", "filter.clip.threshold=0.2")
     assert res.returncode == 1 and "filter.clip.ckpt" in res.stderr
+
+
+def test_filter_killed_midway_leaves_nothing_a_later_run_reads(tmp_path, monkeypatch):
+    """Issue 30 item 14: the shards are written aside and moved in at the end; a kill after two shards were
+    written leaves the output as it was (no shard, no report), and the rerun is not refused."""
+    from t2i.data.filter import filter_pairs
+    from t2i.data.formats import open_source as source_of
+
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("".join(f"k{i}\ta red square {i}\t{_png_b64_size((16, 16))}\n" for i in range(8)), encoding="utf-8")
+    src = source_of("easynlp_tsv", str(tsv))
+    real, seen = src.load_sample, []
+
+    def killed(rec):
+        seen.append(rec.key)
+        if len(seen) == 6:
+            raise KeyboardInterrupt
+        return real(rec)
+
+    monkeypatch.setattr(src, "load_sample", killed)
+    out = tmp_path / "f"
+    with pytest.raises(KeyboardInterrupt):
+        filter_pairs(src, out, min_side=8, shard_size=2)
+    assert not out.exists() and not list(tmp_path.glob(".f.converting-*"))
+    monkeypatch.setattr(src, "load_sample", real)
+    report = filter_pairs(src, out, min_side=8, shard_size=2)
+    assert report["kept"] == 8 and sorted(p.name for p in out.iterdir()) == [
+        "filter_report.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
+    assert report["shards"][0] == str(out / "shard-000000.tar")
 
 
 def test_convert_empty_folder_and_file_output_are_one_line_errors(tmp_path):

@@ -14,15 +14,26 @@ scored, ``scores.png`` (a histogram of the scores with the threshold marked).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 from t2i.data.base import Source
-from t2i.data.shards import ShardWriter, check_not_input, existing_shards
+from t2i.data.shards import (
+    ShardWriter,
+    check_not_input,
+    check_output,
+    clean_stale_staging,
+    existing_shards,
+    move_into,
+    staging_dir,
+)
 from t2i.data.skips import BadSample, DataError
 from t2i.data.transforms import ImageTransform
+from t2i.data.wds import INCOMPLETE, incomplete_marker
 
 RULES = ("min_side", "aspect", "caption_length", "clip_score")
 
@@ -63,9 +74,13 @@ def filter_pairs(source: Source, output, min_side: int = 0, max_aspect: float | 
                         "output or pass overwrite=true")
     if clip_threshold is not None and clip is None:
         raise DataError("clip_threshold is set but no CLIP reranker is given (clip.ckpt=...)")
-    for p in old:
-        p.unlink()
-    out = Path(output)
+    out = check_output(output)
+    clean_stale_staging(out)
+    if incomplete_marker(out).is_file() and not overwrite:
+        raise DataError(f"output={output} holds an incomplete set of shards (a killed run; {INCOMPLETE} marks it): "
+                        "pass overwrite=true to replace them")
+    stage = staging_dir(out)  # written there, moved in whole at the end (as t2i-data convert does)
+    shutil.rmtree(stage, ignore_errors=True)
     log = source.log
     log.reset()
     dropped = {r: 0 for r in RULES}
@@ -93,45 +108,53 @@ def filter_pairs(source: Source, output, min_side: int = 0, max_aspect: float | 
                     dropped["clip_score"] += 1
         pending.clear()
 
-    with ShardWriter(out, prefix, shard_size) as writer:
-        for rec in source.records(log):
-            n_read += 1
-            try:
-                data, image = source.load_sample(rec)
-            except BadSample as e:
-                log.skip(e.reason, e.where)
-                continue
-            log.ok()
-            w, h = image.size
-            if min(w, h) < min_side:
-                dropped["min_side"] += 1
-                continue
-            if max_aspect is not None and max(w, h) / max(1, min(w, h)) > max_aspect:
-                dropped["aspect"] += 1
-                continue
-            caps = [c for c in rec.captions
-                    if len(c) >= min_caption_len and (max_caption_len is None or len(c) <= max_caption_len)]
-            captions_dropped["caption_length"] += len(rec.captions) - len(caps)
-            if not caps:
-                dropped["caption_length"] += 1
-                continue
-            if clip is None:
-                writer.write(rec.key, image, caps, rec.where, data)
-                continue
-            pending.append((rec, caps, data, image, to_tensor(image)))
-            if sum(len(p[1]) for p in pending) >= batch_size:
-                flush(writer)
-        flush(writer)
-        kept = writer.count
+    try:
+        with ShardWriter(stage, prefix, shard_size) as writer:
+            for rec in source.records(log):
+                n_read += 1
+                try:
+                    data, image = source.load_sample(rec)
+                except BadSample as e:
+                    log.skip(e.reason, e.where)
+                    continue
+                log.ok()
+                w, h = image.size
+                if min(w, h) < min_side:
+                    dropped["min_side"] += 1
+                    continue
+                if max_aspect is not None and max(w, h) / max(1, min(w, h)) > max_aspect:
+                    dropped["aspect"] += 1
+                    continue
+                caps = [c for c in rec.captions
+                        if len(c) >= min_caption_len and (max_caption_len is None or len(c) <= max_caption_len)]
+                captions_dropped["caption_length"] += len(rec.captions) - len(caps)
+                if not caps:
+                    dropped["caption_length"] += 1
+                    continue
+                if clip is None:
+                    writer.write(rec.key, image, caps, rec.where, data)
+                    continue
+                pending.append((rec, caps, data, image, to_tensor(image)))
+                if sum(len(p[1]) for p in pending) >= batch_size:
+                    flush(writer)
+            flush(writer)
+            kept = writer.count
+        shards = move_into(stage, writer.shards, out, prefix)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     report = {"read": n_read, "kept": kept, "skipped_bad": dict(log.by_reason), "dropped_images": dropped,
               "dropped_captions": captions_dropped,
               "rules": {"min_side": min_side, "max_aspect": max_aspect, "min_caption_len": min_caption_len,
                         "max_caption_len": max_caption_len, "clip_threshold": clip_threshold},
-              "shards": [str(p) for p in writer.shards]}
+              "shards": [str(p) for p in shards]}
     if scores:
         q = torch.tensor(scores).quantile(torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
         report["clip_scores"] = {"n": len(scores), "quantiles": dict(zip(("5%", "25%", "50%", "75%", "95%"), q))}
-        report["histogram"] = str(histogram_png(scores, clip_threshold, out / "scores.png"))
+        tmp = histogram_png(scores, clip_threshold, out / f".scores.png.{os.getpid()}.png")
+        os.replace(tmp, out / "scores.png")
+        report["histogram"] = str(out / "scores.png")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "filter_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp = out / f".filter_report.json.{os.getpid()}"  # whole or absent: written aside, then renamed
+    tmp.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, out / "filter_report.json")
     return report
