@@ -215,6 +215,6 @@ def test_caption_settings_fail_before_the_model_loads(tmp_path):
 
     for override, message in [("eval.caption.method=topk", "eval.caption.method='topk'"),
                               ("eval.caption.beam_size=0", "eval.caption.beam_size=0 must be"),
-                              ("eval.lang=fr", "eval.lang='fr'")]:
+                              ("eval.lang=fr", "eval.lang=fr is unknown; use zh or en")]:
         with pytest.raises(ConfigError, match=message):
             run(eval_cfg(tmp_path, "eval=shapes_caption", f"ckpt={tmp_path}/none.ckpt", override))
