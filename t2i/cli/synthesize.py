@@ -20,138 +20,41 @@ file, style, style index, seed).
 from __future__ import annotations
 
 import json
-import logging
-from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
 from t2i.cli.common import clear_errors
-from t2i.data.skips import BadSample, DataError
+from t2i.data.layouts.maps import load_maps, map_files, read_instance, read_map  # noqa: F401 (tests read them)
+from t2i.data.prompts import check_output_folder
 from t2i.devices import pick_device
 from t2i.errors import ConfigError
-from t2i.pipeline.spade import (  # noqa: F401 (t2i-eval's SPADE protocol reads them here)
-    colorize_map,
-    load_spade,
-    model_size,
-    module_class,
-    style_images,
-    synthesize,
-)
-
-log = logging.getLogger("t2i.synthesize")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-# -- maps ---------------------------------------------------------------------------------------------------
-def map_files(folder, key: str = "maps") -> list[Path]:
-    """Label PNGs of ``folder`` (or of its ``labels/`` subfolder), sorted by name."""
-    if folder in (None, ""):
-        raise ConfigError(f"{key} is not set: give a folder of label-map PNGs (or a shapes_layout split folder)")
-    root = Path(str(folder)).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"{key}={folder}: no such folder")
-    if (root / "labels").is_dir():
-        root = root / "labels"
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() == ".png" and p.is_file())
-    if not files:
-        splits = [s for s in ("test", "val", "train") if (root / s / "labels").is_dir()]
-        hint = f" (a shapes_layout folder: give a split, e.g. {key}={folder}/{splits[0]})" if splits else ""
-        raise ConfigError(f"{key}={folder}: no .png label maps in {root}{hint}")
-    return files
-
-
-def read_map(path: Path, num_classes: int, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """One label map as long [H, W] (NEAREST-resized to ``size``); raises BadSample when it does not decode
-    or holds class ids outside ``0..num_classes-1``."""
-    from t2i.data.layouts import LABEL_OUT_OF_RANGE, read_id_map, resize_nearest
-
-    arr = read_id_map(path)
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= num_classes:
-        raise BadSample(LABEL_OUT_OF_RANGE, str(path), f"class ids {lo}..{hi} in a {8 * arr.dtype.itemsize}-bit "
-                                                       f"map, the model knows 0..{num_classes - 1}")
-    if size is not None and arr.shape != tuple(size):
-        arr = resize_nearest(arr, size[1], size[0])
-    return torch.from_numpy(arr.astype(np.int64))
-
-
-def read_instance(folder, stem: str, size: tuple[int, int] | None) -> torch.Tensor:
-    from t2i.data.layouts import MISSING_INSTANCE, read_id_map, resize_nearest
-
-    path = Path(str(folder)).expanduser() / f"{stem}.png"
-    if not path.is_file():
-        raise BadSample(MISSING_INSTANCE, str(path), "no instance map with this stem")
-    arr = read_id_map(path)
-    if size is not None and arr.shape != tuple(size):
-        arr = resize_nearest(arr, size[1], size[0])
-    return torch.from_numpy(arr.astype(np.int64))
-
-
-def load_maps(cfg_maps, num_classes: int, size, instances=None, limit=None, max_bad_fraction: float = 0.01,
-              key: str = "maps", fraction_key: str = "max_bad_fraction"):
-    """(stems, labels [N, H, W], instances [N, H, W] or None, SkipLog) from a maps folder; bad maps counted (with
-    what is wrong with each); past ``max_bad_fraction`` one error whose hint names ``fraction_key``."""
-    from t2i.data.layouts import LayoutSkipLog
-
-    files = map_files(cfg_maps, key)
-    if limit:
-        files = files[: int(limit)]
-    slog = LayoutSkipLog(max_bad_fraction, name=f"{key} {cfg_maps}", key=fraction_key)
-    stems, labels, insts = [], [], []
-    for f in files:
-        try:
-            lab = read_map(f, num_classes, size)
-            inst = read_instance(instances, f.stem, tuple(lab.shape)) if instances else None
-        except BadSample as e:
-            slog.skip(e.reason, e.where, e.detail)
-            continue
-        if labels and lab.shape != labels[0].shape:
-            from t2i.data.layouts import SIZE_MISMATCH
-
-            slog.skip(SIZE_MISMATCH, str(f))
-            continue
-        slog.ok()
-        stems.append(f.stem)
-        labels.append(lab)
-        insts.append(inst)
-    if slog.n_bad:
-        log.warning(slog.summary())
-    slog.check()
-    if not labels:
-        raise DataError(f"{key}={cfg_maps}: no usable label maps")
-    return stems, torch.stack(labels), (torch.stack(insts) if instances else None), slog
+from t2i.pipeline.spade import colorize_map, load_spade
 
 
 def run(cfg: DictConfig) -> dict:
+    from t2i.pipeline.spade import Synthesizer
+
     if not cfg.ckpt:
         raise ConfigError("ckpt is not set: give a SPADE checkpoint (`t2i-train experiment=shapes_spade`)")
-    for k in ("num_styles", "batch_size"):
+    for k in ("num_styles", "batch_size", "grid_maps"):
         v = cfg[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{k}={v} must be an integer >= 1")
-    style_cfg = cfg.style
-    if str(style_cfg).lower() in ("null", "none", ""):  # Hydra's null, and None as Python callers write it
-        style_cfg = None
+    style = cfg.style
+    if str(style).lower() in ("null", "none", ""):  # Hydra's null, and None as Python callers write it
+        style = None
+    out = check_output_folder(cfg.output)
     device = pick_device(str(cfg.device))
     map_files(cfg.maps)  # a bad folder fails before the model loads
-    module = load_spade(cfg.ckpt, device)
-    size = model_size(module)
-    stems, labels, insts, slog = load_maps(cfg.maps, int(module.num_classes), size, cfg.get("instances"),
+    synth = Synthesizer(load_spade(cfg.ckpt, device), device)
+    stems, labels, insts, slog = load_maps(cfg.maps, synth.num_classes, synth.size, cfg.get("instances"),
                                            cfg.get("limit"), float(cfg.max_bad_fraction))
-    if getattr(module, "use_instance", False) and insts is None:
-        raise ConfigError("this model was trained with instance maps (has_instances): give instances=<folder of "
-                          "instance PNGs with the maps' stems>")
-    if style_cfg is None or style_cfg == "random":
-        style = style_cfg
-    else:
-        style = style_images(style_cfg, int(cfg.num_styles), tuple(labels.shape[-2:]))
-    images, styles = synthesize(module, labels, insts, style, int(cfg.num_styles), int(cfg.seed),
-                                int(cfg.batch_size), device, bool(cfg.progress))
-    out = Path(str(cfg.output)).expanduser()
+    result = synth(labels, style=style, num_styles=int(cfg.num_styles), seed=int(cfg.seed), instances=insts,
+                   batch_size=int(cfg.batch_size), progress=bool(cfg.progress))
+    images, styles = result.pixels, result.styles
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, stem in enumerate(stems):
@@ -166,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
     from t2i.viz import sample_grid
 
     g = min(int(cfg.grid_maps), len(stems))
-    cells = torch.cat([colorize_map(labels[:g], int(module.num_classes))[:, None], images[:g]], 1)
+    cells = torch.cat([colorize_map(labels[:g], synth.num_classes)[:, None], images[:g]], 1)
     save_image(sample_grid(cells.flatten(0, 1), nrow=cells.shape[1], value_range=(-1.0, 1.0)), out / "grid.png")
     print(f"t2i-synthesize: {len(stems)} maps x {len(styles)} style(s) -> {out} (grid.png, synthesize.jsonl)"
           + (f"; {slog.n_bad} map(s) skipped" if slog.n_bad else ""))
