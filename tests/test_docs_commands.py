@@ -1,7 +1,7 @@
 """Every command the docs show composes as written.
 
-The commands come from the README, ``experiments/*/README.md`` and ``conf/**/README.md`` (fenced code blocks
-and inline code), the comments of ``conf/**/*.yaml`` and the top docstrings of ``t2i/cli/*.py``: each line
+The commands come from the README, ``docs/**/*.md`` (the reference, one page per command or stage),
+``experiments/*/README.md`` and ``conf/**/README.md`` (fenced code blocks and inline code), the comments of ``conf/**/*.yaml`` and the top docstrings of ``t2i/cli/*.py``: each line
 that runs ``t2i-*`` (also as ``python -m t2i.cli.*``, under ``torchrun`` or ``srun``, or through the
 ``experiments/launch`` scripts, which hand their arguments to ``t2i-train``) or ``make``. Placeholders
 (``<run>``, ``<vqgan .ckpt>``, ``ckpt=...``) become a path, ``experiment=<name>`` a real experiment; a ``-m``
@@ -29,7 +29,7 @@ CONFIG_OF = {"data": "data", "train": "train", "tokenize": "tokenize", "generate
              "evaluate": "eval", "demo": "demo", "import": "import", "caption": "caption", "importer": "import",
              "knowledge": "knowledge", "synthesize": "synthesize"}
 PLACEHOLDER_PATH = "/tmp/t2i-docs/placeholder"
-MIN_COMMANDS = 60  # the docs hold more than this; far fewer means the extraction broke
+MIN_COMMANDS = 240  # the docs hold about 290; far fewer means the extraction broke
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,8 @@ def docstring_commands(path: Path) -> list[DocCommand]:
 
 def all_commands() -> list[DocCommand]:
     cmds: list[DocCommand] = []
-    for md in [ROOT / "README.md", *sorted(ROOT.glob("experiments/*/README.md")), *sorted(CONF.rglob("README.md"))]:
+    for md in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted(ROOT.glob("experiments/*/README.md")),
+               *sorted(CONF.rglob("README.md"))]:
         cmds += markdown_commands(md)
     for yml in sorted(CONF.rglob("*.yaml")):
         cmds += comment_commands(yml)
@@ -233,6 +234,7 @@ def test_the_docs_have_commands_from_every_source():
     wheres = {c.where.split(":")[0] for c in COMMANDS}
     assert len(COMMANDS) >= MIN_COMMANDS, f"only {len(COMMANDS)} commands found"
     assert "README.md" in wheres
+    assert {"docs/data.md", "docs/training.md", "docs/generate.md", "docs/eval.md"} <= wheres
     assert any(w.startswith("experiments/") for w in wheres)
     assert any(w.startswith("conf/") and w.endswith(".yaml") for w in wheres)
     assert any(w.startswith("t2i/cli/") for w in wheres)
@@ -291,11 +293,11 @@ def test_recipe_and_data_commands_run_for_real(tmp_path, monkeypatch):
             assert sum(m.name.endswith(".txt") for m in tar.getmembers()) == n
     assert (tmp_path / "data" / "shards" / "muge" / "tokenizer.json").is_file()
 
-    # the t2i-data section: Shapes -> its tokenizer -> shards -> inspect (Shapes at a tiny size)
-    run_for_real(find("README.md", "t2i-data shapes output=data/shapes"),
+    # the t2i-data page: Shapes -> its tokenizer -> shards -> inspect (Shapes at a tiny size)
+    run_for_real(find("docs/data.md", "t2i-data shapes output=data/shapes"),
                  ["n_train=24", "n_val=4", "n_test=4", "n_compositional=4", "progress=false"])
     (tmp_path / "data" / "T2I_train.tsv").write_text((tmp_path / "data/shapes/shapes_train.tsv").read_text())
-    run_for_real(find("README.md", "t2i-data convert source=easynlp_tsv input=data/T2I_train.tsv"), ["progress=false"])
-    run_for_real(find("README.md", "t2i-data tokenizer input=data/shapes/shapes_train.tsv"))
-    report = run_for_real(find("README.md", "t2i-data inspect source=wds"))
+    run_for_real(find("docs/data.md", "t2i-data convert source=easynlp_tsv input=data/T2I_train.tsv"), ["progress=false"])
+    run_for_real(find("docs/data.md", "t2i-data tokenizer input=data/shapes/shapes_train.tsv"))
+    report = run_for_real(find("docs/data.md", "t2i-data inspect source=wds"))
     assert report["images"] == 24 and report["tokens_max"] > 0 and Path(report["preview"]).is_file()
