@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "t2i"
 
 # lowest first; a module's layer is that of the longest prefix listed
 LAYERS = [
-    ("core", ["t2i.errors", "t2i.keys", "t2i.devices", "t2i.distributed", "t2i.checkpoints", "t2i.viz"]),
+    ("core", ["t2i.errors", "t2i.checks", "t2i.keys", "t2i.devices", "t2i.distributed", "t2i.checkpoints", "t2i.viz"]),
     ("models", ["t2i.models", "t2i.losses", "t2i.sampling", "t2i.captioning"]),
     ("data", ["t2i.data", "t2i.knowledge", "t2i.metrics"]),
     ("pretrained", ["t2i.pretrained"]),

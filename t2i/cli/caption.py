@@ -24,11 +24,32 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from t2i import checks
 from t2i.cli.common import clear_errors
 from t2i.errors import ConfigError
 
 log = logging.getLogger("t2i.caption")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _tokenizer_override(key, value):
+    """A stage-1 .ckpt path, or a '{kind: ..., files: {...}}' spec (checked where it is read)."""
+    if not isinstance(value, dict):
+        checks.file(optional=True)(key, value)
+
+
+# every key of conf/caption.yaml, checked before any model loads
+KEYS = {
+    "ckpt": checks.file(what="transformer .ckpt trained with model.model.captioning=true"),
+    "images": checks.text(), "num_images": checks.count(optional=True), "lang": checks.choice("zh", "en"),
+    "caption.method": checks.choice("greedy", "beam", "sample"), "caption.beam_size": checks.count(),
+    "caption.length_penalty": checks.number(), "caption.top_k": checks.count(optional=True),
+    "caption.top_p": checks.number(0, 1, low_open=True, optional=True), "caption.temperature": checks.number(0),
+    "caption.use_cache": checks.boolean(), "batch_size": checks.count(), "seed": checks.integer(),
+    "device": checks.device(), "ema": checks.boolean(), "image_tokenizer": _tokenizer_override,
+    "text_tokenizer": checks.file(optional=True, utf8=True), "output": checks.output_folder(),
+    "progress": checks.boolean(),
+}
 
 
 def image_source(spec: str, n: int | None, size: int, lang: str):
@@ -79,6 +100,7 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.ckpt or not cfg.images:
         raise ConfigError("t2i-caption needs ckpt=<transformer .ckpt with captioning> and images=<folder | shards | "
                           "shapes:<split>>")
+    checks.check_keys(cfg, KEYS)
     settings = caption_settings(cfg, prefix="")
     pipe = Pipeline.from_checkpoint(cfg.ckpt, device=str(cfg.device), ema=bool(cfg.ema),
                                     image_tokenizer=cfg.image_tokenizer or None, text_tokenizer=cfg.text_tokenizer or None)

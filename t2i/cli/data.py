@@ -19,11 +19,69 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from t2i import checks
 from t2i.cli.common import clear_errors, first_word_as
 from t2i.data.skips import BadSample, DataError, SkipLog
 
 log = logging.getLogger("t2i.data")
 COMMANDS = ("shapes", "shapes_kg", "shapes_layout", "convert", "tokenizer", "inspect", "filter")
+
+
+def _sizes(key, value):
+    from t2i.data.shapes import SIZES
+
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v in SIZES for v in value):
+        raise DataError(f"{key}={checks.show(value)} must be a non-empty list of Shapes sizes, e.g. {key}=[small, "
+                        f"large] ({', '.join(SIZES)})")
+
+
+def _texts(key, value):
+    """A file name, or a list of them (the tokenizer trains on several)."""
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        checks.file(utf8=True, what="caption text or TSV file")(key, v)
+
+
+CLIP_BACKENDS = ("t2i", "open_clip", "cn_clip")
+# every key of conf/data.yaml: types and ranges for every command, paths where the command reads them
+KEYS = {
+    "max_bad_fraction": checks.fraction(), "progress": checks.boolean(), "split": checks.text(optional=True),
+    "image_dir": checks.folder(optional=True), "caption_file": checks.file(optional=True, utf8=True),
+    "require_images": checks.boolean(), "bert_vocab": checks.file(optional=True, utf8=True, what="vocab.txt"),
+    "shard_size": checks.count(), "prefix": checks.text(), "knowledge.max_entities": checks.count(),
+    "knowledge.lexicon": checks.file(optional=True, utf8=True, what="entity file"), "overwrite": checks.boolean(),
+    "n_train": checks.count(), "n_val": checks.count(0), "n_test": checks.count(0), "n_compositional": checks.count(0),
+    "image_size": checks.count(), "lang": checks.choice("zh", "en"), "seed": checks.integer(),
+    "n_kg_heldout": checks.count(0), "n_seen": checks.count(), "n_heldout": checks.count(0),
+    "object_fraction": checks.fraction(), "kg_vocab_size": checks.count(0), "min_objects": checks.count(),
+    "max_objects": checks.count(), "sizes": _sizes, "vocab_size": checks.count(),
+    "tokenizer_model": checks.choice("wordpiece", "bpe"), "text_column": checks.count(0, optional=True),
+    "min_frequency": checks.count(), "filter.min_side": checks.count(0),
+    "filter.max_aspect": checks.number(1, optional=True), "filter.min_caption_len": checks.count(0),
+    "filter.max_caption_len": checks.count(optional=True), "filter.clip.ckpt": checks.file(optional=True),
+    "filter.clip.backend": checks.choice(*CLIP_BACKENDS), "filter.clip.model_name": checks.text(optional=True),
+    "filter.clip.threshold": checks.number(optional=True), "filter.clip.image_size": checks.count(),
+    "filter.clip.batch_size": checks.count(), "tokenizer": checks.file(optional=True, utf8=True, what="tokenizer.json"),
+    "text_len": checks.count(), "n_preview": checks.count(0),
+}
+INPUT = {"convert": checks.path(globs=True), "inspect": checks.path(globs=True), "filter": checks.path(globs=True),
+         "tokenizer": _texts}
+OUTPUT = {"tokenizer": checks.output_file(what="tokenizer.json to write"),
+          "inspect": checks.output_folder(optional=True, what="folder for the preview")}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """One error naming the first key that cannot work, before anything is read or written."""
+    from t2i.data.formats import SOURCES
+
+    checks.check_keys(cfg, {"source": checks.choice(*SOURCES), **KEYS})
+    if cfg.command == "shapes_layout" and not cfg.min_objects <= cfg.max_objects <= 9:
+        raise DataError(f"max_objects={cfg.max_objects} must be in [min_objects={cfg.min_objects}, 9] (one object "
+                        "per 3x3 cell)")
+    if cfg.command in INPUT and cfg.get("input") not in (None, ""):
+        checks.check_keys(cfg, {"input": INPUT[cfg.command]})
+    if cfg.get("output") not in (None, ""):
+        checks.check_keys(cfg, {"output": OUTPUT.get(cfg.command, checks.output_folder())})
 
 
 def need(cfg: DictConfig, key: str):
@@ -273,6 +331,7 @@ def write_preview(preview, out: Path, size: int = 64, cols: int = 8) -> Path:
 def run(cfg: DictConfig) -> dict:
     if cfg.command not in COMMANDS:
         raise DataError(f"t2i-data: unknown command {cfg.command!r}; use one of {', '.join(COMMANDS)}")
+    check_config(cfg)
     return globals()[f"cmd_{cfg.command}"](cfg)
 
 

@@ -37,6 +37,8 @@ import logging
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from t2i import checks
+from t2i.checks import check_keys
 from t2i.cli.common import clear_errors
 from t2i.data.prompts import check_output_folder
 from t2i.data.prompts import read_prompts as _read_prompts
@@ -54,12 +56,21 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return _read_prompts(prompts, cfg.prompts_file)
 
 
+# typed keys the checks of Pipeline / the upscaler / the reranker do not see
+KEYS = {
+    "allow_unk": checks.boolean(), "use_cache": checks.boolean(), "ema": checks.boolean(),
+    "progress": checks.boolean(), "seed": checks.integer(), "output": checks.output_folder(),
+    "rerank.model_name": checks.text(optional=True),
+}
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Reject settings that cannot work before any model is loaded (one ConfigError naming the key)."""
     from t2i.pipeline import Pipeline
     from t2i.pipeline.rerank import Reranking
     from t2i.pipeline.upscale import check_upscale
 
+    check_keys(cfg, KEYS)
     Pipeline.check(cfg.num_samples, cfg.batch_size, cfg.top_k, cfg.top_p, cfg.temperature, cfg.cfg_scale,
                    cfg.rerank.get("top"))
     sr = cfg.get("sr") or {}

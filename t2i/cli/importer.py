@@ -23,10 +23,32 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from t2i import checks
 from t2i.cli.common import clear_errors, first_word_as
 from t2i.errors import ConfigError
 
 SOURCES = ("easynlp", "rudalle", "realesrgan", "taming", "openai")
+
+
+def _image_tokenizer(key, value):
+    """A stage-1 .ckpt, or a '{kind: ..., files: {...}}' spec (checked where it is read)."""
+    if not isinstance(value, dict):
+        checks.file(optional=True, what="image-tokenizer .ckpt")(key, value)
+
+
+# every key of conf/import.yaml, checked before any file is read
+KEYS = {
+    "input": checks.path(what="release file or folder"), "output": checks.output_file(what=".ckpt to write"),
+    "trust_pickle": checks.boolean(), "vocab": checks.file(optional=True, utf8=True, what="vocab.txt"),
+    "text_len": checks.count(optional=True), "vqgan_config": checks.file(optional=True, utf8=True, what="taming YAML"),
+    "image_tokenizer": _image_tokenizer, "entities": checks.file(optional=True, utf8=True, what="entity2id.txt"),
+    "vectors": checks.file(optional=True, what="entity2vec.pt"), "tokenizer": checks.file(optional=True, what="bpe.model"),
+    "vae": checks.file(optional=True, what="VQGAN .ckpt"),
+    "vae_config": checks.file(optional=True, utf8=True, what="taming YAML"), "n_head": checks.count(optional=True),
+    "version": checks.choice("v3"), "scale": checks.choice(1, 2, 4, 8, optional=True),
+    "config": checks.file(optional=True, utf8=True, what="taming YAML"),
+    "decoder": checks.file(optional=True, what="decoder.pkl"),
+}
 
 
 def _need(cfg: DictConfig, *keys: str) -> None:
@@ -51,6 +73,9 @@ def run(cfg: DictConfig) -> Path:
     if cfg.source not in SOURCES:
         raise ConfigError(f"t2i-import: unknown source {cfg.source!r}; use one of {', '.join(SOURCES)}")
     _need(cfg, "input", "output")
+    checks.check_keys(cfg, KEYS)
+    if cfg.source != "easynlp":  # easynlp: its folder or .tgz; every other release is one file
+        checks.file(what=f"{cfg.source} weights file")("input", cfg.input)
     trust = bool(cfg.trust_pickle)
     if cfg.source in ("easynlp", "rudalle"):
         if cfg.source == "easynlp":

@@ -18,11 +18,32 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from t2i import checks
 from t2i.cli.common import clear_errors, first_word_as
 from t2i.data.skips import DataError
 
 log = logging.getLogger("t2i.knowledge")
 COMMANDS = ("train", "inspect")
+
+
+def _entities(key, value):
+    values = value if isinstance(value, list) else [value]
+    if value is not None and (not values or not all(isinstance(v, str | int) and str(v).strip() for v in values)):
+        raise DataError(f"{key}={checks.show(value)} must be an entity name or a list of them, e.g. {key}='[a, b]'")
+
+
+# every key of conf/knowledge.yaml (types and ranges for both commands; paths where the command reads them)
+KEYS = {
+    "kg_model": checks.text(), "dim": checks.count(), "epochs": checks.count(), "batch_size": checks.count(),
+    "lr": checks.number(0, low_open=True), "num_negs": checks.count(), "seed": checks.integer(),
+    "heldout": checks.number(0, 1, high_open=True), "lexicon": checks.file(optional=True, utf8=True,
+                                                                          what="entity file"),
+    "device": checks.device(), "progress": checks.boolean(), "entities": _entities, "neighbours": checks.count(),
+    "n_show": checks.count(),
+}
+PATHS = {"train": {"triples": checks.file(utf8=True, what="triples file (head<TAB>relation<TAB>tail lines)"),
+                   "output": checks.output_folder(what="folder for the four files")},
+         "inspect": {"vectors": checks.file(what="entity2vec.pt, .npy or text vectors")}}
 
 
 def need(cfg: DictConfig, key: str):
@@ -116,6 +137,9 @@ def cmd_inspect(cfg: DictConfig) -> dict:
 def run(cfg: DictConfig) -> dict:
     if cfg.command not in COMMANDS:
         raise DataError(f"t2i-knowledge: unknown command {cfg.command!r}; use one of {', '.join(COMMANDS)}")
+    for key in PATHS[cfg.command]:
+        need(cfg, key)
+    checks.check_keys(cfg, {**KEYS, **PATHS[cfg.command]})
     return globals()[f"cmd_{cfg.command}"](cfg)
 
 

@@ -46,6 +46,7 @@ from rich.progress import (
 )
 from torch import nn
 
+from t2i import checks
 from t2i.cli.common import clear_errors
 from t2i.data.codes import (
     MANIFEST,
@@ -62,6 +63,16 @@ from t2i.errors import ConfigError
 log = logging.getLogger("t2i.tokenize")
 SPLITS = ("train", "val", "test")
 KINDS = ("t2i", "taming", "openai_dvae")
+# every key of conf/tokenize.yaml, checked before anything loads (the data= group checks its own keys)
+KEYS = {
+    "seed": checks.integer(), "tokenizer_ckpt": checks.file(what="image-tokenizer .ckpt"),
+    "tokenizer_kind": checks.choice(*KINDS), "tokenizer_config": checks.file(optional=True, utf8=True, what="YAML"),
+    "tokenizer_decoder": checks.file(optional=True, what="decoder.pkl"),
+    "output": checks.output_folder(what="folder for the code shards"), "split": checks.choice(*SPLITS, "all"),
+    "batch_size": checks.count(), "num_workers": checks.count(0), "device": checks.device(),
+    "shard_size": checks.count(), "resume": checks.boolean(), "overwrite": checks.boolean(),
+    "progress": checks.boolean(),
+}
 
 
 # -- setup ----------------------------------------------------------------------------------------
@@ -173,6 +184,8 @@ def barrier(distributed: bool) -> None:
 def run(cfg: DictConfig) -> dict:
     """Tokenize the configured splits; returns a summary (per split counts, throughput, the manifest)."""
     rank, world = rank_world()
+    checks.check_keys(cfg, KEYS)
+    device = pick_device(cfg.device)  # a bad device fails before anything is written
     if cfg.split not in (*SPLITS, "all"):
         raise ConfigError(f"split={cfg.split}: use train, val, test or all")
     if not cfg.output:
@@ -219,7 +232,6 @@ def run(cfg: DictConfig) -> dict:
         if not hasattr(dm.datasets[s], "records"):
             raise DataError(f"data.{s}: t2i-tokenize needs an indexed split (got {type(dm.datasets[s]).__name__})")
 
-    device = pick_device(cfg.device)
     encoder = Encoder(tokenizer, device, grid, k, header["dtype"])
     state = RankState(out, rank, header)
     state.save()
