@@ -148,3 +148,22 @@ def test_the_checker_fails_a_block_that_raises(ckpts, tmp_path, monkeypatch):
         substitute('Pipeline.from_checkpoint("outputs/muge_transformer/runs/a/checkpoints/best.ckpt")', ckpts, "x")
     assert substitute('"outputs/shapes_clip/runs/.../checkpoints/best.ckpt"', ckpts, "x") == \
         f'"{ckpts["clip"].as_posix()}"'
+
+
+def test_the_layer_tables_are_the_layers_test_layers_enforces():
+    """The README's and docs/development.md's layer tables list exactly ``tests/test_layers.py``'s LAYERS."""
+    from tests.test_layers import LAYERS
+
+    def modules(cell: str) -> set[str]:
+        names = [n for n in re.findall(r"`([^`]+)`", cell) if n.endswith((".py", "/"))]  # files and folders
+        return {"t2i." + n.removeprefix("t2i/").removesuffix(".py").strip("/").replace("/", ".") for n in names}
+
+    for page in ("README.md", "docs/development.md"):
+        rows = {}
+        for line in (ROOT / page).read_text(encoding="utf-8").splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if line.startswith("|") and len(cells) == 2 and cells[0] in {name for name, _ in LAYERS}:
+                rows[cells[0]] = modules(cells[1])
+        assert list(rows) == [name for name, _ in LAYERS], f"{page}: layer rows {list(rows)}"
+        for name, prefixes in LAYERS:
+            assert rows[name] == set(prefixes), f"{page}, layer {name}: {sorted(rows[name])} != {sorted(prefixes)}"
