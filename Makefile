@@ -8,14 +8,15 @@ DEMO   ?= outputs/demo
 SOURCE_ONLY := youtokentome==1.0.6
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint bench lock clean
+.PHONY: help install demo app test test-full lint bench lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv from requirements.lock (does nothing when up to date)
 # The lock is the whole environment (pip freeze), so it installs with --no-deps: the compat peers
-# (taming-transformers-rom1504, dall-e) declare stale requirements that must not downgrade ours.
+# (taming-transformers-rom1504, dall-e) declare stale requirements that must not downgrade ours, and every
+# gradio release declares pillow<13 while the lock's pillow is 13.0.0 (t2i-app and its tests run on it).
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "t2i needs Python >= 3.10"'
@@ -28,6 +29,11 @@ $(STAMP): requirements.lock pyproject.toml
 
 demo: $(STAMP)  ## the whole Shapes chain: VQGAN -> tokenize -> transformer -> CLIP -> generate + rerank -> eval
 	$(BIN)/t2i-demo output=$(DEMO)
+
+app: $(STAMP)  ## the web page (t2i-app) over the demo's checkpoints on http://127.0.0.1:7860 (after make demo)
+	@test -f $(DEMO)/transformer/metrics.json || { echo "make app serves the checkpoints of make demo, and $(DEMO) holds none yet:"; \
+	  echo "  run: make demo    (or: $(BIN)/t2i-app ckpt=<a transformer .ckpt> rerank.ckpt=<a CLIP .ckpt>)"; exit 1; }
+	$(BIN)/t2i-app demo=$(DEMO)
 
 test: $(STAMP)  ## fast test suite (< 10 min on 2 CPU cores)
 	$(BIN)/python -m pytest -q

@@ -26,7 +26,7 @@ def lock() -> dict[str, str]:
 def test_console_scripts_resolve():
     scripts = PYPROJECT["project"]["scripts"]
     assert set(scripts) == {"t2i-data", "t2i-train", "t2i-tokenize", "t2i-generate", "t2i-eval", "t2i-sweep-report", "t2i-demo",
-                            "t2i-import", "t2i-knowledge", "t2i-caption", "t2i-synthesize"}
+                            "t2i-import", "t2i-knowledge", "t2i-caption", "t2i-synthesize", "t2i-app"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func))
