@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from t2i.errors import T2IError
+from t2i.errors import T2IError, reason
 
 log = logging.getLogger("t2i.checkpoints")
 
@@ -58,7 +58,7 @@ def check_fits(path: str | Path, model: torch.nn.Module, what: str = "checkpoint
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"{what} {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{what} {path} cannot be read ({reason(exc)})") from exc
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{what} {path} has no state_dict: not a Lightning checkpoint")

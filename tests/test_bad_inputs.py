@@ -49,6 +49,7 @@ BAD = {
     "text": {"list": "[1,2]", "empty": "''"},                            # a non-empty string
     "device": {"type": "abc", "list": "[1,2]", "empty": "''", "index": "cuda:x"},
     "file": {"folder": "@dir", "missing": "@missing", "empty": "''", "list": "[1,2]"},
+    "ckpt": {"folder": "@dir", "missing": "@missing", "empty": "''", "list": "[1,2]", "corrupt": "@binary"},
     "text_file": {"folder": "@dir", "missing": "@missing", "empty": "''", "list": "[1,2]", "binary": "@binary"},
     "folder": {"file": "@file", "missing": "@missing", "empty": "''", "list": "[1,2]"},
     "path": {"missing": "@missing", "empty": "''", "list": "[1,2]"},    # a file or a folder
@@ -75,7 +76,7 @@ def opt(kind, **accepted):
 
 KEYS: dict[str, dict[str, tuple]] = {
     "generate": {
-        "task_name": k(SKIP), "ckpt": k("file"), "prompts": k("prompts"), "prompts_file": opt("text_file"),
+        "task_name": k(SKIP), "ckpt": k("ckpt"), "prompts": k("prompts"), "prompts_file": opt("text_file"),
         "allow_unk": k("bool"), "num_samples": k("count"), "batch_size": k("count"), "top_k": k("count"),
         "top_p": k("prob"), "temperature": k("nonneg"), "cfg_scale": k("finite"), "use_cache": k("bool"),
         "ema": k("bool"), "seed": k("seed"), "device": k("device"), "image_tokenizer": opt("file"),
@@ -85,7 +86,7 @@ KEYS: dict[str, dict[str, tuple]] = {
         "sr.ckpt": opt("file"), "sr.scale": k("scale"), "sr.tile": k("count0"), "sr.tile_pad": k("count0"),
     },
     "caption": {
-        "task_name": k(SKIP), "ckpt": k("file"), "images": k("images"), "num_images": k("count"), "lang": k("choice"),
+        "task_name": k(SKIP), "ckpt": k("ckpt"), "images": k("images"), "num_images": k("count"), "lang": k("choice"),
         "caption.method": k("choice"), "caption.beam_size": k("count"), "caption.length_penalty": k("finite"),
         "caption.top_k": k("count"), "caption.top_p": k("prob"), "caption.temperature": k("nonneg"),
         "caption.use_cache": k("bool"), "batch_size": k("count"), "seed": k("seed"), "device": k("device"),
@@ -93,7 +94,7 @@ KEYS: dict[str, dict[str, tuple]] = {
         "output": k("out_folder"), "progress": k("bool"),
     },
     "eval": {
-        "task_name": k(SKIP), "ckpt": k("file"), "tokenizer_ckpt": opt("file"), "image_tokenizer": opt("file"),
+        "task_name": k(SKIP), "ckpt": k("ckpt"), "tokenizer_ckpt": opt("file"), "image_tokenizer": opt("file"),
         "text_tokenizer": opt("text_file"), "ema": k("bool"), "clip.ckpt": opt("file"), "clip.backend": k("choice"),
         "clip.model_name": opt("text"), "rerank.backend": k("choice"),
         "rerank.combine": k("choice", empty="'' is no combination, as null"),
@@ -111,13 +112,13 @@ KEYS: dict[str, dict[str, tuple]] = {
         "eval.anchors": k(SKIP),
     },
     "synthesize": {
-        "task_name": k(SKIP), "ckpt": k("file"), "maps": k("folder"), "instances": opt("folder"), "limit": k("count"),
+        "task_name": k(SKIP), "ckpt": k("ckpt"), "maps": k("folder"), "instances": opt("folder"), "limit": k("count"),
         "style": k("style"), "num_styles": k("count"), "batch_size": k("count"), "max_bad_fraction": k("fraction"),
         "grid_maps": k("count0"), "seed": k("seed"), "device": k("device"),
         "output": k("out_folder"), "progress": k("bool"),
     },
     "tokenize": {
-        "task_name": k(SKIP), "seed": k("seed"), "tokenizer_ckpt": k("file"), "tokenizer_kind": k("choice"),
+        "task_name": k(SKIP), "seed": k("seed"), "tokenizer_ckpt": k("ckpt"), "tokenizer_kind": k("choice"),
         "tokenizer_config": opt("text_file"), "tokenizer_decoder": opt("file"), "output": k("out_folder"),
         "split": k("choice"), "batch_size": k("count"), "num_workers": k("count0"), "device": k("device"),
         "shard_size": k("count"), "resume": k("bool"), "overwrite": k("bool"), "progress": k("bool"),
@@ -188,8 +189,28 @@ VARIANT = {
 DEFAULT_VARIANT = {"data": "convert", "import": "realesrgan", "knowledge": "train"}
 MODULE = {"generate": "generate", "caption": "caption", "eval": "evaluate", "synthesize": "synthesize",
           "tokenize": "tokenize", "data": "data", "import": "importer", "knowledge": "knowledge"}
+# Known defects in files reserved to another change (t2i/cli/evaluate.py, t2i/cli/synthesize.py, t2i/eval/*): these
+# cases are not run (each would load models or run a protocol); reported for the restructuring. Remove an entry
+# once its key is checked up front.
+BOOL_ALL, INT_ALL = ["empty", "list", "number", "type"], ["-inf", "empty", "float", "inf", "list", "nan", "type"]
+PATH_ALL = ["folder", "list", "missing"]
+RESERVED_DEFECTS = {
+    "eval": {
+        "tokenizer_ckpt": PATH_ALL, "ema": BOOL_ALL, "clip.ckpt": PATH_ALL, "clip.backend": ["empty", "list", "type"],
+        "clip.model_name": ["list"], "sample.use_cache": BOOL_ALL, "metrics.feature_extractor_weights_path": PATH_ALL,
+        "metrics.inception_score": BOOL_ALL, "metrics.is_splits": [*INT_ALL, "negative", "zero"],
+        "metrics.clip_score": BOOL_ALL, "metrics.fd_clip": BOOL_ALL, "metrics.lpips": BOOL_ALL,
+        "metrics.vgg_path": PATH_ALL, "metrics.cache_dir": ["file", "list"], "seed": INT_ALL, "output": ["list"],
+        "progress": BOOL_ALL, "eval.caption_seed": INT_ALL,
+    },
+    "synthesize": {
+        "maps": ["list"], "instances": ["file", "list", "missing"],
+        "limit": [*INT_ALL, "negative", "zero"], "style": ["file", "list", "missing"],
+        "max_bad_fraction": ["-inf", "above", "empty", "inf", "list", "nan", "negative", "type"], "seed": INT_ALL,
+        "output": ["list"], "progress": BOOL_ALL,
+    },
+}
 RESOLVED = {"generate", "caption", "eval"}  # their main() resolves the config before run()
-RESERVED = {"eval", "synthesize"}  # t2i/cli/evaluate.py, t2i/cli/synthesize.py, t2i/eval/*: reported, not fixed here
 
 
 def leaves(node, prefix=""):
@@ -232,8 +253,8 @@ def cases():
             for label, value in BAD[kind].items():
                 if label in accepted:
                     continue
-                marks = ([pytest.mark.xfail(reason=f"t2i-{name}: reserved file, defect reported", strict=False)]
-                         if name in RESERVED else [])
+                marks = ([pytest.mark.xfail(reason=f"t2i-{name}: known defect in a reserved file", run=False)]
+                         if label in RESERVED_DEFECTS.get(name, {}).get(key, ()) else [])
                 out.append(pytest.param(name, key, value, id=f"{name}-{key}-{label}", marks=marks))
     return out
 
@@ -302,26 +323,25 @@ def base(name: str, variant: str | None, w: dict) -> list[str]:
     logs = [f"paths.log_dir={w['root']}/logs"]
     if name == "generate":
         return [*logs, f"ckpt={w['transformer']}", f"prompts=['{w['caption']}']", "num_samples=1",
-                            "batch_size=1", f"output={out}", "progress=false"]
+                "batch_size=1", f"output={out}", "progress=false"]
     if name == "caption":
         return [*logs, f"ckpt={w['transformer']}", f"images={w['images']}", f"output={out}",
-                           "progress=false", "caption.method=greedy"]
+                "progress=false", "caption.method=greedy"]
     if name == "eval":
         return [*logs, "eval=shapes", f"ckpt={w['transformer']}", f"clip.ckpt={w['clip']}",
-                        "eval.num_captions=2", "eval.num_candidates=1", "metrics.extractor=null",
+                "eval.num_captions=2", "eval.num_candidates=1", "metrics.extractor=null",
                         "metrics.inception_score=false", f"output={out}", "progress=false", "device=cpu"]
     if name == "synthesize":
         return [*logs, f"ckpt={w['spade']}", f"maps={w['maps']}", f"output={out}", "progress=false"]
     if name == "tokenize":
         return [*logs, f"paths.data_dir={w['root']}/data", f"tokenizer_ckpt={w['pool']}", f"output={out}",
-                            "progress=false", "num_workers=0", "batch_size=8", "data.shapes.n_train=8",
-                            "data.shapes.n_val=2", "data.shapes.n_test=2", "data.shapes.n_compositional=2",
-                            "data.image_size=16"]
+                "progress=false", "num_workers=0", "batch_size=8", "data.shapes.n_train=8",
+                "data.shapes.n_val=2", "data.shapes.n_test=2", "data.shapes.n_compositional=2", "data.image_size=16"]
     if name == "data":
         over = [*logs, f"command={variant}", "progress=false"]
         if variant in ("shapes", "shapes_kg", "shapes_layout"):
             return [*over, f"output={out}", "n_train=4", "n_val=2", "n_test=2", "n_compositional=2",
-                            "n_kg_heldout=2", "image_size=32", "kg_vocab_size=0"]
+                    "n_kg_heldout=2", "image_size=32", "kg_vocab_size=0"]
         if variant == "tokenizer":
             return [*over, f"input={w['tsv']}", f"output={out}/tokenizer.json", "vocab_size=100"]
         if variant == "inspect":
@@ -333,7 +353,7 @@ def base(name: str, variant: str | None, w: dict) -> list[str]:
         if variant == "inspect":
             return [*logs, "command=inspect", f"lexicon={w['lexicon']}", f"vectors={w['vectors']}"]
         return [*logs, "command=train", f"triples={w['triples']}", f"output={out}", "epochs=1", "dim=4",
-                             "batch_size=4", "heldout=0", "progress=false"]
+                "batch_size=4", "heldout=0", "progress=false"]
     raise AssertionError(name)
 
 

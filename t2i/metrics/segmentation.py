@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from t2i.errors import ConfigError, T2IError
+from t2i.errors import ConfigError, T2IError, reason
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,7 +101,7 @@ def load_segmenter(seg, device="cpu") -> nn.Module:
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise T2IError(f"eval.seg.ckpt={path} cannot be read ({type(e).__name__}: {e})") from None
+        raise T2IError(f"eval.seg.ckpt={path} cannot be read ({reason(e)})") from None
     missing, unexpected = model.load_state_dict(_state_dict(blob), strict=False)
     missing = [k for k in missing if not k.startswith("aux_classifier.")]  # torchvision's optional aux head
     if missing or unexpected:

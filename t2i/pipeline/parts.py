@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from t2i.data.tokenizer import TextTokenizer, tokenizer_from_checkpoint
-from t2i.errors import ConfigError, T2IError
+from t2i.errors import ConfigError, T2IError, reason
 from t2i.keys import IMAGE_TOKENIZER_KEY
 
 log = logging.getLogger("t2i.pipeline")
@@ -31,7 +31,7 @@ def load_checkpoint(path, key: str = "ckpt") -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise T2IError(f"{key}={path} cannot be read ({type(e).__name__}: {e})") from None
+        raise T2IError(f"{key}={path} cannot be read ({reason(e)})") from None
     model_hp = (ckpt.get("hyper_parameters") or {}).get("model") if isinstance(ckpt, dict) else None
     if "state_dict" not in ckpt or not isinstance(model_hp, dict) or "image_vocab" not in model_hp:
         raise T2IError(f"{key}={path} is not a transformer checkpoint (train one with experiment=*_transformer)")

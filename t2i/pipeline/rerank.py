@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from t2i.data.tokenizer import TextTokenizer, tokenizer_from_checkpoint
-from t2i.errors import ConfigError, T2IError
+from t2i.errors import ConfigError, T2IError, reason
 from t2i.models.clip import CLIP
 
 
@@ -70,7 +70,7 @@ def load_reranker(path, backend: str = "t2i", model_name: str | None = None, map
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise T2IError(f"rerank.ckpt={path} cannot be read ({type(e).__name__}: {e})") from None
+        raise T2IError(f"rerank.ckpt={path} cannot be read ({reason(e)})") from None
     hp = ckpt.get("hyper_parameters") or {}
     if "clip" not in str(hp.get("_target_", "")).lower() and "logit_scale" not in str(list(ckpt.get("state_dict", {}))):
         raise T2IError(f"rerank.ckpt={path} is not a CLIP checkpoint (train one with experiment=*_clip)")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from t2i.data.skips import BadSample
 from t2i.devices import pick_device
-from t2i.errors import ConfigError, T2IError
+from t2i.errors import ConfigError, T2IError, reason
 
 log = logging.getLogger("t2i.synthesize")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -44,7 +44,7 @@ def load_spade(path, device: torch.device, key: str = "ckpt"):
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise T2IError(f"{key}={path} cannot be read ({type(e).__name__}: {e})") from None
+        raise T2IError(f"{key}={path} cannot be read ({reason(e)})") from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "state_dict" not in ckpt or "num_classes" not in (hp.get("model") or {}):
         raise T2IError(f"{key}={path} is not a SPADE checkpoint (train one with experiment=*_spade)")

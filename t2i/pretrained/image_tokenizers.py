@@ -66,13 +66,13 @@ def _from_file(path: Path, key: str, map_location, hint: str | None = None) -> n
     except Exception as e:  # not a torch file, truncated, or pickled objects (a public release: use a spec)
         why = ("it pickles Python objects, as public releases do" if isinstance(e, pickle.UnpicklingError)
                else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        raise T2IError(f"tokenizer checkpoint {path} cannot be read ({why}); for public weights {hint}") from None
+        raise T2IError(f"{key}={path}: the tokenizer checkpoint cannot be read ({why}); for public weights {hint}") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get(IMAGE_TOKENIZER_KEY), dict):
         rec = ckpt[IMAGE_TOKENIZER_KEY]
         return from_parts(rec["target"], rec["config"], rec["state_dict"], str(path))
     entry = ckpt.get(TOKENIZER_KEY) if isinstance(ckpt, dict) else None
     if entry is None:
-        raise T2IError(f"{path} is not an image-tokenizer checkpoint (no '{TOKENIZER_KEY}' or '{IMAGE_TOKENIZER_KEY}' "
+        raise T2IError(f"{key}={path} is not an image-tokenizer checkpoint (no '{TOKENIZER_KEY}' or '{IMAGE_TOKENIZER_KEY}' "
                        f"entry); for public weights {hint}")
     prefix = entry["prefix"]
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
