@@ -168,11 +168,12 @@ def screenshot(out: Path, tiny: bool = False, demo: Path = ROOT / "outputs" / "d
             paths = write_checkpoints(text_tokenizer(), tmp / "ckpt")
             overrides = [f"ckpt={paths['transformer']}", f"rerank.ckpt={paths['clip']}"]
         prompts = captions(2, "test") if which == "tiny" else ["一个大的红色圆形在左上角", "右下角有一个小的蓝色正方形"]
-        app = App([*overrides, "device=cpu", "num_samples=8", "top_k=4"], tmp)
-        driver = chromium(1400, 900)
+        app = App([*overrides, "device=cpu", "num_samples=4", "top_k=4"], tmp)
+        driver = chromium(1400, 1000)
         try:
             page = Page(driver, app.url, timeout=300)
             page.generate(prompts="\n".join(prompts))
+            driver.execute_script("window.scrollTo(0, 0)")
             time.sleep(1)  # the images finish loading
             out.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(out))

@@ -132,3 +132,47 @@ def test_a_missing_checkpoint_stops_the_app_with_one_line(tmp_path, capsys):
         clear_errors(serve)(cfg)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and err.startswith("error: ") and "nothing.ckpt" in err and "\n" not in err
+
+
+def test_caption_and_layout_tabs_answer_as_the_library(ckpts, tmp_path, monkeypatch):
+    """The Caption and Layout requests (no browser): the captions of Pipeline.caption, the images of the
+    Synthesizer; a transformer without captioning gets a Caption tab that says why."""
+    from PIL import Image
+
+    from t2i.cli import app
+    from t2i.pipeline import Pipeline, Synthesizer
+    from t2i.pipeline import spade as spade_lib
+    from tests.test_synthesize import StandInSPADE, save_standin
+    from tests.tiny_pipeline import COLORS
+
+    monkeypatch.setattr(spade_lib, "module_class", lambda: StandInSPADE)
+    spade = save_standin(tmp_path / "spade.ckpt", num_classes=5, image_size=16)
+    cfg = app_config([f"ckpt={ckpts['transformer']}", f"spade.ckpt={spade}", "device=cpu", f"output={tmp_path}"])
+    models = app.load(cfg)
+    assert models.captioning and models.synth is not None and not models.pipe.reranking.active
+
+    files = []
+    for i in range(2):
+        arr = np.array(COLORS, np.uint8)[np.random.default_rng(i).integers(0, len(COLORS), (3, 3))]
+        files.append(tmp_path / f"im{i}.png")
+        Image.fromarray(arr.repeat(8, 0).repeat(8, 1)).save(files[-1])
+    items, table, status = app.caption_images(models, cfg, [str(f) for f in files], "greedy")
+    want = Pipeline.from_checkpoint(ckpts["transformer"], device="cpu").caption(
+        [Image.open(f) for f in files], method="greedy", beam_size=4)
+    assert [c for _, c in items] == want and status == "2 caption(s), greedy"
+    assert app.caption_images(models, cfg, [], "beam")[2] == "error: no images: upload one or more"
+
+    label = tmp_path / "map.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 5, (16, 16)).astype(np.uint8), mode="L").save(label)
+    items, status = app.synthesize_maps(models, [str(label)], "random", 2, 3)
+    ref = Synthesizer.from_checkpoint(spade, device="cpu")([Image.open(label)], style="random", num_styles=2, seed=3)
+    assert len(items) == 3 and status == "1 map(s) x 2 style(s)" and "seed 4" in items[2][1]
+    for (img, _), exp in zip(items[1:], ref.images[0]):
+        assert (pixels(img) == pixels(exp)).all()
+    assert app.synthesize_maps(models, [str(label)], "random", 0, 3)[1].startswith("error: num_styles=0")
+
+    plain = app.load(app_config([f"ckpt={ckpts['plain']}", "device=cpu", f"output={tmp_path}"]))
+    page, _ = app.build_page(plain, cfg)
+    ids = {c.get("props", {}).get("elem_id") for c in page.config["components"]}
+    assert not plain.captioning and {"t2i-caption-absent", "t2i-layout-absent"} <= ids
+    assert "t2i-caption-files" not in ids

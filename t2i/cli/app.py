@@ -40,6 +40,13 @@ log = logging.getLogger("t2i.app")
 METHODS = ("greedy", "beam")
 STYLES = ("random", "mean")
 SEED_RANGE = 2**31 - 1
+GALLERY_COLUMNS = 4
+CSS = """
+#t2i-results, #t2i-captions {width: 100%; font-size: 0.8em; border-collapse: collapse}
+#t2i-results td, #t2i-results th, #t2i-captions td, #t2i-captions th {padding: 2px 6px; border: 1px solid #ddd}
+#t2i-random-seed {align-self: end}
+#t2i-gallery img {image-rendering: pixelated}
+"""
 
 
 # -- models, loaded once --------------------------------------------------------------------------------------
@@ -182,7 +189,7 @@ def results_table(records: list[dict]) -> str:
         f"<td class='score'>{num(r['score'])}</td><td class='clip'>{num(r['clip_score'])}</td>"
         f"<td class='caption'>{num(r['caption_score'])}</td><td class='seed'>{r['seed']}</td>"
         f"<td>{html.escape(r['file'])}</td></tr>" for r in records)
-    head = ("<tr><th>prompt</th><th>caption</th><th>rank</th><th>drawn</th><th>score</th><th>CLIP score</th>"
+    head = ("<tr><th>#</th><th>prompt</th><th>rank</th><th>drawn</th><th>score</th><th>CLIP score</th>"
             "<th>caption score</th><th>seed</th><th>file</th></tr>")
     return f"<table id='t2i-results'><thead>{head}</thead><tbody>{rows}</tbody></table>"
 
@@ -304,7 +311,7 @@ def build_page(models: Models, cfg: DictConfig):
                     + (f" · reranker: {pipe.reranking.name}" if pipe.reranking.active else " · no reranker"))
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
-                with gr.Column(scale=2):
+                with gr.Column(scale=1):
                     text = gr.Textbox("\n".join(prompts), lines=3, label="captions (one a line)",
                                       placeholder="一个大的红色圆形在左上角", elem_id="t2i-prompts")
                     with gr.Row():
@@ -318,14 +325,14 @@ def build_page(models: Models, cfg: DictConfig):
                         cfg_scale = gr.Textbox(shown(cfg.cfg_scale), label="guidance scale (empty: none)",
                                                elem_id="t2i-cfg-scale")
                         seed = gr.Number(int(cfg.seed), label="seed", precision=0, elem_id="t2i-seed")
-                        dice = gr.Button("random seed", elem_id="t2i-random-seed", scale=0)
+                        dice = gr.Button("random seed", elem_id="t2i-random-seed", scale=0, size="sm")
                     rerank = gr.Checkbox(pipe.reranking.active, label=f"rerank ({pipe.reranking.name})"
                                          if pipe.reranking.active else "rerank (no reranker loaded)",
                                          interactive=pipe.reranking.active, elem_id="t2i-rerank")
                     go = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
-                with gr.Column(scale=3):
+                with gr.Column(scale=2):
                     status = gr.Markdown("", elem_id="t2i-status")
-                    gallery = gr.Gallery(label="best first", columns=min(8, int(cfg.num_samples)), format="png",
+                    gallery = gr.Gallery(label="best first", columns=min(GALLERY_COLUMNS, int(cfg.num_samples)), format="png",
                                          object_fit="contain", elem_id="t2i-gallery", interactive=False)
                     download = gr.File(label="images + samples.jsonl (zip)", elem_id="t2i-download",
                                        interactive=False)
@@ -333,7 +340,11 @@ def build_page(models: Models, cfg: DictConfig):
             dice.click(lambda: random.randint(0, SEED_RANGE), outputs=seed, queue=False)
 
             def on_generate(prompts_text, num_samples, k, p, temp, guidance, s, rr, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
-                return generate(models, cfg, requests, prompts_text, num_samples, k, p, temp, guidance, s, rr, progress)
+                items, rows, archive, line = generate(models, cfg, requests, prompts_text, num_samples, k, p, temp,
+                                                      guidance, s, rr, progress)
+                n = as_number(num_samples)
+                columns = min(GALLERY_COLUMNS, n) if isinstance(n, int) and n > 0 else GALLERY_COLUMNS
+                return gr.Gallery(value=items, columns=columns), rows, archive, line
 
             go.click(on_generate, inputs=[text, n, top_k, top_p, temperature, cfg_scale, seed, rerank],
                      outputs=[gallery, table, download, status], api_name="generate")
@@ -405,9 +416,10 @@ def serve(cfg: DictConfig, block: bool = True):
         _, url, _ = page.launch(server_name=str(cfg.host), server_port=int(cfg.port) or free_port(str(cfg.host)),
                                 prevent_thread_lock=True, inbrowser=bool(cfg.open_browser), quiet=True,
                                 show_error=False, ssr_mode=False, allowed_paths=[str(requests.root.resolve())],
-                                footer_links=[], theme=gr.themes.Default())
+                                footer_links=[], theme=gr.themes.Default(), css=CSS)
     except OSError as e:
-        raise ConfigError(f"port={cfg.port} on {cfg.host} cannot be served ({one_line(e)}): give another port "
+        log.debug("launch failed: %s", e)
+        raise ConfigError(f"port={cfg.port} on {cfg.host} is taken or cannot be bound: give another port "
                           "(port=0 takes a free one)") from None
     print(f"t2i-app: serving {url} ({models.notes['ckpt']} on {models.pipe.device}); Ctrl+C stops it", flush=True)
     if block:
