@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "t2i" / "conf"
 CONFIG_OF = {"data": "data", "train": "train", "tokenize": "tokenize", "generate": "generate", "eval": "eval",
              "evaluate": "eval", "demo": "demo", "import": "import", "caption": "caption", "importer": "import",
-             "knowledge": "knowledge", "synthesize": "synthesize"}
+             "knowledge": "knowledge", "synthesize": "synthesize", "app": "app"}
 PLACEHOLDER_PATH = "/tmp/t2i-docs/placeholder"
 MIN_COMMANDS = 240  # the docs hold about 290; far fewer means the extraction broke
 
