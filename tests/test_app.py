@@ -115,7 +115,10 @@ def test_bad_setting_shows_the_cli_line_and_the_server_goes_on(server, browser):
     prompt = captions(1, "test")[0]
     assert page.generate(prompts=prompt, num_samples=2, top_p=2) == f"error: {exc.value}"
     assert page.gallery() == []
+    from selenium.webdriver.support.ui import WebDriverWait
+
     page.find("#t2i-random-seed").click()
+    WebDriverWait(browser, 10, poll_frequency=0.1).until(lambda d: page.value("t2i-seed") not in ("", "0"))
     page.generate(top_p=0.9)
     status = page.status()
     assert status.startswith("2 images for 1 prompt(s)"), status

@@ -306,7 +306,8 @@ def build_page(models: Models, cfg: DictConfig):
         prompts = OmegaConf.to_container(prompts)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
 
-    with gr.Blocks(title="t2i", analytics_enabled=False) as page:
+    # Gradio's copies of served files older than a day go, checked daily (the requests' own folders stay)
+    with gr.Blocks(title="t2i", analytics_enabled=False, delete_cache=(86400, 86400)) as page:
         gr.Markdown(f"## t2i\n`{models.notes['ckpt']}` on {pipe.device}"
                     + (f" · reranker: {pipe.reranking.name}" if pipe.reranking.active else " · no reranker"))
         with gr.Tab("Generate", id="generate"):
