@@ -30,6 +30,12 @@ from t2i.errors import ConfigError
 SOURCES = ("easynlp", "rudalle", "realesrgan", "taming", "openai")
 
 
+def _version(key, value):
+    if value != "v3":
+        raise ConfigError(f"{key}={checks.show(value)}: only ruDALL-E v3 weights (Malevich, Surrealist_XL, Kandinsky) "
+                          "are supported")
+
+
 def _image_tokenizer(key, value):
     """A stage-1 .ckpt, or a '{kind: ..., files: {...}}' spec (checked where it is read)."""
     if not isinstance(value, dict):
@@ -45,7 +51,7 @@ KEYS = {
     "vectors": checks.file(optional=True, what="entity2vec.pt"), "tokenizer": checks.file(optional=True, what="bpe.model"),
     "vae": checks.file(optional=True, what="VQGAN .ckpt"),
     "vae_config": checks.file(optional=True, utf8=True, what="taming YAML"), "n_head": checks.count(optional=True),
-    "version": checks.choice("v3"), "scale": checks.choice(1, 2, 4, 8, optional=True),
+    "version": _version, "scale": checks.choice(1, 2, 4, 8, optional=True),
     "config": checks.file(optional=True, utf8=True, what="taming YAML"),
     "decoder": checks.file(optional=True, what="decoder.pkl"),
 }
