@@ -56,9 +56,9 @@ def run(cfg: DictConfig) -> dict:
     if p.kind != "reconstruction" and not cfg.ckpt:
         raise ConfigError(f"eval={p.name} needs ckpt=<a t2i-train experiment=*_transformer .ckpt>")
     from t2i.data.prompts import check_output_folder
-    from t2i.eval.checks import check_protocol
+    from t2i.eval.checks import check_keys
 
-    check_protocol(p)
+    check_keys(cfg)
     out = check_output_folder(cfg.output)
     torch.set_flush_denormal(True)
     slurm_to_torchrun_env()

@@ -26,12 +26,28 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
+from t2i import checks
 from t2i.cli.common import clear_errors
 from t2i.data.layouts.maps import load_maps, map_files, read_instance, read_map  # noqa: F401 (tests read them)
 from t2i.data.prompts import check_output_folder
 from t2i.devices import pick_device
 from t2i.errors import ConfigError
 from t2i.pipeline.spade import colorize_map, load_spade
+
+# typed keys, checked before the checkpoint loads (the maps folder and style are read after it: they need its size)
+KEYS = {
+    "maps": checks.folder(what="folder of label-map PNGs"),
+    "instances": checks.folder(optional=True, what="folder of instance-map PNGs with the maps' stems"),
+    "limit": checks.count(optional=True), "max_bad_fraction": checks.fraction(),
+    "seed": checks.integer(), "progress": checks.boolean(), "output": checks.output_folder(),
+}
+
+
+def check_style(style) -> None:
+    """``null``, ``random`` or a folder of style images."""
+    if style is None or str(style).lower() in ("null", "none", "", "random"):
+        return
+    checks.folder(what="folder of style images (or style=random / style=null)")("style", style)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -43,6 +59,8 @@ def run(cfg: DictConfig) -> dict:
         v = cfg[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{k}={v} must be an integer >= 1")
+    checks.check_keys(cfg, KEYS)
+    check_style(cfg.style)
     style = cfg.style
     if str(style).lower() in ("null", "none", ""):  # Hydra's null, and None as Python callers write it
         style = None

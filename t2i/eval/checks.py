@@ -5,10 +5,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from t2i import checks
 from t2i.errors import ConfigError
 
 LANGS = ("zh", "en")
 COUNTS = ("num_captions", "num_candidates", "num_images")  # null allowed where a protocol means "all"
+
+
+# typed keys of t2i-eval the protocol checks below and the loaders do not see (checked before any model loads)
+KEYS = {
+    "tokenizer_ckpt": checks.file(optional=True, what="image tokenizer .ckpt"),
+    "ema": checks.boolean(), "progress": checks.boolean(), "seed": checks.integer(),
+    "output": checks.output_folder(),
+    "clip.ckpt": checks.file(optional=True, what="CLIP checkpoint or weights file"),
+    "clip.backend": checks.choice("t2i", "open_clip", "cn_clip"),
+    "clip.model_name": checks.text(optional=True),
+    "sample.use_cache": checks.boolean(),
+    "metrics.feature_extractor_weights_path": checks.file(optional=True, what="Inception weights file"),
+    "metrics.inception_score": checks.boolean(), "metrics.is_splits": checks.count(),
+    "metrics.clip_score": checks.boolean(), "metrics.fd_clip": checks.boolean(), "metrics.lpips": checks.boolean(),
+    "metrics.vgg_path": checks.file(optional=True, what="VGG16 weights file"),
+    "metrics.cache_dir": checks.output_folder(optional=True, what="folder for the cached real statistics"),
+    "eval.caption_seed": checks.integer(),
+}
+
+
+def check_keys(cfg) -> None:
+    """The typed keys of a ``t2i-eval`` config (:data:`KEYS`) and its protocol (:func:`check_protocol`)."""
+    checks.check_keys(cfg, KEYS)
+    check_protocol(cfg.eval)
 
 
 def shapes_splits(p) -> tuple[str, ...]:
