@@ -74,7 +74,7 @@ def test_cli_errors_are_one_line(tmp_path):
     res = t2i_data(tmp_path, "convert", "output=x")
     assert res.returncode == 1 and "`input=...` is required" in res.stderr
     res = t2i_data(tmp_path, "convert", "source=parquet", "input=a", "output=x")
-    assert res.returncode == 1 and "unknown data source 'parquet'" in res.stderr
+    assert res.returncode == 1 and "source=parquet is unknown; use one of easynlp_tsv" in res.stderr
     res = t2i_data(tmp_path, "frobnicate")
     assert res.returncode == 1 and "unknown command 'frobnicate'" in res.stderr
     res = t2i_data(tmp_path)
@@ -254,5 +254,4 @@ def test_convert_empty_folder_and_file_output_are_one_line_errors(tmp_path):
     (tmp_path / "out.tar").write_bytes(b"")
     res = t2i_data(tmp_path, "convert", f"input={tsv}", f"output={tmp_path}/out.tar")
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
-        f"error: output={tmp_path}/out.tar: {tmp_path}/out.tar is a file; give a folder for the shards (it is "
-        f"created when missing)"]
+        f"error: output={tmp_path}/out.tar is a file, not a folder: pass a folder (it is created when missing)"]
