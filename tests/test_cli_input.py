@@ -108,10 +108,17 @@ def test_output_on_a_file_is_one_line_before_the_model_loads(tmp_path):
                                "created when missing)"]
 
 
+def evaluate(tmp_path, *overrides):
+    """t2i-eval's run() in-process (the subprocess path is test_eval_prints_one_line below)."""
+    from t2i.cli.evaluate import run
+
+    return run(compose_cfg("eval", tmp_path, "eval=shapes", f"ckpt={tmp_path}/missing.ckpt", *overrides))
+
+
 def test_eval_output_on_a_file(tmp_path):
     (tmp_path / "taken").write_text("x")
-    rc, err = cli("evaluate", tmp_path, "eval=shapes", f"ckpt={tmp_path}/missing.ckpt", f"output={tmp_path}/taken")
-    assert rc == 1 and len(err) == 1 and "taken is a file, not a folder" in err[0], err
+    with pytest.raises(ConfigError, match=r"^output=.*taken is a file, not a folder"):
+        evaluate(tmp_path, f"output={tmp_path}/taken")
 
 
 # -- 9: t2i-eval counts, splits, language -------------------------------------------------------------------
@@ -124,8 +131,15 @@ def test_eval_output_on_a_file(tmp_path):
     ("eval.lang=fr", "eval.lang=fr is unknown; use zh or en"),
 ])
 def test_eval_refuses_bad_protocol_values_in_one_line(tmp_path, override, message):
-    rc, err = cli("evaluate", tmp_path, "eval=shapes", f"ckpt={tmp_path}/missing.ckpt", override)
-    assert rc == 1 and len(err) == 1 and message in err[0], err
+    with pytest.raises(ConfigError) as e:
+        evaluate(tmp_path, f"output={tmp_path}/out", override)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_eval_prints_one_line(tmp_path):
+    rc, err = cli("evaluate", tmp_path, "eval=shapes", f"ckpt={tmp_path}/missing.ckpt", "eval.lang=fr")
+    assert rc == 1 and err == ["error: eval.lang=fr is unknown; use zh or en"], err
 
 
 # -- 15: one top_k default --------------------------------------------------------------------------------
