@@ -138,8 +138,9 @@ def _path_value(key, value, optional: bool, what: str):
     return Path(str(value)).expanduser()
 
 
-def utf8_file(key: str, path, what: str = "text file") -> None:
-    """``path`` must hold UTF-8 text (one error naming the key and the first bad byte)."""
+def utf8_file(key: str, path, what: str = "text file") -> str:
+    """The text of ``path``, which must be UTF-8 (a BOM is dropped): one error naming the key and the first bad
+    byte otherwise, or the first NUL byte (a binary file)."""
     p = Path(str(path)).expanduser()
     try:
         data = p.read_bytes()
@@ -153,6 +154,7 @@ def utf8_file(key: str, path, what: str = "text file") -> None:
     if "\x00" in text_:
         raise ConfigError(f"{key}={path} holds a NUL byte at byte {data.index(0)} (a binary file?); give a UTF-8 "
                           f"{what}")
+    return text_
 
 
 def file(optional: bool = False, what: str = "file", utf8: bool = False) -> Checker:

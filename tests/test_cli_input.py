@@ -64,7 +64,7 @@ def test_prompt_values_that_are_not_captions(value, message):
 
 # -- 7 and 10: prompts files ------------------------------------------------------------------------------
 @pytest.mark.parametrize("data, message", [
-    (b"a red circle\n\xff\xfe bad\n", "is not UTF-8 text (byte 13: b'\\xff\\xfe b'); save it as UTF-8"),
+    (b"a red circle\n\xff\xfe bad\n", "is not UTF-8 text (byte 13: b'\\xff\\xfe b'); give a UTF-8 text file, one caption a line"),
     (b"\x89PNG\r\n\x1a\n\x00\x00", "is not UTF-8 text (byte 0: b'\\x89PNG')"),
     (b"ok\x00\x00\x00binary", "holds a NUL byte at byte 2 (a binary file?)"),
     (b"\n   \n\t\n", "holds no caption (only blank lines): write one caption a line"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from t2i import checks
 from t2i.errors import ConfigError
 
 
@@ -42,23 +43,9 @@ def prompt_list(prompts, key: str = "prompts") -> list[str]:
 
 def read_prompts_file(path, key: str = "prompts_file") -> list[str]:
     """The captions of a text file, one a line (stripped; blank lines skipped)."""
-    p = Path(str(path)).expanduser()
-    if not p.exists():
-        raise ConfigError(f"{key}={path}: no such file (a text file, one caption a line)")
-    if not p.is_file():
-        raise ConfigError(f"{key}={path} is a folder, not a file: give a text file, one caption a line")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{key}={path} cannot be read ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{key}={path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}); save it "
-                          f"as UTF-8, one caption a line") from None
-    if "\x00" in text:
-        raise ConfigError(f"{key}={path} holds a NUL byte at byte {data.index(0)} (a binary file?); give a UTF-8 "
-                          f"text file, one caption a line")
+    what = "text file, one caption a line"
+    checks.file(what=what)(key, path)
+    text = checks.utf8_file(key, path, what)
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         what = "only blank lines" if text else "it is empty"
@@ -78,14 +65,5 @@ def read_prompts(prompts=None, prompts_file=None) -> list[str]:
 
 def check_output_folder(path, key: str = "output") -> Path:
     """``path`` as a folder to write into: an existing file there is one error (before any model loads)."""
-    if path is None or str(path).strip() == "":
-        raise ConfigError(f"{key} is empty: give a folder to write into")
-    p = Path(str(path)).expanduser()
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{key}={path} is a file, not a folder: pass a folder (it is created when missing)")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{key}={path}: {parent} is a file, so the folder cannot be created there")
-            break
-    return p
+    checks.output_folder()(key, path)
+    return Path(str(path)).expanduser()
