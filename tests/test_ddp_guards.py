@@ -127,22 +127,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_one_rank_nan_short_and_empty_batches_match_one_process():
+def two_ranks(target, timeout: float) -> dict:
+    """Run ``target(rank, port, out)`` in two spawned processes; ``out`` (rank -> result) once both exit 0. A rank
+    still alive after ``timeout`` seconds is killed and fails the test as hung."""
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         out = manager.dict()
         port = free_port()
-        procs = [ctx.Process(target=_rank, args=(r, port, out)) for r in range(2)]
+        procs = [ctx.Process(target=target, args=(r, port, out)) for r in range(2)]
         for p in procs:
             p.start()
         for p in procs:
-            p.join(240)
+            p.join(timeout)
         codes = [p.exitcode for p in procs]
         for p in procs:
             if p.is_alive():
                 p.kill()
         assert codes == [0, 0], f"a rank failed or hung: exit codes {codes}"
-        ddp = dict(out)
+        return dict(out)
+
+
+def test_one_rank_nan_short_and_empty_batches_match_one_process():
+    ddp = two_ranks(_rank, 240)
     one = {"transformer": fit(transformer(), 0, 1), "clip": fit(clip(), 0, 1)}
     for name in ("transformer", "clip"):
         ref = one[name]

@@ -7,11 +7,10 @@ import os
 
 import pytorch_lightning as pl
 import torch
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from t2i.lit.vqgan import VQGANModule
-from tests.test_ddp_guards import free_port
+from tests.test_ddp_guards import two_ranks
 
 PER_RANK, STEPS = 2, 4
 EMPTY = {1: {1}, 2: {0, 1}}  # step -> ranks whose whole batch failed to decode
@@ -46,21 +45,7 @@ def _rank(rank: int, port: int, out):
 
 
 def test_an_empty_rank_joins_every_collective_and_ranks_stay_equal():
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        port = free_port()
-        procs = [ctx.Process(target=_rank, args=(r, port, out)) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(180)
-        codes = [p.exitcode for p in procs]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        assert codes == [0, 0], f"a rank failed or hung: exit codes {codes}"
-        got = dict(out)
+    got = two_ranks(_rank, 180)
     assert got[0]["step"] == got[1]["step"] == STEPS - 1  # the all-empty step is skipped on both ranks
     w0, w1 = got[0]["weights"], got[1]["weights"]
     assert set(w0) == set(w1)
