@@ -13,10 +13,14 @@ The terminal gets one status line as a stage starts and one as it ends; everythi
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +28,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from t2i.cli.common import clear_errors
-from t2i.errors import T2IError
+from t2i.errors import ConfigError, T2IError
 
 ATTRIBUTES = ("color", "shape", "position", "size", "all")
 
@@ -36,9 +40,13 @@ class StageError(T2IError):
 @dataclass
 class Stage:
     name: str
-    module: str
+    module: str                     # the console module run as a subprocess (``python -m <module> <args>``)
     args: list[str]
     done: Path                      # exists when the stage finished
+    deps: tuple[str, ...] = ()      # the stages whose outputs it reads
+    folders: tuple[str, ...] = ()   # what it writes under <output> (linked into a run that reuses it)
+    threads: int | None = None      # OMP / MKL threads of its process (None: the library's default)
+    call: Callable[[], object] | None = None  # in-process work instead of a module (the data stage)
 
 
 def shapes_args(cfg: DictConfig) -> list[str]:
@@ -56,41 +64,66 @@ def best_checkpoint(run: Path) -> str:
     summary = json.loads(train_done(run).read_text())
     if summary.get("status") != "finished":
         raise StageError(f"{run} did not finish ({summary.get('status')}); rerun with force=true")
-    ckpt = summary.get("best_checkpoint") or str(run / "checkpoints" / "last.ckpt")
-    if not Path(ckpt).exists():
+    ckpt = Path(summary.get("best_checkpoint") or run / "checkpoints" / "last.ckpt")
+    if (run / "checkpoints" / ckpt.name).exists():  # through <run>, also when <run> is linked from another demo
+        ckpt = run / "checkpoints" / ckpt.name
+    if not ckpt.exists():
         raise StageError(f"{run}: checkpoint {ckpt} is missing; rerun with force=true")
-    return ckpt
+    return str(ckpt)
 
 
 def stage_log(out: Path, name: str) -> Path:
     return out / "logs" / f"{name}.log"
 
 
-def run_stage(stage: Stage, out: Path, index: int, total: int, verbose: bool = False, tail: int = 25) -> float:
-    """Run one stage with its output in its log file (and on the terminal when ``verbose``)."""
-    cmd = [sys.executable, "-m", stage.module, *stage.args]
-    log_path = stage_log(out, stage.name)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[{index}/{total}] {stage.name}: running (log: {log_path})", flush=True)
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as log_file:
-        log_file.write(f"$ {' '.join(cmd)}\n".encode())
-        log_file.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
-            log_file.write(chunk)
-            if verbose:
+class Running:
+    """One stage's process, its output pumped into its log file (and the terminal when ``verbose``)."""
+
+    def __init__(self, stage: Stage, out: Path, index: int, total: int, verbose: bool = False):
+        self.stage, self.out, self.verbose = stage, out, verbose
+        self.cmd = [sys.executable, "-m", stage.module, *stage.args]
+        self.log_path = stage_log(out, stage.name)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        note = f", {stage.threads} thread{'s' * (stage.threads != 1)}" if stage.threads else ""
+        print(f"[{index}/{total}] {stage.name}: running (log: {self.log_path}{note})", flush=True)
+        env = dict(os.environ)
+        if stage.threads:
+            env.update(OMP_NUM_THREADS=str(stage.threads), MKL_NUM_THREADS=str(stage.threads))
+        self.t0 = time.perf_counter()
+        self.log_file = open(self.log_path, "wb")
+        self.log_file.write(f"$ {' '.join(self.cmd)}\n".encode())
+        self.log_file.flush()
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+
+    def _pump(self) -> None:
+        for chunk in iter(lambda: self.proc.stdout.read1(1 << 16), b""):
+            self.log_file.write(chunk)
+            if self.verbose:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-        code = proc.wait()
-    if code != 0:
-        lines = log_path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()
-        lines = [ln for ln in lines if ln.strip()][-tail:]
-        if not verbose:
-            print(f"--- the last {len(lines)} lines of {log_path} ---", *lines, "---", sep="\n", file=sys.stderr)
-        raise StageError(f"stage {stage.name} failed (exit {code}); its log is {log_path} and its run folder "
-                         f"{out / stage.name}")
-    return time.perf_counter() - t0
+
+    def finish(self, tail: int = 25) -> float:
+        """Wait for the process; its seconds, or :class:`StageError` naming its log."""
+        code = self.proc.wait()
+        self.pump.join()
+        self.log_file.close()
+        seconds = time.perf_counter() - self.t0
+        if code != 0:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
+            lines = [ln for ln in text.splitlines() if ln.strip()][-tail:]
+            if not self.verbose:
+                print(f"--- the last {len(lines)} lines of {self.log_path} ---", *lines, "---", sep="\n",
+                      file=sys.stderr)
+            raise StageError(f"stage {self.stage.name} failed (exit {code}); its log is {self.log_path} and its "
+                             f"run folder {self.out / self.stage.name}")
+        return seconds
+
+
+def run_stage(stage: Stage, out: Path, index: int, total: int, verbose: bool = False, tail: int = 25) -> float:
+    """Run one stage to its end (see :class:`Running`); its seconds."""
+    return Running(stage, out, index, total, verbose).finish(tail)
 
 
 def stage_status(name: str, out: Path) -> str:
@@ -103,127 +136,396 @@ def stage_status(name: str, out: Path) -> str:
     if name == "tokenize":
         man = json.loads((out / "codes" / "manifest.json").read_text())
         return f"grid {'x'.join(map(str, man['grid']))}, {man['codebook_size']} codes"
+    if name == "data":
+        meta = json.loads((data_folder(out) / "meta.json").read_text())
+        return "/".join(str(meta["counts"][s]) for s in ("train", "val", "test", "compositional")) + \
+            " train/val/test/compositional images"
     res = json.loads((out / name / "metrics.json").read_text())["summary"]
     return ", ".join(f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, (int, float)))
 
 
+def build_data(overrides: list[str]) -> None:
+    """The data stage: the Shapes benchmark and its text tokenizer, written once, before the stages that read
+    it start side by side (the data section every training stage composes, so they find it built)."""
+    from hydra import compose
+
+    from t2i.data.datamodule import prepare_shapes
+
+    cfg = compose(config_name="train", overrides=["experiment=shapes_clip", *overrides])
+    prepare_shapes(cfg.data.shapes, cfg.data.tokenizer)
+
+
+def data_folder(out: Path) -> Path:
+    found = sorted((out / "data").glob("shapes_*/meta.json"))
+    return found[0].parent if found else out / "data"
+
+
+def settings(node) -> list[str]:
+    """A stage's ``set`` mapping (what a sweeper sets: ``+transformer.set.model.lr=1e-3``) as the dotted
+    overrides of that stage's own command, e.g. ``['model.lr=0.001']``."""
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    walk("", OmegaConf.to_container(node, resolve=True) if node else {})
+    return [f"{k}={override_value(v)}" for k, v in flat.items()]
+
+
+def override_value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(override_value(x) for x in v) + "]"
+    return str(v)
+
+
 def stages(cfg: DictConfig, out: Path) -> list:
-    """The chain; checkpoint arguments are filled in lazily (callables) once the earlier stage is done."""
+    """The stages in order, each ``(name, deps, make)``: ``make()`` builds the :class:`Stage` once its
+    dependencies are done (checkpoint arguments are read from their outputs)."""
     data = [f"paths.data_dir={out / 'data'}", *shapes_args(cfg)]
     common = [f"logger={cfg.logger}", "trainer.enable_progress_bar=true"]
-    e = cfg.eval
+    e, r = cfg.eval, cfg.reconstruction
+    splits = "[" + ",".join(e.get("splits", ["test", "compositional"])) + "]"
     return [
-        ("vqgan", lambda: Stage("vqgan", "t2i.cli.train", [
+        ("data", (), lambda: Stage("data", "", data, data_folder(out) / "meta.json", folders=("data",),
+                                   call=lambda: build_data(data))),
+        ("vqgan", ("data",), lambda: Stage("vqgan", "t2i.cli.train", [
             "experiment=shapes_vqgan", *data, *common, f"trainer.max_epochs={cfg.vqgan.max_epochs}",
-            "test=false", f"hydra.run.dir={out / 'vqgan'}", *cfg.vqgan.extra], train_done(out / "vqgan"))),
-        ("tokenize", lambda: Stage("tokenize", "t2i.cli.tokenize", [
+            "test=false", f"hydra.run.dir={out / 'vqgan'}", *settings(cfg.vqgan.get('set')), *cfg.vqgan.extra], train_done(out / "vqgan"),
+            folders=("vqgan",))),
+        ("clip", ("data",), lambda: Stage("clip", "t2i.cli.train", [
+            "experiment=shapes_clip", *data, *common, f"trainer.max_epochs={cfg.clip.max_epochs}", "test=false",
+            f"hydra.run.dir={out / 'clip'}", *settings(cfg.clip.get('set')), *cfg.clip.extra], train_done(out / "clip"), folders=("clip",))),
+        ("tokenize", ("vqgan",), lambda: Stage("tokenize", "t2i.cli.tokenize", [
             f"tokenizer_ckpt={best_checkpoint(out / 'vqgan')}", "data=shapes", *data, f"output={out / 'codes'}",
-            "overwrite=true", f"hydra.run.dir={out / 'tokenize'}"], out / "codes" / "manifest.json")),
-        ("transformer", lambda: Stage("transformer", "t2i.cli.train", [
+            "overwrite=true", f"hydra.run.dir={out / 'tokenize'}"], out / "codes" / "manifest.json",
+            folders=("tokenize", "codes"))),
+        ("reconstruction", ("vqgan",), lambda: Stage("reconstruction", "t2i.cli.evaluate", [
+            "eval=reconstruction", f"tokenizer_ckpt={best_checkpoint(out / 'vqgan')}",
+            f"eval.image_size={cfg.image_size}", f"eval.num_captions={r.num_images}",
+            f"eval.shapes_split={r.get('split', 'test')}", "metrics.extractor=null", "metrics.lpips=false",
+            "progress=false", f"output={out / 'reconstruction'}", f"hydra.run.dir={out / 'reconstruction'}"],
+            out / "reconstruction" / "metrics.json", folders=("reconstruction",))),
+        ("transformer", ("tokenize",), lambda: Stage("transformer", "t2i.cli.train", [
             "experiment=shapes_transformer", f"data.codes={out / 'codes'}", f"paths.data_dir={out / 'data'}",
             *common, f"trainer.max_epochs={cfg.transformer.max_epochs}", "test=false",
-            f"hydra.run.dir={out / 'transformer'}", *cfg.transformer.extra], train_done(out / "transformer"))),
-        ("clip", lambda: Stage("clip", "t2i.cli.train", [
-            "experiment=shapes_clip", *data, *common, f"trainer.max_epochs={cfg.clip.max_epochs}", "test=false",
-            f"hydra.run.dir={out / 'clip'}", *cfg.clip.extra], train_done(out / "clip"))),
-        ("eval", lambda: Stage("eval", "t2i.cli.evaluate", [
+            f"hydra.run.dir={out / 'transformer'}", *settings(cfg.transformer.get('set')), *cfg.transformer.extra], train_done(out / "transformer"),
+            folders=("transformer",))),
+        ("eval", ("transformer", "clip"), lambda: Stage("eval", "t2i.cli.evaluate", [
             "eval=shapes", f"ckpt={best_checkpoint(out / 'transformer')}",
-            f"clip.ckpt={best_checkpoint(out / 'clip')}", f"eval.num_captions={e.num_captions}",
-            f"eval.num_candidates={e.num_candidates}", f"eval.lang={cfg.lang}", f"sample.top_k={e.top_k}",
-            "metrics.extractor=null", "metrics.inception_score=false", f"output={out / 'eval'}",
-            f"hydra.run.dir={out / 'eval'}", *e.extra], out / "eval" / "metrics.json")),
-        ("reconstruction", lambda: Stage("reconstruction", "t2i.cli.evaluate", [
-            "eval=reconstruction", f"tokenizer_ckpt={best_checkpoint(out / 'vqgan')}",
-            f"eval.image_size={cfg.image_size}", f"eval.num_captions={cfg.reconstruction.num_images}",
-            "metrics.extractor=null", "metrics.lpips=false", f"output={out / 'reconstruction'}",
-            f"hydra.run.dir={out / 'reconstruction'}"], out / "reconstruction" / "metrics.json")),
+            f"clip.ckpt={best_checkpoint(out / 'clip')}", f"eval.splits={splits}",
+            f"eval.num_captions={e.num_captions}", f"eval.num_candidates={e.num_candidates}",
+            f"eval.lang={cfg.lang}", f"sample.top_k={e.top_k}", "metrics.extractor=null",
+            "metrics.inception_score=false", "progress=false", f"output={out / 'eval'}",
+            f"hydra.run.dir={out / 'eval'}", *settings(e.get("set")), *e.extra], out / "eval" / "metrics.json", folders=("eval",))),
     ]
 
 
-def collect(out: Path, times: dict) -> dict:
-    vq = json.loads(train_done(out / "vqgan").read_text())["metrics"]
-    ev = json.loads((out / "eval" / "metrics.json").read_text())
-    rec = json.loads((out / "reconstruction" / "metrics.json").read_text())
-    test, comp = ev["splits"]["test"], ev["splits"]["compositional"]
-    return {
-        "tokenizer_psnr": vq.get("val/psnr"),
-        "tokenizer_ssim": vq.get("val/ssim"),
-        "reconstruction_psnr_test": rec["summary"].get("psnr"),
-        "acc_first": test["acc_first"]["all"],
-        "acc_rerank": test["acc_chosen"]["all"],
-        "acc_compositional_first": comp["acc_first"]["all"],
-        "acc_compositional_rerank": comp["acc_chosen"]["all"],
-        "fd_clip": test.get("fd_clip"),
-        "clip_score": test.get("clip_score"),
-        "wall_seconds": round(sum(times.values()), 1),
-        "stage_seconds": {k: round(v, 1) for k, v in times.items()},
-        "per_attribute": {split: {which: ev["splits"][split][f"acc_{which}"] for which in ("first", "chosen")}
-                          for split in ev["splits"]},
-    }
+def normalized(args: list[str], *roots: Path) -> list[str]:
+    """A stage's arguments with its demo folder (or the one it was reused from) written as ``${output}``:
+    equal lists mean the same work."""
+    out = []
+    for a in args:
+        for root in roots:
+            a = a.replace(str(root), "${output}")
+        out.append(a)
+    return out
+
+
+def done_in(stage: Stage, out: Path, root: Path) -> Path:
+    """Where ``stage``'s finished-marker lies in the demo folder ``root``."""
+    return data_folder(root) / "meta.json" if stage.name == "data" else root / stage.done.relative_to(out)
+
+
+def read_records(folder: Path) -> dict:
+    path = folder / "stages.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def link_from(reused: Path, out: Path, stage: Stage) -> None:
+    """Make ``stage``'s folders (and its log) in ``out`` links to those of the earlier demo ``reused``."""
+    for name in (*stage.folders, f"logs/{stage.name}.log"):
+        dst, src = out / name, reused / name
+        if not src.exists():
+            continue
+        clear(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src.resolve(), target_is_directory=src.is_dir())
+
+
+def clear(path: Path) -> None:
+    """Remove ``path`` if it is a link (never what it points to)."""
+    if path.is_symlink():
+        path.unlink()
+
+
+def selected(cfg: DictConfig, chain: list) -> list[str]:
+    """The stage names to run: ``stages`` (all by default) and everything they depend on, in chain order."""
+    deps = {name: d for name, d, _ in chain}
+    want = list(cfg.get("stages") or deps)
+    unknown = [w for w in want if w not in deps]
+    if unknown:
+        raise ConfigError(f"stages={want}: unknown stage {unknown[0]!r}; use some of {', '.join(deps)}")
+    need: set[str] = set()
+    todo = list(want)
+    while todo:
+        name = todo.pop()
+        if name not in need:
+            need.add(name)
+            todo += deps[name]
+    return [name for name in deps if name in need]
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_chain(cfg: DictConfig, out: Path) -> tuple[dict, dict, float]:
+    """Run (or reuse) every selected stage, up to ``jobs`` at a time, each with its share of the cores.
+    Returns the stage records, their status lines and this invocation's wall seconds."""
+    chain = stages(cfg, out)
+    names = selected(cfg, chain)
+    deps = {name: d for name, d, _ in chain}
+    make = {name: m for name, _, m in chain}
+    records = read_records(out)
+    reuse = Path(str(cfg.reuse)).expanduser().resolve() if cfg.get("reuse") else None
+    if reuse is not None and not (reuse / "stages.json").is_file():
+        raise ConfigError(f"reuse={cfg.reuse}: not the folder of a finished t2i-demo (no stages.json there)")
+    earlier = read_records(reuse) if reuse else {}
+    jobs = max(1, int(cfg.get("jobs", 1)))
+    state: dict[str, str] = {}     # name -> current | reused | ran
+    status: dict[str, str] = {}
+    running: dict[str, Running] = {}
+    pending = list(names)
+    t_start = time.perf_counter()
+    total = len(names)
+
+    def settle(name: str, how: str, seconds: float, stage: Stage, source: Path | None = None) -> None:
+        state[name] = how
+        rec = {"args": normalized(stage.args, out, *([reuse] if reuse else [])), "seconds": round(seconds, 1)}
+        if source is not None:
+            rec["reused_from"] = str(source)
+        records[name] = rec
+        (out / "stages.json").write_text(json.dumps(records, indent=2))
+        status[name] = stage_status(name, out)
+
+    try:
+        while pending or running:
+            ready = [n for n in pending if all(state.get(d) for d in deps[n])]
+            starting = []
+            for name in ready:
+                stage = make[name]()
+                index = names.index(name) + 1
+                key = normalized(stage.args, out, *([reuse] if reuse else []))
+                fresh = not cfg.force and not any(state[d] == "ran" for d in deps[name])
+                mine = records.get(name, {})
+                if fresh and stage.done.exists() and mine.get("args") == key:
+                    pending.remove(name)
+                    state[name] = "current"
+                    status[name] = stage_status(name, out)
+                    print(f"[{index}/{total}] {name}: done earlier ({mine.get('seconds', 0):.0f} s): "
+                          f"{status[name]}", flush=True)
+                    continue
+                theirs = earlier.get(name, {})
+                if fresh and reuse and theirs.get("args") == key and done_in(stage, out, reuse).exists():
+                    pending.remove(name)
+                    link_from(reuse, out, stage)
+                    settle(name, "reused", theirs.get("seconds", 0.0), stage, reuse)
+                    print(f"[{index}/{total}] {name}: reused from {reuse} ({theirs.get('seconds', 0):.0f} s "
+                          f"there): {status[name]}", flush=True)
+                    continue
+                if stage.call is not None:  # in-process (the data): alone, before the stages that read it
+                    if not running and not starting:
+                        pending.remove(name)
+                        for folder in stage.folders:
+                            clear(out / folder)
+                        print(f"[{index}/{total}] {name}: running", flush=True)
+                        t0 = time.perf_counter()
+                        stage.call()
+                        settle(name, "ran", time.perf_counter() - t0, stage)
+                        print(f"[{index}/{total}] {name}: {records[name]['seconds']:.0f} s: {status[name]}",
+                              flush=True)
+                elif len(running) + len(starting) < jobs:
+                    starting.append((name, stage, index))
+            if any(n not in pending for n in ready):
+                continue  # settled stages may have made others ready
+            share = max(1, cores() // max(1, len(running) + len(starting)))
+            for name, stage, index in starting:
+                pending.remove(name)
+                for folder in stage.folders:
+                    clear(out / folder)  # a link from a reused demo: this run writes its own
+                clear(stage_log(out, name))
+                stage.threads = share if jobs > 1 else None
+                running[name] = Running(stage, out, index, total, verbose=bool(cfg.get("verbose", False)))
+            if not running:
+                if pending:
+                    raise StageError(f"stages {pending} cannot start")  # unreachable: the chain has no cycles
+                break
+            name = wait_any(running)
+            proc = running.pop(name)
+            try:
+                seconds = proc.finish()
+            except StageError:
+                for other in running.values():
+                    other.proc.terminate()
+                raise
+            settle(name, "ran", seconds, proc.stage)
+            print(f"[{names.index(name) + 1}/{total}] {name}: {seconds:.0f} s: {status[name]}", flush=True)
+    finally:
+        for other in running.values():
+            other.proc.terminate()
+    return records, status, time.perf_counter() - t_start
+
+
+def wait_any(running: dict) -> str:
+    """The name of a running stage whose process has ended (waits for the first one)."""
+    while True:
+        for name, proc in running.items():
+            if proc.proc.poll() is not None:
+                return name
+        time.sleep(0.2)
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of an accuracy ``p`` measured on ``n`` captions."""
+    if n <= 0:
+        return [0.0, 1.0]
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), \
+        z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+ORDER = ("data", "vqgan", "clip", "tokenize", "reconstruction", "transformer", "eval")
+LEGACY = {("test", "first"): "acc_first", ("test", "chosen"): "acc_rerank",
+          ("compositional", "first"): "acc_compositional_first", ("compositional", "chosen"): "acc_compositional_rerank"}
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def collect(out: Path, records: dict, wall: float, optimized: str | None = None) -> dict:
+    """The demo's ``metrics.json``: the headline numbers (``acc_*``, ``tokenizer_psnr``), each accuracy's 95%
+    interval, and ``metrics`` (``<split>/acc_first`` ...) in the form ``t2i-sweep-report`` tabulates."""
+    vq = (read_json(train_done(out / "vqgan")) or {}).get("metrics", {})
+    ev = read_json(out / "eval" / "metrics.json") or {"splits": {}}
+    rec = read_json(out / "reconstruction" / "metrics.json") or {"summary": {}, "splits": {}}
+    result: dict = {"tokenizer_psnr": vq.get("val/psnr"), "tokenizer_ssim": vq.get("val/ssim"),
+                    "reconstruction_psnr": rec["summary"].get("psnr"),
+                    "reconstruction_oracle": rec["summary"].get("oracle_all")}
+    flat = {"tokenizer/psnr": vq.get("val/psnr"), "reconstruction/psnr": rec["summary"].get("psnr"),
+            "reconstruction/oracle_all": rec["summary"].get("oracle_all")}
+    ci, per_attribute = {}, {}
+    for split, m in ev["splits"].items():
+        n = int(m.get("n") or m.get("acc_by", {}).get("n") or 0)
+        per_attribute[split] = {which: m[f"acc_{which}"] for which in ("first", "chosen")}
+        for which, word in (("first", "first"), ("chosen", "rerank")):
+            value = m[f"acc_{which}"]["all"]
+            key = LEGACY.get((split, which), f"acc_{split}_{word}")
+            result[key] = value
+            ci[key] = wilson(value, n)
+            flat[f"{split}/acc_{word}"] = value
+        if "best_of_n" in m.get("acc_by", {}):
+            flat[f"{split}/acc_best_of_n"] = m["acc_by"]["best_of_n"]
+        result.setdefault("captions_per_split", n)
+    test = ev["splits"].get("test", {})
+    result |= {"fd_clip": test.get("fd_clip"), "clip_score": test.get("clip_score"), "ci95": ci,
+               "wall_seconds": round(wall, 1),
+               "stage_seconds": {k: records[k].get("seconds") for k in ORDER if k in records},
+               "reused": {k: r["reused_from"] for k, r in records.items() if r.get("reused_from")},
+               "per_attribute": per_attribute,
+               "status": "finished", "optimized_metric": optimized,
+               "metrics": {k: v for k, v in flat.items() if v is not None}}
+    return result
 
 
 def write_report(out: Path, cfg: DictConfig, metrics: dict, status: dict) -> Path:
+    n = metrics.get("captions_per_split", cfg.eval.num_captions)
+    reused = metrics["reused"]
     lines = ["# t2i demo on Shapes", "",
              f"{cfg.image_size} px, {cfg.shapes.n_train} training images, captions in {cfg.lang}; "
-             f"{cfg.eval.num_captions} captions per split, {cfg.eval.num_candidates} candidates each "
-             f"(top-k {cfg.eval.top_k}), reranked by the demo's CLIP. Wall time {metrics['wall_seconds']:.0f} s.", "",
-             "| stage | wall time | key metrics |", "|---|---:|---|"]
+             f"{n} captions per split, {cfg.eval.num_candidates} candidates each "
+             f"(top-k {cfg.eval.top_k}), reranked by the demo's CLIP. Wall time {metrics['wall_seconds']:.0f} s"
+             + (f" (stages reused from {sorted(set(reused.values()))[0]}: {', '.join(reused)})." if reused else "."),
+             "", "| stage | time | key metrics |", "|---|---:|---|"]
     for name, secs in metrics["stage_seconds"].items():
-        lines.append(f"| {name} | {secs:.0f} s | {status.get(name, '')} |")
+        lines.append(f"| {name} | {secs:.0f} s{' (reused)' * (name in reused)} | {status.get(name, '')} |")
     lines += ["", "## Oracle accuracy of generated samples", "",
               "Fraction of samples whose attribute the rule-based oracle reads back as the caption states; "
-              "*all* needs all four. *first*: the first sample drawn; *reranked*: the one CLIP picks.", "",
-              "| split | sample | " + " | ".join(ATTRIBUTES) + " |", "|---|---|" + "---:|" * len(ATTRIBUTES)]
+              "*all* needs all four, with its 95% interval (Wilson). *first*: the first sample drawn; "
+              "*reranked*: the one CLIP picks.", "",
+              "| split | sample | " + " | ".join(ATTRIBUTES) + " | 95% interval of all |",
+              "|---|---|" + "---:|" * (len(ATTRIBUTES) + 1)]
     for split, both in metrics["per_attribute"].items():
         for which, label in (("first", "first"), ("chosen", "reranked")):
+            key = LEGACY.get((split, which), f"acc_{split}_{'first' if which == 'first' else 'rerank'}")
+            lo, hi = metrics["ci95"].get(key, [float("nan")] * 2)
             lines.append(f"| {split} | {label} | " + " | ".join(f"{both[which].get(a, float('nan')):.3f}"
-                                                                  for a in ATTRIBUTES) + " |")
+                                                                  for a in ATTRIBUTES) + f" | {lo:.3f}–{hi:.3f} |")
     fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
     lines += ["", f"Tokenizer: val PSNR {fmt(metrics['tokenizer_psnr'])} dB, SSIM {fmt(metrics['tokenizer_ssim'])}; "
-              f"test-split reconstruction PSNR {fmt(metrics['reconstruction_psnr_test'])} dB.",
+              f"{cfg.reconstruction.get('split', 'test')}-split reconstruction PSNR "
+              f"{fmt(metrics['reconstruction_psnr'])} dB, read right by the oracle: "
+              f"{fmt(metrics['reconstruction_oracle'])}.",
               f"FD-CLIP {fmt(metrics['fd_clip'])}, CLIPScore {fmt(metrics['clip_score'])} (the demo's own CLIP: "
-              "comparable between demo runs, not with public CLIP models).", "",
-              "![samples](samples.png)", "", "![reconstructions](reconstructions.png)", ""]
+              "comparable between demo runs, not with public CLIP models).", ""]
+    for png in ("samples.png", "reconstructions.png"):
+        if (out / png).exists():
+            lines += [f"![{png[:-4]}]({png})", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
 
 
+def output_folder(cfg: DictConfig) -> Path:
+    """``output``; in a sweep (``-m``) each job's own folder, so the trials never share one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir).resolve()
+    return Path(str(cfg.output)).expanduser().resolve()
+
+
 def demo(cfg: DictConfig) -> dict:
-    out = Path(str(cfg.output)).expanduser().resolve()
+    out = output_folder(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    times_file = out / "stage_times.json"
-    times = json.loads(times_file.read_text()) if times_file.exists() and not cfg.force else {}
-    chain = stages(cfg, out)
-    rerun, status = bool(cfg.force), {}
-    for i, (name, make) in enumerate(chain, 1):
-        stage = make()
-        if not rerun and stage.done.exists() and name in times:
-            status[name] = stage_status(name, out)
-            print(f"[{i}/{len(chain)}] {name}: done earlier ({times[name]:.0f} s): {status[name]}", flush=True)
-            continue
-        rerun = True  # everything after a rerun stage reruns too
-        times[name] = run_stage(stage, out, i, len(chain), verbose=bool(cfg.get("verbose", False)))
-        times_file.write_text(json.dumps(times, indent=2))
-        status[name] = stage_status(name, out)
-        print(f"[{i}/{len(chain)}] {name}: {times[name]:.0f} s: {status[name]}", flush=True)
-    shutil.copyfile(out / "eval" / "samples.png", out / "samples.png")
-    shutil.copyfile(out / "reconstruction" / "reconstructions.png", out / "reconstructions.png")
-    metrics = collect(out, times)
+    records, status, wall = run_chain(cfg, out)
+    for png, stage in (("samples.png", "eval"), ("reconstructions.png", "reconstruction")):
+        if (out / stage / png).exists():
+            shutil.copyfile(out / stage / png, out / png)
+    metrics = collect(out, records, wall, cfg.get("optimized_metric"))
     metrics["config"] = OmegaConf.to_container(cfg, resolve=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     report = write_report(out, cfg, metrics, status)
-    print(f"demo: {metrics['wall_seconds']:.0f} s; test accuracy {metrics['acc_first']:.3f} first -> "
-          f"{metrics['acc_rerank']:.3f} reranked, compositional {metrics['acc_compositional_first']:.3f} -> "
-          f"{metrics['acc_compositional_rerank']:.3f}; tokenizer PSNR {metrics['tokenizer_psnr']:.1f} dB; "
-          f"report: {report}")
+    heads = [f"{k} {v:.3f}" for k, v in metrics["metrics"].items() if "/acc_" in k and "best_of" not in k]
+    psnr = metrics["tokenizer_psnr"]
+    print(f"demo: {wall:.0f} s; {', '.join(heads) or 'no evaluation'}"
+          + (f"; tokenizer PSNR {psnr:.1f} dB" if psnr is not None else "") + f"; report: {report}")
     return metrics
+
+
+def objective(metrics: dict, name: str | None) -> float | None:
+    """The value a sweep (``hparams_search=demo_optuna``) optimises: ``metrics[name]``, e.g. ``val/acc_rerank``."""
+    if not name:
+        return None
+    if name not in metrics["metrics"]:
+        raise ConfigError(f"optimized_metric={name} is not among this demo's metrics "
+                          f"({', '.join(metrics['metrics'])}); e.g. eval.splits=[val] gives val/acc_rerank")
+    return float(metrics["metrics"][name])
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
 @clear_errors
-def main(cfg: DictConfig) -> None:
-    demo(cfg)
+def main(cfg: DictConfig) -> float | None:
+    return objective(demo(cfg), cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

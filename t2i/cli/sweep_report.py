@@ -4,7 +4,8 @@
     t2i-sweep-report <sweep> --metric val/image_loss --out report
 
 Every job folder (``<sweep>/<n>/``) contributes its overrides (those that vary across the jobs become
-columns; the shared ones are listed once) and the final metrics ``t2i-train`` wrote to ``metrics.json``.
+columns; the shared ones are listed once), the final metrics ``t2i-train`` or ``t2i-demo`` wrote to
+``metrics.json`` and its wall time.
 A job without ``metrics.json`` (failed, killed, still running) is listed with its status, not dropped.
 Writes ``<out>.md`` and ``<out>.png`` (default ``<sweep>/report``) and prints the table.
 """
@@ -76,12 +77,15 @@ def table(jobs: list[dict], metrics: list[str], best_job: str | None) -> tuple[s
     keys = sorted({k for j in jobs for k in j["overrides"]})
     varying = [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1]
     shared = {k: jobs[0]["overrides"].get(k) for k in keys if k not in varying}
-    head = ["job", *varying, *metrics, "status"]
+    timed = any(isinstance(j.get("wall_seconds"), (int, float)) for j in jobs)
+    head = ["job", *varying, *metrics, *(["time (s)"] * timed), "status"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for j in jobs:
         mark = " ★" if j["job"] == best_job else ""
         cells = [j["job"] + mark, *(str(j["overrides"].get(k, "")) for k in varying),
-                 *(fmt(j["metrics"].get(m)) for m in metrics), j["status"]]
+                 *(fmt(j["metrics"].get(m)) for m in metrics),
+                 *([fmt(j.get("wall_seconds")) if j.get("wall_seconds") is None else f"{j['wall_seconds']:.0f}"]
+                   * timed), j["status"]]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows), varying, shared
 

@@ -172,29 +172,8 @@ class ImageTextDataModule(pl.LightningDataModule):
     # -- building -------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Build the Shapes benchmark (and its tokenizer) if configured and not yet on disk."""
-        cfg = self.hparams.shapes
-        if not cfg:
-            return
-        from t2i.data.shapes import write_shapes
-        from t2i.data.tokenizer import train_tokenizer
-
-        cfg = dict(cfg)
-        out = Path(cfg.pop("output"))
-        vocab_size = cfg.pop("vocab_size", 1000)
-        cfg.setdefault("progress", False)
-        meta = out / "meta.json"
-        built = json.loads(meta.read_text()) if meta.exists() else None
-        want = {"counts": {s: cfg.get(f"n_{s}") for s in ("train", "val", "test", "compositional")},
-                "image_size": cfg.get("image_size"), "seed": cfg.get("seed"), "lang": cfg.get("lang")}
-        if built is None or any(built.get(k) != v for k, v in want.items() if v is not None and k != "counts") or any(
-            built["counts"].get(s) != n for s, n in want["counts"].items() if n is not None
-        ):
-            log.info("%s the Shapes benchmark in %s", "rebuilding" if built else "building", out)
-            write_shapes(out, **cfg)
-            if self.hparams.tokenizer and Path(self.hparams.tokenizer).exists():
-                Path(self.hparams.tokenizer).unlink()  # made from the old captions
-        if self.hparams.tokenizer and not Path(self.hparams.tokenizer).exists():
-            train_tokenizer(out / "shapes_train.tsv", self.hparams.tokenizer, vocab_size=vocab_size)
+        if self.hparams.shapes:
+            prepare_shapes(self.hparams.shapes, self.hparams.tokenizer)
 
     def _open(self, stage: str) -> Source:
         spec = self.splits[stage]
@@ -351,3 +330,30 @@ class ImageTextDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         if "tokenizer" in state and self.tokenizer is not None:
             check_same(TextTokenizer.from_str(state["tokenizer"]), self.tokenizer, where="being resumed")
+
+
+def prepare_shapes(shapes, tokenizer: str | None = None) -> bool:
+    """Write the Shapes benchmark ``shapes`` describes (``data.shapes``: output, counts, image_size, lang,
+    seed, vocab_size) unless ``output`` already holds exactly that, and train its text ``tokenizer`` when that
+    file is missing. Returns whether the benchmark was (re)built."""
+    from t2i.data.shapes import write_shapes
+    from t2i.data.tokenizer import train_tokenizer
+
+    cfg = dict(shapes)
+    out = Path(cfg.pop("output"))
+    vocab_size = cfg.pop("vocab_size", 1000)
+    cfg.setdefault("progress", False)
+    meta = out / "meta.json"
+    built = json.loads(meta.read_text()) if meta.exists() else None
+    want = {"counts": {s: cfg.get(f"n_{s}") for s in ("train", "val", "test", "compositional")},
+            "image_size": cfg.get("image_size"), "seed": cfg.get("seed"), "lang": cfg.get("lang")}
+    stale = built is None or any(built.get(k) != v for k, v in want.items() if v is not None and k != "counts") or any(
+        built["counts"].get(s) != n for s, n in want["counts"].items() if n is not None)
+    if stale:
+        log.info("%s the Shapes benchmark in %s", "rebuilding" if built else "building", out)
+        write_shapes(out, **cfg)
+        if tokenizer and Path(tokenizer).exists():
+            Path(tokenizer).unlink()  # made from the old captions
+    if tokenizer and not Path(tokenizer).exists():
+        train_tokenizer(out / "shapes_train.tsv", tokenizer, vocab_size=vocab_size)
+    return stale

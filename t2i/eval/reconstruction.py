@@ -1,4 +1,5 @@
-"""``t2i-eval eval=reconstruction``: an image tokenizer's rFID, PSNR, SSIM, LPIPS and codebook use on a split,
+"""``t2i-eval eval=reconstruction``: an image tokenizer's rFID, PSNR, SSIM, LPIPS, codebook use and (on Shapes) the
+oracle's accuracy on the reconstructions, on a split,
 shared across processes (rank 0 writes ``reconstructions.png``)."""
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from t2i.errors import ConfigError, T2IError
 from t2i.eval.items import shapes_items, source_items
 from t2i.eval.processes import autocast_dtype, gathered, rank_world, sha256
 
+ORACLE_KEYS = ("color", "shape", "position", "size", "all")
+
 
 def reconstruction(cfg: DictConfig, device) -> dict:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+    from t2i.data.oracle import score as oracle
     from t2i.eval.generation import build_scores
     from t2i.losses.perceptual import LPIPS
     from t2i.metrics.scores import to_uint8
@@ -41,6 +45,7 @@ def reconstruction(cfg: DictConfig, device) -> dict:
     amp = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips sums; images
     counts = torch.zeros(tok.codebook_size, dtype=torch.long, device=device)
+    read = torch.zeros(6, dtype=torch.long, device=device)  # the oracle's hits on reconstructions (Shapes)
     shown, t0 = [], time.perf_counter()
     bs = int(cfg.batch_size)
     batches = [a for k, a in enumerate(range(0, len(items.captions), bs)) if k % world == rank]
@@ -59,6 +64,9 @@ def reconstruction(cfg: DictConfig, device) -> dict:
             if lpips is not None:
                 totals[2] += lpips(y, x).sum()
             totals[3] += len(x)
+            if items.specs is not None:  # can the Shapes oracle still read each reconstruction right?
+                hits = oracle(y.cpu(), items.specs[a:a + len(x)])
+                read += torch.tensor([round(hits[k] * hits["n"]) for k in ORACLE_KEYS] + [hits["n"]], device=device)
             if scores.frechet:
                 with amp:
                     scores.update_real(x)
@@ -69,6 +77,7 @@ def reconstruction(cfg: DictConfig, device) -> dict:
     if world > 1:
         dist.all_reduce(totals)
         dist.all_reduce(counts)
+        dist.all_reduce(read)
         shown = [s for part in gathered(shown) for s in part]
     n = int(totals[3])
     if n == 0:
@@ -79,6 +88,8 @@ def reconstruction(cfg: DictConfig, device) -> dict:
                "codebook_used": int((counts > 0).sum()), "codebook_size": tok.codebook_size}
     if lpips is not None:
         metrics["lpips"] = float(totals[2]) / n
+    if int(read[-1]):
+        metrics["oracle_acc"] = {k: int(v) / int(read[-1]) for k, v in zip(ORACLE_KEYS, read.tolist())}
     if scores.frechet and n >= 2:
         metrics["rfid"] = scores.compute()["fid"]
     metrics.update(n=n, seconds=time.perf_counter() - t0, real_skipped=sum(gathered(items.skipped.get("count", 0))),
@@ -90,6 +101,7 @@ def reconstruction(cfg: DictConfig, device) -> dict:
         save_image(sample_grid(pics, nrow=min(8, len(pics)), value_range=(-1.0, 1.0)),
                    Path(cfg.output) / "reconstructions.png")
     return {"splits": {str(p.get("shapes_split", "val")): metrics},
-            "summary": {k: metrics[k] for k in ("rfid", "psnr", "ssim", "lpips") if k in metrics},
+            "summary": {k: metrics[k] for k in ("rfid", "psnr", "ssim", "lpips") if k in metrics}
+            | ({"oracle_all": metrics["oracle_acc"]["all"]} if "oracle_acc" in metrics else {}),
             "checkpoints": {"tokenizer": str(cfg.tokenizer_ckpt), "tokenizer_sha256": sha256(cfg.tokenizer_ckpt)},
             "protocol": {"image_size": size, "processes": world}}
