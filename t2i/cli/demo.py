@@ -45,7 +45,8 @@ class Stage:
     done: Path                      # exists when the stage finished
     deps: tuple[str, ...] = ()      # the stages whose outputs it reads
     folders: tuple[str, ...] = ()   # what it writes under <output> (linked into a run that reuses it)
-    threads: int | None = None      # OMP / MKL threads of its process (None: the library's default)
+    threads: int | None = None      # OMP / MKL threads of each of its processes (None: the library's default)
+    processes: int = 1              # processes it starts (DDP ranks, torchrun workers): they share its cores
     call: Callable[[], object] | None = None  # in-process work instead of a module (the data stage)
 
 
@@ -186,23 +187,34 @@ def override_value(v) -> str:
     return str(v)
 
 
+def ddp(processes: int) -> list[str]:
+    """t2i-train overrides for data parallel over ``processes`` CPU processes (gloo); none for one."""
+    if processes <= 1:
+        return []
+    return ["trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={processes}", "trainer.sync_batchnorm=false"]
+
+
 def stages(cfg: DictConfig, out: Path) -> list:
     """The stages in order, each ``(name, deps, make)``: ``make()`` builds the :class:`Stage` once its
     dependencies are done (checkpoint arguments are read from their outputs)."""
     data = [f"paths.data_dir={out / 'data'}", *shapes_args(cfg)]
-    common = [f"logger={cfg.logger}", "trainer.enable_progress_bar=true"]
+    common = [f"logger={cfg.stage_logger}", "trainer.enable_progress_bar=true"]
     e, r = cfg.eval, cfg.reconstruction
+    tp, ep = int(cfg.transformer.get("processes", 1)), int(e.get("processes", 1))
+    evaluate, head = ("torch.distributed.run", ["--standalone", f"--nproc_per_node={ep}", "-m", "t2i.cli.evaluate"]) \
+        if ep > 1 else ("t2i.cli.evaluate", [])
     splits = "[" + ",".join(e.get("splits", ["test", "compositional"])) + "]"
     return [
         ("data", (), lambda: Stage("data", "", data, data_folder(out) / "meta.json", folders=("data",),
                                    call=lambda: build_data(data))),
         ("vqgan", ("data",), lambda: Stage("vqgan", "t2i.cli.train", [
             "experiment=shapes_vqgan", *data, *common, f"trainer.max_epochs={cfg.vqgan.max_epochs}",
-            "test=false", f"hydra.run.dir={out / 'vqgan'}", *settings(cfg.vqgan.get('set')), *cfg.vqgan.extra], train_done(out / "vqgan"),
-            folders=("vqgan",))),
+            "test=false", f"hydra.run.dir={out / 'vqgan'}", *settings(cfg.vqgan.get('set')), *cfg.vqgan.extra],
+            train_done(out / "vqgan"), folders=("vqgan",))),
         ("clip", ("data",), lambda: Stage("clip", "t2i.cli.train", [
             "experiment=shapes_clip", *data, *common, f"trainer.max_epochs={cfg.clip.max_epochs}", "test=false",
-            f"hydra.run.dir={out / 'clip'}", *settings(cfg.clip.get('set')), *cfg.clip.extra], train_done(out / "clip"), folders=("clip",))),
+            f"hydra.run.dir={out / 'clip'}", *settings(cfg.clip.get('set')), *cfg.clip.extra],
+            train_done(out / "clip"), folders=("clip",))),
         ("tokenize", ("vqgan",), lambda: Stage("tokenize", "t2i.cli.tokenize", [
             f"tokenizer_ckpt={best_checkpoint(out / 'vqgan')}", "data=shapes", *data, f"output={out / 'codes'}",
             "overwrite=true", f"hydra.run.dir={out / 'tokenize'}"], out / "codes" / "manifest.json",
@@ -215,16 +227,17 @@ def stages(cfg: DictConfig, out: Path) -> list:
             out / "reconstruction" / "metrics.json", folders=("reconstruction",))),
         ("transformer", ("tokenize",), lambda: Stage("transformer", "t2i.cli.train", [
             "experiment=shapes_transformer", f"data.codes={out / 'codes'}", f"paths.data_dir={out / 'data'}",
-            *common, f"trainer.max_epochs={cfg.transformer.max_epochs}", "test=false",
-            f"hydra.run.dir={out / 'transformer'}", *settings(cfg.transformer.get('set')), *cfg.transformer.extra], train_done(out / "transformer"),
-            folders=("transformer",))),
-        ("eval", ("transformer", "clip"), lambda: Stage("eval", "t2i.cli.evaluate", [
-            "eval=shapes", f"ckpt={best_checkpoint(out / 'transformer')}",
+            *common, f"trainer.max_epochs={cfg.transformer.max_epochs}", "test=false", *ddp(tp),
+            f"hydra.run.dir={out / 'transformer'}", *settings(cfg.transformer.get('set')), *cfg.transformer.extra],
+            train_done(out / "transformer"), folders=("transformer",), processes=tp)),
+        ("eval", ("transformer", "clip"), lambda: Stage("eval", evaluate, [
+            *head, "eval=shapes", f"ckpt={best_checkpoint(out / 'transformer')}",
             f"clip.ckpt={best_checkpoint(out / 'clip')}", f"eval.splits={splits}",
             f"eval.num_captions={e.num_captions}", f"eval.num_candidates={e.num_candidates}",
             f"eval.lang={cfg.lang}", f"sample.top_k={e.top_k}", "metrics.extractor=null",
             "metrics.inception_score=false", "progress=false", f"output={out / 'eval'}",
-            f"hydra.run.dir={out / 'eval'}", *settings(e.get("set")), *e.extra], out / "eval" / "metrics.json", folders=("eval",))),
+            f"hydra.run.dir={out / 'eval'}", *settings(e.get("set")), *e.extra], out / "eval" / "metrics.json",
+            folders=("eval",), processes=ep)),
     ]
 
 
@@ -362,7 +375,7 @@ def run_chain(cfg: DictConfig, out: Path) -> tuple[dict, dict, float]:
                 for folder in stage.folders:
                     clear(out / folder)  # a link from a reused demo: this run writes its own
                 clear(stage_log(out, name))
-                stage.threads = share if jobs > 1 else None
+                stage.threads = max(1, share // stage.processes) if jobs > 1 or stage.processes > 1 else None
                 running[name] = Running(stage, out, index, total, verbose=bool(cfg.get("verbose", False)))
             if not running:
                 if pending:
@@ -403,8 +416,9 @@ def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
 
 
 ORDER = ("data", "vqgan", "clip", "tokenize", "reconstruction", "transformer", "eval")
-LEGACY = {("test", "first"): "acc_first", ("test", "chosen"): "acc_rerank",
-          ("compositional", "first"): "acc_compositional_first", ("compositional", "chosen"): "acc_compositional_rerank"}
+LEGACY = {("test", "first"): "acc_first", ("test", "chosen"): "acc_rerank",  # the headline keys of metrics.json
+          ("compositional", "first"): "acc_compositional_first",
+          ("compositional", "chosen"): "acc_compositional_rerank"}
 
 
 def read_json(path: Path) -> dict | None:
