@@ -198,6 +198,22 @@ def test_sweep_report_lists_failed_runs(tmp_path):
         report(tmp_path / "0")
 
 
+def test_sweep_report_shows_each_jobs_time_and_reads_demo_metrics(tmp_path):
+    """t2i-demo trials: their metrics.json (the demo's, with `metrics` and `wall_seconds`) and the oracle's
+    accuracy as a higher-is-better headline."""
+    for n, (acc, secs) in enumerate(((0.894, 391.2), (0.93, 250.0))):
+        job = tmp_path / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- +vqgan.set.data.batch_size={8 * (n + 1)}\n")
+        (job / "metrics.json").write_text(json.dumps({
+            "status": "finished", "optimized_metric": "reconstruction/oracle_all", "wall_seconds": secs,
+            "metrics": {"reconstruction/oracle_all": acc}, "acc_first": 0.5}))
+    out = report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert out["best"] == "1" and "(max): job 1" in md
+    assert "| time (s) |" in md and "| 0 | 8 | 0.894 | 391 | finished |" in md
+
+
 # -- W&B offline ------------------------------------------------------------------------------------------------
 def wandb_records(path: Path):
     """The protobuf records of an offline ``run-*.wandb`` file (W&B writes LevelDB's log format: 32 KiB

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-HIGHER_IS_BETTER = ("psnr", "ssim", "acc", "recall", "r@", "is_mean", "clip_score", "accuracy")
+HIGHER_IS_BETTER = ("psnr", "ssim", "acc", "recall", "r@", "is_mean", "clip_score", "accuracy", "oracle")
 
 
 def higher_is_better(metric: str) -> bool:
