@@ -3,6 +3,8 @@ its log file, and a failed stage shows the end of that log."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from t2i.cli.demo import Stage, StageError, run_stage
@@ -168,3 +170,47 @@ def test_wilson_interval_and_stage_settings():
                              "x": [1, 2], "flag": True})
     assert settings(node) == ["model.lr=0.001", "model.model.d_model=384", "sample.cfg_scale=null", "x=[1,2]",
                               "flag=true"]
+
+
+def demo_stages(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    import t2i.cli.demo as demo
+
+    with initialize_config_dir(config_dir=str(Path(demo.__file__).parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("demo", overrides=list(overrides))
+    out = Path("/nonexistent/demo")
+    return cfg, {name: (deps, make) for name, deps, make in demo.stages(cfg, out)}, out
+
+
+def test_the_vqgan_trains_on_its_own_first_n_images_and_the_rest_on_all():
+    cfg, chain, out = demo_stages()
+    vq = chain["vqgan"][1]().args
+    clip = chain["clip"][1]().args
+    assert f"data.shapes.n_train={cfg.vqgan.n_train}" in vq and f"data.shapes.output={out}/data/vqgan_shapes" in vq
+    assert f"data.shapes.n_train={cfg.shapes.n_train}" in clip and not any("vqgan_shapes" in a for a in clip)
+    data = chain["data"][1]()
+    assert f"data.shapes.n_train={cfg.vqgan.n_train}" in data.args   # a changed n_train rebuilds the data
+    _, same, _ = demo_stages("vqgan.n_train=null")
+    assert same["vqgan"][1]().args[1:8] == same["clip"][1]().args[1:8]   # null: the one benchmark for all
+
+
+def test_the_demo_defaults_evaluate_1000_captions_in_two_processes_with_guidance():
+    cfg, chain, _ = demo_stages()
+    assert chain["eval"][0] == ("transformer", "clip")
+    assert cfg.eval.num_captions >= 1000 and cfg.eval.processes == 2 and cfg.eval.set.sample.cfg_scale == 1.3
+    from t2i.cli.demo import settings
+
+    assert "sample.cfg_scale=1.3" in settings(cfg.eval.set)
+
+
+def test_demo_optuna_selects_on_val_and_objective_names_missing_metrics():
+    from t2i.cli.demo import objective
+    from t2i.errors import ConfigError
+
+    cfg, _, _ = demo_stages("hparams_search=demo_optuna")
+    assert list(cfg.eval.splits) == ["val"] and cfg.optimized_metric == "val/acc_rerank"
+    m = {"metrics": {"val/acc_rerank": 0.97, "val/acc_first": 0.93}}
+    assert objective(m, "val/acc_rerank") == 0.97 and objective(m, None) is None
+    with pytest.raises(ConfigError, match="optimized_metric=test/acc_first is not among this demo's metrics"):
+        objective(m, "test/acc_first")

@@ -198,6 +198,10 @@ def stages(cfg: DictConfig, out: Path) -> list:
     """The stages in order, each ``(name, deps, make)``: ``make()`` builds the :class:`Stage` once its
     dependencies are done (checkpoint arguments are read from their outputs)."""
     data = [f"paths.data_dir={out / 'data'}", *shapes_args(cfg)]
+    vq_n = cfg.vqgan.get("n_train")  # the VQGAN's own, smaller copy: the first vq_n training images
+    vq_data = [a if not a.startswith("data.shapes.n_train=") else f"data.shapes.n_train={vq_n}" for a in data] \
+        + [f"data.shapes.output={out / 'data' / 'vqgan_shapes'}"] if vq_n and int(vq_n) != int(cfg.shapes.n_train) \
+        else data
     common = [f"logger={cfg.stage_logger}", "trainer.enable_progress_bar=true"]
     e, r = cfg.eval, cfg.reconstruction
     tp, ep = int(cfg.transformer.get("processes", 1)), int(e.get("processes", 1))
@@ -205,10 +209,10 @@ def stages(cfg: DictConfig, out: Path) -> list:
         if ep > 1 else ("t2i.cli.evaluate", [])
     splits = "[" + ",".join(e.get("splits", ["test", "compositional"])) + "]"
     return [
-        ("data", (), lambda: Stage("data", "", data, data_folder(out) / "meta.json", folders=("data",),
-                                   call=lambda: build_data(data))),
+        ("data", (), lambda: Stage("data", "", [*data, *(a for a in vq_data if a not in data)], data_folder(out) / "meta.json",
+                                   folders=("data",), call=lambda: [build_data(d) for d in (data, vq_data)])),
         ("vqgan", ("data",), lambda: Stage("vqgan", "t2i.cli.train", [
-            "experiment=shapes_vqgan", *data, *common, f"trainer.max_epochs={cfg.vqgan.max_epochs}",
+            "experiment=shapes_vqgan", *vq_data, *common, f"trainer.max_epochs={cfg.vqgan.max_epochs}",
             "test=false", f"hydra.run.dir={out / 'vqgan'}", *settings(cfg.vqgan.get('set')), *cfg.vqgan.extra],
             train_done(out / "vqgan"), folders=("vqgan",))),
         ("clip", ("data",), lambda: Stage("clip", "t2i.cli.train", [
@@ -464,7 +468,9 @@ def write_report(out: Path, cfg: DictConfig, metrics: dict, status: dict) -> Pat
     n = metrics.get("captions_per_split", cfg.eval.num_captions)
     reused = metrics["reused"]
     lines = ["# t2i demo on Shapes", "",
-             f"{cfg.image_size} px, {cfg.shapes.n_train} training images, captions in {cfg.lang}; "
+             f"{cfg.image_size} px, {cfg.shapes.n_train} training images"
+             + (f" (the VQGAN: the first {cfg.vqgan.n_train})" if cfg.vqgan.get("n_train") else "")
+             + f", captions in {cfg.lang}; "
              f"{n} captions per split, {cfg.eval.num_candidates} candidates each "
              f"(top-k {cfg.eval.top_k}), reranked by the demo's CLIP. Wall time {metrics['wall_seconds']:.0f} s"
              + (f" (stages reused from {sorted(set(reused.values()))[0]}: {', '.join(reused)})." if reused else "."),
