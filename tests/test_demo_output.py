@@ -73,6 +73,7 @@ with open(f"{out}/{name}/metrics.json", "w") as f:
 @pytest.fixture
 def graph(tmp_path, monkeypatch):
     """A demo chain of fake stages: a, b independent; c reads a; d reads c and b."""
+    import t2i.cli.chain as chain
     import t2i.cli.demo as demo
 
     (tmp_path / "worker_stage.py").write_text(WORKER)
@@ -86,7 +87,7 @@ def graph(tmp_path, monkeypatch):
         return [make("a", ()), make("b", ()), make("c", ("a",)), make("d", ("c", "b"))]
 
     monkeypatch.setattr(demo, "stages", fake)
-    monkeypatch.setattr(demo, "cores", lambda: 2)
+    monkeypatch.setattr(chain, "cores", lambda: 2)
     return demo, values
 
 
