@@ -31,15 +31,18 @@ def step_logits(m, text, img, cache):
 def test_new_cache_packs_every_decode_linear(dtype):
     m = tiny().to(dtype)
     cache = m.new_cache(2, "cpu", dtype)
-    layers = [x for b in m.blocks for x in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)] + [m.image_head, m.text_head]
     if pack_linear(m.image_head, 2) is None:
         pytest.skip("this torch build has no MKL / oneDNN bf16 linear")
+    fused = dtype == torch.float32 and torch.backends.mkldnn.is_available()  # oneDNN fuses the GELU in float32
+    layers = [(x, None) for b in m.blocks for x in (b.attn.qkv, b.attn.proj, b.mlp.proj)] + \
+        [(b.mlp.fc, "none" if fused else None) for b in m.blocks] + [(m.image_head, None), (m.text_head, None)]
     assert set(cache.packed) == set(layers)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
 def test_packed_decode_steps_equal_plain_layers(dtype, atol):
-    """fp32: MKL's packed GEMM may round differently from F.linear; bf16: oneDNN runs both, bit-equal."""
+    """fp32: oneDNN's packed GEMM (and its fused GELU) may round differently from F.linear; bf16: oneDNN runs
+    both, bit-equal."""
     m = tiny(sandwich_ln=True).to(dtype)
     text, img = captions(), torch.randint(0, 24, (2, 12))
     packed = m.new_cache(2, "cpu", dtype)

@@ -21,7 +21,9 @@ matmul / softmax, the fast one for bf16 training of short sequences on CPU, wher
 kernel's backward is 3x slower; see ``experiments/attention_cpu``) or FlexAttention block masks
 (``attn_impl=flex``: sparse layers skip fully masked blocks on GPU and compiled CPU). Incremental
 decoding always uses the mask rows of the new positions against the cached keys, so every pattern
-is cached.
+is cached; a decode step (one new position) reads only the keys its mask row allows and, in float32,
+runs :func:`math_attention` (one row of scores: SDPA's tiled CPU kernel costs more than it saves there;
+in bfloat16 the layer's own kernel stays, so that cached sampling draws the codes uncached sampling draws).
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ def rotary_angles(text_len: int, h: int, w: int, head_dim: int, base: float = 10
 class KVCache:
     """Keys and values of every layer for positions ``[0, length)``, preallocated to the full sequence.
 
-    ``packed`` maps a model's ``nn.Linear`` layers to decode-step versions of them (:func:`pack_linear`),
-    made once for this cache's batch by :meth:`t2i.models.transformer.Transformer.new_cache`."""
+    ``packed`` maps ``(layer, gelu)`` -- a model's ``nn.Linear`` layer and the GELU fused after it, or None
+    -- to a decode-step version of it (:func:`pack_linear`), made once for this cache's batch by
+    :meth:`t2i.models.transformer.Transformer.new_cache`."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
         shape = (batch, n_head, max_len, head_dim)
@@ -172,34 +175,43 @@ class KVCache:
         self.v = [v.index_select(0, index) for v in self.v]
 
 
-def pack_linear(layer: nn.Linear, rows: int):
+def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None):
     """``layer`` as a function for inputs of ``rows`` rows (a decode step), its weight copied once into the
-    blocked layout of MKL (float32) or oneDNN (bfloat16) on CPU, or None where neither applies.
+    blocked layout of oneDNN (float32 and bfloat16) or, where oneDNN cannot, MKL (float32) on CPU; None
+    where neither applies. ``gelu`` (``"none"``: exact, ``"tanh"``) fuses ``F.gelu`` after it, in float32
+    (oneDNN float32 only: in bfloat16 the plain path rounds before the GELU, and cached sampling keeps its
+    codes equal to uncached sampling).
 
     ``F.linear`` reads the weight in its stored ``[out, in]`` layout on every call, which at a few rows
-    streams it at about half the machine's memory bandwidth; the packed copy streams it contiguously
-    (``experiments/transformer_speed/RESULTS_roofline.md``). Same values as ``layer(x)`` up to float
-    rounding (the MKL path falls back to ``F.linear`` for any other number of rows)."""
+    streams it at a third to a half of the machine's memory bandwidth; the packed copy streams it
+    contiguously (``experiments/transformer_speed/RESULTS_roofline.md``: on an AMD EPYC, MKL's packed
+    float32 GEMM reads 8 GB/s where oneDNN's reads 16-25). Same values as ``layer(x)`` up to float rounding."""
     w, b = layer.weight, layer.bias
-    if w.device.type != "cpu" or w.dim() != 2:
+    if w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if w.dtype == torch.float32 and torch.backends.mkl.is_available():
+    if gelu is not None and w.dtype != torch.float32:
+        return None
+    onednn = torch.backends.mkldnn.is_available() and \
+        (w.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if onednn:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+        attr, algorithm = ("none", "") if gelu is None else ("gelu", gelu)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, attr, [], algorithm)
+    if w.dtype == torch.float32 and gelu is None and torch.backends.mkl.is_available():
         packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows)
         return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, rows)
-    if w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and \
-            torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
     return None
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-    """``layer(x)``, through the cache's packed copy of the layer when it has one, no gradient is needed and
-    ``x`` is in the weight's own dtype with no autocast on (autocast decides the dtype of ``layer(x)``)."""
-    fast = cache.packed.get(layer) if cache is not None else None
+def linear(layer: nn.Linear, x: torch.Tensor, cache: KVCache | None = None, gelu: str | None = None) -> torch.Tensor:
+    """``layer(x)`` (then ``F.gelu(..., approximate=gelu)`` where ``gelu`` is given), through the cache's packed
+    copy of the layer when it has one, no gradient is needed and ``x`` is in the weight's own dtype with no
+    autocast on (autocast decides the dtype of ``layer(x)``)."""
+    fast = cache.packed.get((layer, gelu)) if cache is not None else None
     if fast is None or torch.is_grad_enabled() or x.dtype != layer.weight.dtype or \
             torch.is_autocast_enabled(x.device.type):
-        return layer(x)
+        y = linear(layer, x, cache) if gelu is not None and cache is not None else layer(x)
+        return y if gelu is None else F.gelu(y, approximate=gelu)
     return fast(x)
 
 
@@ -261,6 +273,8 @@ class Attention(nn.Module):
             y = self._pb_relax_attention(q, k, v, mask, p)
         elif self.impl == "flex" and block_mask is not None and cache is None:
             y = flex(q, k, v, block_mask)
+        elif cache is not None and t == 1 and q.dtype == torch.float32:  # a decode step: one row of scores
+            y = math_attention(q, k, v, mask)
         else:
             y = attend(q, k, v, mask, p, self.impl)
         return linear(self.proj, y.transpose(1, 2).reshape(B, t, -1), cache)

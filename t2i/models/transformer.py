@@ -58,7 +58,7 @@ class MLP(nn.Module):
         self.approximate = "none" if gelu == "exact" else "tanh"
 
     def forward(self, x, cache: KVCache | None = None):
-        h = F.gelu(linear(self.fc, x, cache), approximate=self.approximate)
+        h = linear(self.fc, x, cache, gelu=self.approximate)
         return self.dropout(linear(self.proj, h, cache))
 
 
@@ -290,10 +290,13 @@ class Transformer(nn.Module):
         cache = KVCache(self.n_layer, batch, self.n_head, self.seq_len, self.head_dim, device, dtype)
         heads = [h for h in (self.image_head, self.text_head) if h is not None]
         with torch.no_grad():
-            for layer in [m for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)] + heads:
-                fast = pack_linear(layer, batch)
+            for layer, gelu in [(m, None) for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.proj)] + \
+                    [(b.mlp.fc, b.mlp.approximate) for b in self.blocks] + [(h, None) for h in heads]:
+                fast = pack_linear(layer, batch, gelu) if gelu else None  # the GELU fused where it can be
+                gelu = gelu if fast is not None else None
+                fast = fast or pack_linear(layer, batch)
                 if fast is not None:
-                    cache.packed[layer] = fast
+                    cache.packed[layer, gelu] = fast
         return cache
 
     def prefill(self, text: torch.Tensor, cache: KVCache | None, image: torch.Tensor | None = None,
