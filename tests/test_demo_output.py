@@ -215,3 +215,68 @@ def test_demo_optuna_selects_on_val_and_objective_names_missing_metrics():
     assert objective(m, "val/acc_rerank") == 0.97 and objective(m, None) is None
     with pytest.raises(ConfigError, match="optimized_metric=test/acc_first is not among this demo's metrics"):
         objective(m, "test/acc_first")
+
+
+FOLLOWER = '''
+import json, os, sys, time
+out, name, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+seen, t0 = [], time.time()
+while time.time() - t0 < seconds:
+    with open(os.environ["T2I_THREADS_FILE"]) as f:
+        n = f.read().strip()
+    if not seen or seen[-1] != n:
+        seen.append(n)
+    time.sleep(0.05)
+os.makedirs(f"{out}/{name}", exist_ok=True)
+with open(f"{out}/{name}/metrics.json", "w") as f:
+    json.dump({"summary": {"value": 1.0}, "seen": seen}, f)
+'''
+
+
+def test_a_stage_left_alone_is_given_the_freed_core(tmp_path, monkeypatch):
+    """The VQGAN and the CLIP start with a core each; once the CLIP ends and nothing else can start, the
+    VQGAN's threads file says 2 (t2i-train follows it between batches)."""
+    import t2i.cli.chain as chain
+    import t2i.cli.demo as demo
+
+    (tmp_path / "follower_stage.py").write_text(FOLLOWER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    out = tmp_path / "run"
+
+    def fake(cfg, out):
+        def make(name, deps, seconds):
+            return name, deps, lambda: demo.Stage(name, "follower_stage", [str(out), name, str(seconds)],
+                                                  out / name / "metrics.json", deps, folders=(name,))
+        return [make("long", (), 3.0), make("short", (), 0.5), make("after", ("long", "short"), 0.3)]
+
+    monkeypatch.setattr(demo, "stages", fake)
+    monkeypatch.setattr(chain, "cores", lambda: 2)
+    demo.run_chain(chain_cfg(), out)
+    assert read(out, "long")["seen"] == ["1", "2"]
+    assert read(out, "short")["seen"] == ["1"]
+    assert read(out, "after")["seen"] == ["2"]
+
+
+def test_follow_threads_applies_the_count_in_its_file(tmp_path, monkeypatch):
+    import torch
+
+    from t2i.callbacks.threads import ENV, FollowThreads, follow_threads
+
+    before = torch.get_num_threads()
+    path = tmp_path / "t.threads"
+    cb = FollowThreads(path, every_s=0.0)
+    try:
+        cb.check()                                  # no file yet: nothing changes
+        assert torch.get_num_threads() == before
+        path.write_text("1\n")
+        cb.check()
+        assert torch.get_num_threads() == 1
+        path.write_text("junk")                     # unreadable: keeps what it has
+        cb.check()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.delenv(ENV, raising=False)
+    assert follow_threads() == []
+    monkeypatch.setenv(ENV, str(path))
+    assert isinstance(follow_threads()[0], FollowThreads)

@@ -10,7 +10,10 @@ is all it does, so its floor is ``bytes / read bandwidth``; the table reports th
 step, their ratio (``x roofline``: 1.0 is the floor) and image tokens per second.
 
 - Read bandwidth: the best of a ``sum`` and a matrix-vector product over a 1 GiB float32 tensor (far
-  larger than the 300 MiB L3 of this CPU), median of ``--repeats``; a copy is reported beside it.
+  larger than the L3 of these CPUs), median of ``--repeats``; a copy is reported beside it. The bandwidth of
+  a shared cloud machine drifts by tens of percent from minute to minute, so every worker also probes it
+  (``sum``, median of 3) right before each batch it times, and each step's ``x roofline`` is taken
+  against that probe; the table gives the median over rounds of those ratios.
 - Matmul peak (float32 and bfloat16): a 2048^3 ``mm``, for the compute floor ``FLOPs / peak`` that binds
   large batches in float32 (the table shows it where it is above the memory floor).
 - Step: the model is built from :class:`t2i.models.transformer.Transformer` with a fixed seed, its KV
@@ -18,7 +21,11 @@ step, their ratio (``x roofline``: 1.0 is the floor) and image tokens per second
   mean length of a whole image: ``text_len + n_image / 2`` positions), and ``decode_step`` is timed
   over 10 consecutive positions after 3 warm-up steps (median). ``before`` is the package of git
   revision ``--baseline`` (extracted with ``git archive`` into a temporary folder), ``after`` the work
-  tree; each runs in its own process, alternating, for ``--rounds`` rounds, and the median round is kept.
+  tree, ``previous`` the revision ``--previous`` (the last measured state, to show what changed since);
+  each runs in its own process, alternating, for ``--rounds`` rounds, and the median round is kept.
+- Linears alone: the same step's packed linear layers (:func:`t2i.models.attention.pack_linear`, the
+  weights that are most of the bytes) called back to back without the rest of the step, in the work
+  tree's process: what the GEMM library streams at this batch, the floor of the step on this machine.
 - From outside: ``t2i.sampling.generate`` on one caption x 8 samples, top-k 256, primed with all but the
   last 64 image codes, minus the same call's prefill (timed alone), over 64 steps; its floor uses the KV
   length of those 64 positions. Same seed before and after: the codes must be equal (float32).
@@ -52,6 +59,7 @@ GEOMETRIES = {
 DTYPES = ("float32", "bfloat16")
 BATCHES = (1, 8, 32)
 BASELINE = "803cda5"  # the last commit before the decode-step work (issue 29)
+PREVIOUS = "f37902b"  # the state the last table measured (MKL float32 GEMMs, SDPA in every decode step)
 
 
 # -- worker (one process per implementation x geometry x dtype) ----------------------------------------
@@ -88,11 +96,30 @@ def step_flops(model, batch: int, kv_len: float) -> float:
     return 2 * batch * mat + 4 * model.n_layer * batch * model.n_head * model.head_dim * kv_len
 
 
+def probe_bandwidth(big) -> float:
+    """Read bandwidth now (GB/s): the median of 3 ``sum`` passes over ``big`` (1 GiB)."""
+    return big.numel() * big.element_size() / median_time(big.sum, 3, 1) / 1e9
+
+
+def linears_alone(model, cache, batch: int, dtype, steps: int) -> float | None:
+    """Seconds of one pass over the cache's packed linears of a decode step (not the text head)."""
+    import torch
+
+    packed = getattr(cache, "packed", {})
+    keys = [k for k in packed if (k[0] if isinstance(k, tuple) else k) is not model.text_head]
+    if not keys:
+        return None
+    layer = {k: k[0] if isinstance(k, tuple) else k for k in keys}
+    xs = {k: torch.randn(batch, 1, layer[k].in_features).to(dtype) for k in keys}
+    return median_time(lambda: [packed[k](xs[k]) for k in keys], steps)
+
+
 def worker(geom: str, dtype_name: str, batches, steps: int) -> dict:
     import torch
 
     dtype = getattr(torch, dtype_name)
     model = build(geom, dtype)
+    big = torch.ones(256 * 1024 * 1024)
     out = {}
     with torch.no_grad():
         for batch in batches:
@@ -103,11 +130,15 @@ def worker(geom: str, dtype_name: str, batches, steps: int) -> dict:
                 v.normal_()
             code = torch.randint(0, model.image_vocab, (batch,))
             i = iter(range(first, model.n_image))
+            bw = probe_bandwidth(big)
             sec = median_time(lambda code=code, i=i, cache=cache: model.decode_step(code, next(i), cache), steps)
+            lin = linears_alone(model, cache, batch, dtype, steps)
             # the timed steps feed codes first+3 .. first+3+steps-1; step j reads text_len + j + 1 positions
             kv_len = model.text_len + first + 3 + (steps - 1) / 2 + 1
             out[batch] = dict(step_s=sec, kv_len=kv_len, bytes=step_bytes(model, batch, kv_len, dtype.itemsize),
-                              flops=step_flops(model, batch, kv_len))
+                              flops=step_flops(model, batch, kv_len), bandwidth_GBps=bw, linears_s=lin,
+                              linear_bytes=sum(p.numel() for m in (model.blocks, model.image_head)
+                                               for p in m.parameters() if p.dim() == 2) * dtype.itemsize)
             del cache
     return out
 
@@ -133,6 +164,9 @@ def outside_worker(dtype_name: str, tail: int = 64, batch: int = 8) -> dict:
         return generate(model, text, batch, top_k=256, prime=prime, generator=torch.Generator().manual_seed(1))
 
     pre = median_time(prefill, 3, warmup=1)
+    big = torch.ones(256 * 1024 * 1024)
+    bw = probe_bandwidth(big)
+    del big
     t0 = time.perf_counter()
     codes = sample()
     total = time.perf_counter() - t0
@@ -141,7 +175,7 @@ def outside_worker(dtype_name: str, tail: int = 64, batch: int = 8) -> dict:
     total = min(total, time.perf_counter() - t0)
     assert torch.equal(codes, codes2)
     kv_len = model.text_len + model.n_image - tail + (tail - 1) / 2  # steps feed codes n-tail .. n-2
-    return dict(step_s=(total - pre) / (tail - 1), prefill_s=pre, generate_s=total, kv_len=kv_len,
+    return dict(step_s=(total - pre) / (tail - 1), prefill_s=pre, generate_s=total, kv_len=kv_len, bandwidth_GBps=bw,
                 bytes=step_bytes(model, batch, kv_len, dtype.itemsize), codes=codes.flatten().tolist())
 
 
@@ -186,6 +220,13 @@ def extract(rev: str, into: Path) -> str:
     return str(into)
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def load_avg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -194,6 +235,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", default=BASELINE)
+    ap.add_argument("--previous", default=PREVIOUS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
@@ -217,8 +259,9 @@ def main():
     loads = [load_avg()]
     machine = {"bandwidth": bandwidth(args.repeats), "matmul_peak": matmul_peak(args.repeats)}
     print(json.dumps(machine), flush=True)
-    tmp = tempfile.TemporaryDirectory()
-    impls = {"before": extract(args.baseline, Path(tmp.name)), "after": str(ROOT)}
+    tmp, tmp2 = tempfile.TemporaryDirectory(), tempfile.TemporaryDirectory()
+    impls = {"before": extract(args.baseline, Path(tmp.name)), "previous": extract(args.previous, Path(tmp2.name)),
+             "after": str(ROOT)}
     runs: dict = {}
     for r in range(rounds):
         for geom in geoms:
@@ -233,6 +276,8 @@ def main():
     if not args.quick and not args.no_outside:
         for dtype in DTYPES:
             for impl, path in impls.items():
+                if impl == "previous":
+                    continue
                 outside[f"{dtype}/{impl}"] = run_worker(args, path, dict(outside=True, dtype=dtype))
                 loads.append(load_avg())
                 print("outside", dtype, impl, round(outside[f"{dtype}/{impl}"]["step_s"] * 1e3, 2), flush=True)
@@ -241,47 +286,57 @@ def main():
 
 
 def pick(rounds: list[dict]) -> dict:
-    """Per batch, the round with the median step time."""
+    """Per batch, the round with the median ratio to its own bandwidth probe."""
     out = {}
     for b in rounds[0]:
-        ordered = sorted((r[b] for r in rounds), key=lambda v: v["step_s"])
+        ordered = sorted((r[b] for r in rounds), key=lambda v: v["step_s"] * v["bandwidth_GBps"] / v["bytes"])
         out[b] = ordered[len(ordered) // 2]
     return out
+
+
+def ratio(v: dict) -> float:
+    """A step's time over its roofline, against the bandwidth probed right before it."""
+    return v["step_s"] / (v["bytes"] / (v["bandwidth_GBps"] * 1e9))
 
 
 def write(args, machine, runs, outside, loads):
     import torch
 
-    bw = machine["bandwidth"]["read_GBps"] * 1e9
     rows, data = [], {"machine": machine, "threads": args.threads, "baseline": args.baseline,
-                      "torch": torch.__version__, "load_average": loads, "steps": {}, "outside": {}}
+                      "previous": args.previous, "torch": torch.__version__, "load_average": loads, "steps": {},
+                      "outside": {}}
     for key in sorted({k.rsplit("/", 1)[0] for k in runs}, key=lambda k: (k.split("/")[0] != "muge", k)):
-        before, after = pick(runs[f"{key}/before"]), pick(runs[f"{key}/after"])
+        before, prev, after = (pick(runs[f"{key}/{impl}"]) for impl in ("before", "previous", "after"))
         geom, dtype = key.split("/")
         peak = machine["matmul_peak"][f"{dtype}_GFLOPs"] * 1e9
         for b in before:
-            a, o = after[b], before[b]
-            b = int(b)
+            a, o, p = after[b], before[b], prev[b]
+            bw = a["bandwidth_GBps"] * 1e9
             floor = a["bytes"] / bw
             compute = a["flops"] / peak
-            data["steps"][f"{key}/{b}"] = dict(before=o, after=a, roofline_s=floor, compute_floor_s=compute)
-            rows.append(f"| {geom} | {dtype} | {b} | {a['bytes'] / 1e6:.0f} | {floor * 1e3:.2f} | "
-                        f"{o['step_s'] * 1e3:.2f} | {a['step_s'] * 1e3:.2f} | {o['step_s'] / floor:.2f}x | "
-                        f"**{a['step_s'] / floor:.2f}x** | {a['bytes'] / a['step_s'] / 1e9:.1f} | "
-                        f"{b / o['step_s']:.0f} / {b / a['step_s']:.0f} | "
-                        f"{o['step_s'] / a['step_s']:.2f}x |" + (f" {compute * 1e3:.1f}" if compute > floor else " |"))
+            lin = a.get("linears_s")
+            data["steps"][f"{key}/{b}"] = dict(before=o, previous=p, after=a, roofline_s=floor, compute_floor_s=compute,
+                                               ratio_before=ratio(o), ratio_previous=ratio(p), ratio_after=ratio(a))
+            b = int(b)
+            rows.append(f"| {geom} | {dtype} | {b} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | "
+                        f"{floor * 1e3:.2f} | {o['step_s'] * 1e3:.2f} | {p['step_s'] * 1e3:.2f} | "
+                        f"{a['step_s'] * 1e3:.2f} | {ratio(o):.2f}x | {ratio(p):.2f}x | **{ratio(a):.2f}x** | "
+                        f"{a['bytes'] / a['step_s'] / 1e9:.1f} | "
+                        + (f"{lin * 1e3:.2f} ({a['linear_bytes'] / lin / 1e9:.1f} GB/s) | " if lin else "| ")
+                        + f"{b / o['step_s']:.0f} / {b / a['step_s']:.0f} | {o['step_s'] / a['step_s']:.2f}x |"
+                        + (f" {compute * 1e3:.1f} |" if compute > floor else " |"))
     out_rows = []
     for dtype in DTYPES:
         if f"{dtype}/after" not in outside:
             continue
         o, a = outside[f"{dtype}/before"], outside[f"{dtype}/after"]
-        floor = a["bytes"] / bw
+        floor = a["bytes"] / (a["bandwidth_GBps"] * 1e9)
         same = o["codes"] == a["codes"]
         data["outside"][dtype] = dict(before={k: v for k, v in o.items() if k != "codes"},
                                       after={k: v for k, v in a.items() if k != "codes"}, roofline_s=floor,
                                       same_codes=same)
-        out_rows.append(f"| {dtype} | {a['bytes'] / 1e6:.0f} | {floor * 1e3:.2f} | {o['step_s'] * 1e3:.2f} | "
-                        f"{a['step_s'] * 1e3:.2f} | {o['step_s'] / floor:.2f}x | **{a['step_s'] / floor:.2f}x** | "
+        out_rows.append(f"| {dtype} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | {floor * 1e3:.2f} | "
+                        f"{o['step_s'] * 1e3:.2f} | {a['step_s'] * 1e3:.2f} | {ratio(o):.2f}x | **{ratio(a):.2f}x** | "
                         f"{8 / a['step_s']:.0f} | {'yes' if same else 'no'} |")
     m = machine
     text = [
@@ -291,25 +346,31 @@ def write(args, machine, runs, outside, loads):
         f"(method in its docstring). Machine: {platform.machine()}, {os.cpu_count()} logical CPUs "
         f"(shared with other jobs), `torch.set_num_threads({args.threads})`, torch {torch.__version__}; "
         f"load average (1 min) during the run {min(loads):.2f} - {max(loads):.2f} "
-        f"(median {statistics.median(loads):.2f}). Before: git `{args.baseline}`; after: this tree.",
+        f"(median {statistics.median(loads):.2f}). Before: git `{args.baseline}`; previous: git `{args.previous}`; "
+        f"after: this tree. CPU: {cpu_name()}.",
         "",
-        f"Read bandwidth (1 GiB float32): sum {m['bandwidth']['sum_GBps']:.1f} GB/s, matrix-vector "
+        f"Read bandwidth at the start (1 GiB float32): sum {m['bandwidth']['sum_GBps']:.1f} GB/s, matrix-vector "
         f"{m['bandwidth']['mv_GBps']:.1f} GB/s -> roofline **{m['bandwidth']['read_GBps']:.1f} GB/s**; copy "
         f"{m['bandwidth']['copy_rw_GBps']:.1f} GB/s read + write. Matmul peak (2048^3): float32 "
         f"{m['matmul_peak']['float32_GFLOPs']:.0f} GFLOP/s, bfloat16 {m['matmul_peak']['bfloat16_GFLOPs']:.0f} GFLOP/s.",
         "",
         "## One cached decode step at the mean KV length",
         "",
-        "| geometry | dtype | batch | bytes/step MB | roofline ms | before ms | after ms | before x roofline | "
-        "after x roofline | after GB/s | image tokens/s before / after | speed-up | compute floor ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Each ratio is against the bandwidth probed right before that step was timed (the median round of "
+        "`--rounds`); `bandwidth` and `roofline` are the after run's. `linears alone`: the step's packed linear "
+        "layers back to back, nothing else (the GEMM library's floor at this batch).",
+        "",
+        "| geometry | dtype | batch | bytes/step MB | bandwidth GB/s | roofline ms | before ms | previous ms | after ms "
+        "| before x roofline | previous x roofline | after x roofline | after GB/s | linears alone ms | "
+        "image tokens/s before / after | speed-up | compute floor ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ]
     if out_rows:
         text += ["", "## From outside: `t2i.sampling.generate`, muge geometry, 1 caption x 8, top-k 256, 64 steps",
-                 "", "| dtype | bytes/step MB | roofline ms | before ms/step | after ms/step | before x roofline | "
-                 "after x roofline | image tokens/s after | same codes before / after |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *out_rows]
+                 "", "| dtype | bytes/step MB | bandwidth GB/s | roofline ms | before ms/step | after ms/step | "
+                 "before x roofline | after x roofline | image tokens/s after | same codes before / after |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *out_rows]
     Path(args.out + ".md").write_text("\n".join(text) + "\n")
     Path(args.out + ".json").write_text(json.dumps(data, indent=1) + "\n")
     print("\n".join(text))

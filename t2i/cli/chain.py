@@ -6,6 +6,10 @@ are done. ``<out>/stages.json`` records each finished stage's arguments (the run
 ``${output}``) and seconds; a stage reruns when its arguments changed, ``force`` is set, or a stage it
 reads reran. ``reuse=<earlier run>`` links the folders of stages whose arguments equal that run's.
 Each stage's output goes to ``<out>/logs/<stage>.log``.
+
+Stages that run side by side get ``cores // running`` threads each; when one ends and nothing new can
+start, the others are given its cores through ``<out>/logs/<stage>.threads`` (``$T2I_THREADS_FILE``), which
+``t2i-train`` follows between batches (:mod:`t2i.callbacks.threads`).
 """
 
 from __future__ import annotations
@@ -57,8 +61,11 @@ class Running:
         note = f", {stage.threads} thread{'s' * (stage.threads != 1)}" if stage.threads else ""
         print(f"[{index}/{total}] {stage.name}: running (log: {self.log_path}{note})", flush=True)
         env = dict(os.environ)
+        self.threads_file = out / "logs" / f"{stage.name}.threads"
         if stage.threads:
-            env.update(OMP_NUM_THREADS=str(stage.threads), MKL_NUM_THREADS=str(stage.threads))
+            env.update(OMP_NUM_THREADS=str(stage.threads), MKL_NUM_THREADS=str(stage.threads),
+                       T2I_THREADS_FILE=str(self.threads_file))
+            self.threads_file.write_text(f"{stage.threads}\n")
         self.t0 = time.perf_counter()
         self.log_file = open(self.log_path, "wb")
         self.log_file.write(f"$ {' '.join(self.cmd)}\n".encode())
@@ -66,6 +73,17 @@ class Running:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
+
+    def set_threads(self, n: int) -> bool:
+        """Ask the stage's processes to run ``n`` threads each from now on (``t2i-train`` follows the file:
+        :mod:`t2i.callbacks.threads`); True when that changed the count."""
+        if not self.stage.threads or n == self.stage.threads or self.proc.poll() is not None:
+            return False
+        self.stage.threads = n
+        tmp = self.threads_file.with_suffix(".tmp")
+        tmp.write_text(f"{n}\n")
+        tmp.replace(self.threads_file)
+        return True
 
     def _pump(self) -> None:
         for chunk in iter(lambda: self.proc.stdout.read1(1 << 16), b""):
@@ -220,6 +238,9 @@ def run_chain(chain: list, cfg: DictConfig, out: Path, stage_status: Callable[[s
             if any(n not in pending for n in ready):
                 continue  # settled stages may have made others ready
             share = max(1, cores() // max(1, len(running) + len(starting)))
+            if starting:
+                for other in running.values():  # a stage that was given freed cores shares them again
+                    other.set_threads(max(1, share // other.stage.processes))
             for name, stage, index in starting:
                 pending.remove(name)
                 for folder in stage.folders:
@@ -241,6 +262,12 @@ def run_chain(chain: list, cfg: DictConfig, out: Path, stage_status: Callable[[s
                 raise
             settle(name, "ran", seconds, proc.stage)
             print(f"[{names.index(name) + 1}/{total}] {name}: {seconds:.0f} s: {status[name]}", flush=True)
+            if running and not any(n in pending and all(state.get(d) for d in deps[n]) for n in names):
+                share = max(1, cores() // len(running))  # nothing new can start: the freed cores go to the rest
+                for other in running.values():
+                    if other.set_threads(max(1, share // other.stage.processes)):
+                        print(f"[{names.index(other.stage.name) + 1}/{total}] {other.stage.name}: now "
+                              f"{other.stage.threads} threads each ({name} finished)", flush=True)
     finally:
         for other in running.values():
             other.proc.terminate()

@@ -23,6 +23,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from t2i.callbacks.config_saver import ConfigSaver
 from t2i.callbacks.resume import DataPosition, Preempted, Preemption, RNGState
+from t2i.callbacks.threads import follow_threads
 from t2i.checkpoints import AtomicCheckpointIO, check_fits, resolve_resume
 from t2i.cli.common import clear_errors, instantiate_group, save_config
 from t2i.distributed import SameRunDir, check_launch
@@ -69,7 +70,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if ckpt_path and model.state_dict():  # a model built in configure_model has no weights to compare yet
         check_fits(ckpt_path, model, "resume" if cfg.get("resume") else "ckpt_path")
     callbacks = instantiate_group(cfg.get("callbacks")) + [ConfigSaver(resolved), RNGState(), DataPosition(), Preemption(),
-                                                           SameRunDir()]
+                                                           SameRunDir(), *follow_threads()]
     loggers = build_loggers(cfg.get("logger"), out, resumed=bool(ckpt_path))
     trainer_cfg = cfg.trainer
     if trainer_cfg.get("sync_batchnorm") and not uses_gpu(trainer_cfg):
