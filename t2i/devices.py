@@ -42,3 +42,44 @@ def autocast_dtype(value, device: torch.device, key: str = "autocast") -> torch.
     if dtype is torch.float16 and device.type == "cpu":
         raise ConfigError(f"{key}=fp16 needs a GPU; use {key}=bf16 or null on the CPU")
     return dtype
+
+
+THREADS_ENV = "T2I_THREADS_FILE"
+
+
+class ThreadsFile:
+    """Follow a thread count that the launcher of this process may change while it runs (``t2i-demo``'s stage
+    runner gives a stage the cores of one that ended): :meth:`check`, called between batches, applies the
+    count in ``path`` with ``torch.set_num_threads``, at most every ``every_s`` seconds."""
+
+    def __init__(self, path, every_s: float = 2.0):
+        from pathlib import Path
+
+        self.path, self.every_s, self._last = Path(path), float(every_s), float("-inf")
+
+    def read(self) -> int | None:
+        """The count in the file (a positive integer), or None when it is missing or unreadable."""
+        try:
+            n = int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return n if n > 0 else None
+
+    def check(self) -> None:
+        import logging
+        import time
+
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        n = self.read()
+        if n is not None and n != torch.get_num_threads():
+            logging.getLogger(__name__).info("threads: %d -> %d (%s)", torch.get_num_threads(), n, self.path)
+            torch.set_num_threads(n)
+
+
+def threads_file() -> ThreadsFile | None:
+    """The :class:`ThreadsFile` named by ``$T2I_THREADS_FILE``, or None when it is not set."""
+    path = os.environ.get(THREADS_ENV)
+    return ThreadsFile(path) if path else None

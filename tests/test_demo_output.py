@@ -260,23 +260,24 @@ def test_a_stage_left_alone_is_given_the_freed_core(tmp_path, monkeypatch):
 def test_follow_threads_applies_the_count_in_its_file(tmp_path, monkeypatch):
     import torch
 
-    from t2i.callbacks.threads import ENV, FollowThreads, follow_threads
+    from t2i.callbacks.threads import FollowThreads, follow_threads
+    from t2i.devices import THREADS_ENV
 
     before = torch.get_num_threads()
     path = tmp_path / "t.threads"
     cb = FollowThreads(path, every_s=0.0)
     try:
-        cb.check()                                  # no file yet: nothing changes
+        cb.on_train_batch_end()                     # no file yet: nothing changes
         assert torch.get_num_threads() == before
         path.write_text("1\n")
-        cb.check()
+        cb.on_train_batch_end()
         assert torch.get_num_threads() == 1
         path.write_text("junk")                     # unreadable: keeps what it has
-        cb.check()
+        cb.on_validation_batch_end()
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
     assert follow_threads() == []
-    monkeypatch.setenv(ENV, str(path))
+    monkeypatch.setenv(THREADS_ENV, str(path))
     assert isinstance(follow_threads()[0], FollowThreads)

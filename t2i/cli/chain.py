@@ -9,7 +9,7 @@ Each stage's output goes to ``<out>/logs/<stage>.log``.
 
 Stages that run side by side get ``cores // running`` threads each; when one ends and nothing new can
 start, the others are given its cores through ``<out>/logs/<stage>.threads`` (``$T2I_THREADS_FILE``), which
-``t2i-train`` follows between batches (:mod:`t2i.callbacks.threads`).
+``t2i-train`` and ``t2i-tokenize`` follow between batches (:class:`t2i.devices.ThreadsFile`).
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class Running:
         self.pump.start()
 
     def set_threads(self, n: int) -> bool:
-        """Ask the stage's processes to run ``n`` threads each from now on (``t2i-train`` follows the file:
-        :mod:`t2i.callbacks.threads`); True when that changed the count."""
+        """Ask the stage's processes to run ``n`` threads each from now on (``t2i-train`` and ``t2i-tokenize``
+        follow the file: :class:`t2i.devices.ThreadsFile`); True when that changed the count."""
         if not self.stage.threads or n == self.stage.threads or self.proc.poll() is not None:
             return False
         self.stage.threads = n

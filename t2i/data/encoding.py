@@ -35,6 +35,7 @@ from t2i.data.codes import (
 )
 from t2i.data.skips import BadSample, DataError, SkipLog
 from t2i.data.transforms import ImageTransform, from_raw
+from t2i.devices import threads_file
 from t2i.errors import ConfigError
 
 
@@ -187,8 +188,11 @@ def encode_split(split: str, ds, encoder: Encoder, state: RankState, out: Path, 
                                       "skipped": slog.to_dict()}
         state.save()
 
+    follow = threads_file()  # t2i-demo may hand this stage more cores while it runs
     try:
         for batch in loader:
+            if follow is not None:
+                follow.check()
             codes = encoder(batch["image"]) if batch["image"] is not None else None
             k = 0
             for pos, bad in zip(batch["pos"], batch["bad"]):

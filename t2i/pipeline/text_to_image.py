@@ -115,18 +115,19 @@ class Pipeline:
     def __init__(self, model, image_tokenizer, text_tokenizer, linker=None, reranking: Reranking | None = None,
                  upscaler=None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  ema: bool = True, source: str | None = None, upscale_tile: int = 0, upscale_tile_pad: int = 10,
-                 upscaler_file: str | None = None):
+                 upscaler_file: str | None = None, decode_dtype: torch.dtype | None = None):
         self.model, self.image_tokenizer, self.text_tokenizer, self.linker = model, image_tokenizer, text_tokenizer, linker
         self.reranking = reranking or Reranking()
         self.upscaler, self.upscale_tile, self.upscale_tile_pad = upscaler, upscale_tile, upscale_tile_pad
         self.upscaler_file = upscaler_file
         self.device, self.dtype, self.ema, self.source = torch.device(device), dtype, ema, source
+        self.decode_dtype = decode_dtype
 
     @classmethod
     def from_checkpoint(cls, path, reranker=None, reranker_backend: str = "t2i", reranker_model_name: str | None = None,
                         combine: str | None = None, upscaler=None, upscale_scale: int | None = None,
                         upscale_tile: int = 0, upscale_tile_pad: int = 10, image_tokenizer=None, text_tokenizer=None,
-                        device="auto", dtype=None, ema: bool = True) -> Pipeline:
+                        device="auto", dtype=None, ema: bool = True, decode_dtype=None) -> Pipeline:
         """Load a transformer checkpoint (``t2i-train experiment=*_transformer``, or a ``t2i-import`` file of
         EasyNLP pai-painter / ARTIST or ruDALL-E) with what it carries.
 
@@ -137,10 +138,13 @@ class Pipeline:
         Real-ESRGAN ``.pth`` or ``t2i-import realesrgan`` file (``upscale_scale``: must be its own scale;
         ``upscale_tile`` > 0 runs tiles of that many pixels). ``image_tokenizer`` / ``text_tokenizer``
         override what the checkpoint carries. ``device``: auto | cpu | cuda[:N]; ``dtype``: autocast
-        (``torch.bfloat16``, ``"bf16"``, ``"fp16"`` on a GPU; None: float32); ``ema``: sample with the EMA
-        weights when the checkpoint has them."""
+        (``torch.bfloat16``, ``"bf16"``, ``"fp16"`` on a GPU; None: float32); ``decode_dtype``: the same for
+        the image tokenizer's decode alone (None: as ``dtype``; ``"bf16"`` decodes a 256 px VQGAN about 1.9x
+        faster on a CPU with AVX512-BF16, see ``experiments/tokenizer_speed/RESULTS_decode.md``); ``ema``:
+        sample with the EMA weights when the checkpoint has them."""
         device = pick_device(device)
         dtype = autocast_dtype(dtype, device, key="dtype")
+        decode_dtype = autocast_dtype(decode_dtype, device, key="decode_dtype")
         check_upscale(upscaler, upscale_scale, upscale_tile, upscale_tile_pad)
         reranking = Reranking.check(reranker, reranker_backend, combine)
         ckpt = load_checkpoint(path)  # every file setting is checked before the model is built
@@ -149,17 +153,18 @@ class Pipeline:
         up = load_upscaler(upscaler, upscale_scale, device)
         return cls(parts.model, parts.image_tokenizer, parts.text_tokenizer, parts.linker, reranking, up, device,
                    dtype, ema, source=str(path), upscale_tile=upscale_tile, upscale_tile_pad=upscale_tile_pad,
-                   upscaler_file=None if up is None else str(upscaler))
+                   upscaler_file=None if up is None else str(upscaler), decode_dtype=decode_dtype)
 
     # -- the steps, each usable on its own ----------------------------------------------------------------
     @property
     def image_size(self) -> int:
         return int(self.image_tokenizer.downsample * self.model.grid[0])
 
-    def _autocast(self):
-        if self.dtype is None:
+    def _autocast(self, dtype: torch.dtype | None = None):
+        dtype = dtype or self.dtype
+        if dtype is None:
             return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def encode_text(self, prompts, allow_unk: bool = False) -> torch.Tensor:
         """``[len(prompts), text_len]`` token ids for the model (one warning for unknown pieces; a prompt
@@ -200,7 +205,7 @@ class Pipeline:
         """Images ``[N, 3, H, W]`` in [0, 1] from code grids ``[N, h, w]``."""
         from t2i.sampling import decode_codes
 
-        with self._autocast():
+        with self._autocast(self.decode_dtype):
             return (decode_codes(self.image_tokenizer, codes).float().clamp(-1, 1) + 1) / 2
 
     @torch.no_grad()
