@@ -22,7 +22,7 @@ from t2i.errors import ConfigError
 
 # The one default top_k of t2i-generate, t2i-eval (sample.top_k) and Pipeline: None samples the model's own
 # distribution, every code. Both configs write it out (a test holds them to this); metrics.json and
-# samples.jsonl record the value a run used. The Shapes demo sets top_k=4 (see conf/demo.yaml).
+# samples.jsonl record the value a run used. The Shapes demo sets top_k=3 (see conf/demo.yaml).
 DEFAULT_TOP_K = None
 
 

@@ -29,5 +29,12 @@ $T2I/t2i-demo output=outputs/demo
 
 # 5. The sampler (Optuna, TPE) on the chosen demo's transformer and CLIP, on val: only the evaluation reruns.
 $T2I/t2i-demo -m hydra.sweep.dir=outputs/sweeps/sampling hparams_search=demo_optuna reuse=outputs/demo \
-  hydra.sweeper.n_trials=6 hydra.sweeper.sampler.n_startup_trials=3
+  hydra.sweeper.n_trials=10 hydra.sweeper.sampler.n_startup_trials=4
 $T2I/t2i-sweep-report outputs/sweeps/sampling --out experiments/demo_recipe/sweeps/sampling
+# ... and the sampler it replaced, on the same val captions and weights (top-k 4, temperature 1.0, guidance 1.3):
+$T2I/t2i-demo -m hydra.sweep.dir=outputs/sweeps/sampling_default reuse=outputs/demo "eval.splits=[val]" \
+  eval.num_captions=500 optimized_metric=val/acc_rerank eval.top_k=4 eval.set.sample.temperature=1.0 \
+  eval.set.sample.cfg_scale=1.3
+
+# 6. The chosen defaults with the Optuna sampler, once more from nothing (docs/demo is this run).
+$T2I/t2i-demo output=outputs/demo force=true
