@@ -76,3 +76,16 @@ def test_bad_decode_dtype_is_one_error_naming_the_key(vqgan_transformer, tmp_pat
                        "device=cpu")
     with pytest.raises(ConfigError, match=message):
         run(cfg)
+
+
+def test_decode_dtype_follows_dtype_unless_given(vqgan_transformer):
+    from t2i.pipeline import Pipeline
+
+    both = Pipeline.from_checkpoint(vqgan_transformer, device="cpu", dtype="bf16")
+    plain_decode = Pipeline.from_checkpoint(vqgan_transformer, device="cpu", dtype="bf16", decode_dtype="fp32")
+    assert both.decode_dtype is torch.bfloat16
+    seen = []
+    decode = plain_decode.image_tokenizer.decode
+    plain_decode.image_tokenizer.decode = lambda c: seen.append(torch.is_autocast_enabled("cpu")) or decode(c)
+    plain_decode.decode(torch.zeros(1, 4, 4, dtype=torch.long))
+    assert seen == [False]                                      # fp32 asked for: no autocast, whatever dtype says

@@ -121,7 +121,7 @@ class Pipeline:
         self.upscaler, self.upscale_tile, self.upscale_tile_pad = upscaler, upscale_tile, upscale_tile_pad
         self.upscaler_file = upscaler_file
         self.device, self.dtype, self.ema, self.source = torch.device(device), dtype, ema, source
-        self.decode_dtype = decode_dtype
+        self.decode_dtype = dtype if decode_dtype is None else decode_dtype  # torch.float32: no autocast
 
     @classmethod
     def from_checkpoint(cls, path, reranker=None, reranker_backend: str = "t2i", reranker_model_name: str | None = None,
@@ -139,12 +139,13 @@ class Pipeline:
         ``upscale_tile`` > 0 runs tiles of that many pixels). ``image_tokenizer`` / ``text_tokenizer``
         override what the checkpoint carries. ``device``: auto | cpu | cuda[:N]; ``dtype``: autocast
         (``torch.bfloat16``, ``"bf16"``, ``"fp16"`` on a GPU; None: float32); ``decode_dtype``: the same for
-        the image tokenizer's decode alone (None: as ``dtype``; ``"bf16"`` decodes a 256 px VQGAN about 1.9x
+        the image tokenizer's decode alone (None: as ``dtype``; ``"fp32"``: no autocast; ``"bf16"`` decodes a 256 px VQGAN about 1.9x
         faster on a CPU with AVX512-BF16, see ``experiments/tokenizer_speed/RESULTS_decode.md``); ``ema``:
         sample with the EMA weights when the checkpoint has them."""
         device = pick_device(device)
         dtype = autocast_dtype(dtype, device, key="dtype")
-        decode_dtype = autocast_dtype(decode_dtype, device, key="decode_dtype")
+        decode_dtype = dtype if decode_dtype is None else \
+            autocast_dtype(decode_dtype, device, key="decode_dtype") or torch.float32
         check_upscale(upscaler, upscale_scale, upscale_tile, upscale_tile_pad)
         reranking = Reranking.check(reranker, reranker_backend, combine)
         ckpt = load_checkpoint(path)  # every file setting is checked before the model is built
@@ -161,8 +162,8 @@ class Pipeline:
         return int(self.image_tokenizer.downsample * self.model.grid[0])
 
     def _autocast(self, dtype: torch.dtype | None = None):
-        dtype = dtype or self.dtype
-        if dtype is None:
+        dtype = self.dtype if dtype is None else dtype
+        if dtype is None or dtype == torch.float32:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=dtype)
 
