@@ -31,30 +31,18 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "transformer_speed"))
-from roofline import cpu_name  # noqa: E402
+from roofline import cpu_name, median_time  # noqa: E402
 
 MUGE_VQGAN = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], z_channels=256,
                   embed_dim=256, n_embed=16384, resolution=256, quantizer={"kind": "vq", "l2_normalize": True,
                                                                            "codebook_dim": 32})
 VARIANTS = ("float32", "float32 channels_last", "bfloat16", "bfloat16 channels_last", "autocast bfloat16")
-
-
-def median_time(fn, n: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def matmul_peak() -> dict:
