@@ -1,8 +1,12 @@
-"""Which device and which autocast dtype a command or a pipeline runs with (one ConfigError for a bad name)."""
+"""Which device and which autocast dtype a command or a pipeline runs with (one ConfigError for a bad name), and
+the thread count a launcher may change while a command runs (:class:`ThreadsFile`)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -45,6 +49,7 @@ def autocast_dtype(value, device: torch.device, key: str = "autocast") -> torch.
 
 
 THREADS_ENV = "T2I_THREADS_FILE"
+log = logging.getLogger(__name__)
 
 
 class ThreadsFile:
@@ -53,8 +58,6 @@ class ThreadsFile:
     count in ``path`` with ``torch.set_num_threads``, at most every ``every_s`` seconds."""
 
     def __init__(self, path, every_s: float = 2.0):
-        from pathlib import Path
-
         self.path, self.every_s, self._last = Path(path), float(every_s), float("-inf")
 
     def read(self) -> int | None:
@@ -66,16 +69,13 @@ class ThreadsFile:
         return n if n > 0 else None
 
     def check(self) -> None:
-        import logging
-        import time
-
         now = time.monotonic()
         if now - self._last < self.every_s:
             return
         self._last = now
         n = self.read()
         if n is not None and n != torch.get_num_threads():
-            logging.getLogger(__name__).info("threads: %d -> %d (%s)", torch.get_num_threads(), n, self.path)
+            log.info("threads: %d -> %d (%s)", torch.get_num_threads(), n, self.path)
             torch.set_num_threads(n)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from t2i.devices import THREADS_ENV
 from t2i.errors import ConfigError, T2IError
 
 
@@ -63,8 +64,8 @@ class Running:
         env = dict(os.environ)
         self.threads_file = out / "logs" / f"{stage.name}.threads"
         if stage.threads:
-            env.update(OMP_NUM_THREADS=str(stage.threads), MKL_NUM_THREADS=str(stage.threads),
-                       T2I_THREADS_FILE=str(self.threads_file))
+            env.update({"OMP_NUM_THREADS": str(stage.threads), "MKL_NUM_THREADS": str(stage.threads),
+                        THREADS_ENV: str(self.threads_file)})
             self.threads_file.write_text(f"{stage.threads}\n")
         self.t0 = time.perf_counter()
         self.log_file = open(self.log_path, "wb")
