@@ -66,3 +66,20 @@ def test_bf16_cached_sampling_equals_uncached():
     a = generate(m, text, 3, top_k=8, generator=torch.Generator().manual_seed(5))
     b = generate(m, text, 3, top_k=8, use_cache=False, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pattern", ["full", "row", "column", "conv", "axial_row"])
+def test_key_segments_cover_exactly_the_mask_row(pattern):
+    from t2i.models.attention import key_segments, sequence_mask
+
+    mask = sequence_mask(pattern, 6, 5, 7, kernel=3)
+    for pos in range(mask.shape[0]):
+        row = mask[pos, :pos + 1]
+        pieces = key_segments(row)
+        if pieces is None:
+            assert row.all()
+            continue
+        idx = torch.arange(pos + 1)
+        got = torch.cat([idx[p] if isinstance(p, slice) else p for p in pieces])
+        assert torch.equal(got, row.nonzero()[:, 0])
+        assert sum(isinstance(p, slice) for p in pieces) <= 2 and len(pieces) <= 3

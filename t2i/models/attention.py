@@ -22,8 +22,9 @@ kernel's backward is 3x slower; see ``experiments/attention_cpu``) or FlexAttent
 (``attn_impl=flex``: sparse layers skip fully masked blocks on GPU and compiled CPU). Incremental
 decoding always uses the mask rows of the new positions against the cached keys, so every pattern
 is cached; a decode step (one new position) reads only the keys its mask row allows and, in float32,
-runs :func:`math_attention` (one row of scores: SDPA's tiled CPU kernel costs more than it saves there;
-in bfloat16 the layer's own kernel stays, so that cached sampling draws the codes uncached sampling draws).
+runs :func:`segment_attention` over views of the cache (:func:`key_segments`: one row of scores, no gathered
+copy; SDPA's tiled CPU kernel costs more than it saves there); in bfloat16 it gathers those keys and the
+layer's own kernel stays, so that cached sampling draws the codes uncached sampling draws.
 """
 
 from __future__ import annotations
@@ -53,6 +54,49 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     if dropout_p > 0:
         att = F.dropout(att, p=dropout_p)
     return att.to(v.dtype) @ v
+
+
+def key_segments(row: torch.Tensor, most: int = 2) -> tuple | None:
+    """The cache positions a decode step's mask ``row`` (bool ``[position + 1]``) lets it attend to, as
+    pieces of the cache to read: up to ``most`` slices (a run of positions with one stride: the text, the
+    last ``w + 1`` positions of a row pattern, every ``w``-th of a column pattern), then one index tensor
+    with whatever is left (the rows of a conv window after its first). None where the row allows every
+    position. Slices are views of the cache, so a step reads only those keys and copies nothing."""
+    if bool(row.all()):
+        return None
+    idx = row.nonzero()[:, 0].tolist()
+    pieces, i = [], 0
+    while i < len(idx) and len(pieces) < most:
+        step = idx[i + 1] - idx[i] if i + 1 < len(idx) else 1
+        j = i + 1
+        while j < len(idx) and idx[j] - idx[j - 1] == step:
+            j += 1
+        pieces.append(slice(idx[i], idx[j - 1] + 1, step))
+        i = j
+    if i < len(idx):
+        pieces.append(torch.tensor(idx[i:], device=row.device))
+    return tuple(pieces)
+
+
+def read_keys(k: torch.Tensor, piece) -> torch.Tensor:
+    """The positions ``piece`` (a slice: a view; an index tensor: a copy) of ``k [B, H, L, d]``."""
+    return k[:, :, piece] if isinstance(piece, slice) else k.index_select(2, piece)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces) -> torch.Tensor:
+    """:func:`math_attention` of a decode step over the cache positions ``pieces`` (:func:`key_segments`),
+    read piece by piece: the scores of every piece join in one float32 softmax, and each piece's values
+    are weighted in place, so no gathered copy of the keys is made."""
+    q = q * q.shape[-1] ** -0.5
+    ks = [read_keys(k, p) for p in pieces]
+    scores = torch.cat([q @ kk.transpose(-2, -1) for kk in ks], -1) if len(ks) > 1 else q @ ks[0].transpose(-2, -1)
+    att = scores.float().softmax(-1).to(v.dtype)
+    out, at = None, 0
+    for p, kk in zip(pieces, ks):
+        n = kk.shape[2]
+        part = att[..., at:at + n] @ read_keys(v, p)
+        out, at = (part if out is None else out + part), at + n
+    return out
 
 
 def attend(q, k, v, mask=None, dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
@@ -264,17 +308,19 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
         end = start + t
+        p = self.dropout if self.training else 0.0
+        if cache is not None and t == 1 and not self.pb_relax and q.dtype == torch.float32:  # a decode step
+            y = segment_attention(q, k, v, keys or (slice(None),))  # one row of scores, the cache read in place
+            return linear(self.proj, y.transpose(1, 2).reshape(B, t, -1), cache)
         if keys is not None:  # sparse patterns: a row / column / window of the cache instead of all of it
-            k, v, mask = k.index_select(2, keys), v.index_select(2, keys), None
+            k, v = (torch.cat([read_keys(x, piece) for piece in keys], 2) for x in (k, v))
+            mask = None
         else:
             mask = mask[start:end, :end]
-        p = self.dropout if self.training else 0.0
         if self.pb_relax:
             y = self._pb_relax_attention(q, k, v, mask, p)
         elif self.impl == "flex" and block_mask is not None and cache is None:
             y = flex(q, k, v, block_mask)
-        elif cache is not None and t == 1 and q.dtype == torch.float32:  # a decode step: one row of scores
-            y = math_attention(q, k, v, mask)
         else:
             y = attend(q, k, v, mask, p, self.impl)
         return linear(self.proj, y.transpose(1, 2).reshape(B, t, -1), cache)

@@ -229,13 +229,13 @@ class Transformer(nn.Module):
                                                        device=str(device))
         return self._block_masks[key]
 
-    def step_keys(self, layer: int, position: int, caption: bool = False) -> torch.Tensor | None:
-        """The positions a decode step at ``position`` attends to in ``layer`` (its mask row), or None
-        where that is every earlier position; kept per pattern and position."""
+    def step_keys(self, layer: int, position: int, caption: bool = False) -> tuple | None:
+        """The cache positions a decode step at ``position`` attends to in ``layer`` (its mask row) as
+        :func:`~t2i.models.attention.key_segments`, or None where that is every earlier position; kept per
+        pattern and position."""
         key = (self.patterns[layer], caption, position)
         if key not in self._step_keys:
-            row = self.mask(layer, caption)[position, :position + 1]
-            self._step_keys[key] = None if bool(row.all()) else row.nonzero()[:, 0]
+            self._step_keys[key] = A.key_segments(self.mask(layer, caption)[position, :position + 1])
         return self._step_keys[key]
 
     def hidden(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None, entities=None,
