@@ -29,14 +29,55 @@ def step_logits(m, text, img, cache):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_new_cache_packs_every_decode_linear(dtype):
+    if pack_linear(tiny().image_head, 2) is None:
+        pytest.skip("this torch build has no MKL / oneDNN linear")
     m = tiny().to(dtype)
     cache = m.new_cache(2, "cpu", dtype)
-    if pack_linear(m.image_head, 2) is None:
-        pytest.skip("this torch build has no MKL / oneDNN bf16 linear")
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 linear")
+    assert cache.step is not None and len(cache.step.layers) == m.n_layer  # the blocks: a written-out step
+    assert set(cache.packed) == {(m.image_head, None), (m.text_head, None)}
+    m = tiny(sandwich_ln=True).to(dtype)  # a block DecodeStep does not cover: packed layer by layer
+    cache = m.new_cache(2, "cpu", dtype)
     fused = dtype == torch.float32 and torch.backends.mkldnn.is_available()  # oneDNN fuses the GELU in float32
     layers = [(x, None) for b in m.blocks for x in (b.attn.qkv, b.attn.proj, b.mlp.proj)] + \
         [(b.mlp.fc, "none" if fused else None) for b in m.blocks] + [(m.image_head, None), (m.text_head, None)]
-    assert set(cache.packed) == set(layers)
+    assert cache.step is None and set(cache.packed) == set(layers)
+
+
+@pytest.mark.parametrize("pattern", ["full", "dalle", "axial_row", "conv"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+def test_decode_step_equals_the_module_path(pattern, dtype, atol):
+    """The written-out step against Block.forward over the same cache: float32 fuses adds, GELU and the query
+    scale into oneDNN GEMMs (rounding may differ); bfloat16 rounds where the module path does, bit-equal."""
+    for kw in ({}, {"head_bias": True, "logits_ln": True, "gelu": "tanh"}, {"attn_impl": "math"}):
+        m = tiny(attention=pattern, **kw).to(dtype)
+        text, img = captions(), torch.randint(0, 24, (2, 12))
+        fast, slow = m.new_cache(2, "cpu", dtype), m.new_cache(2, "cpu", dtype)
+        if fast.step is None:
+            pytest.skip("no packed linear on this build")
+        slow.step = None
+        a, b = step_logits(m, text, img, fast), step_logits(m, text, img, slow)
+        assert torch.allclose(a.float(), b.float(), atol=atol, rtol=0), (kw, (a.float() - b.float()).abs().max())
+        for x, y in zip(fast.k + fast.v, slow.k + slow.v):
+            assert torch.allclose(x[:, :, :16].float(), y[:, :, :16].float(), atol=atol, rtol=0)
+
+
+def test_decode_step_follows_reorder_and_captioning():
+    m = tiny(captioning=True)
+    img = torch.randint(0, 24, (2, 12))
+    fast, slow = m.new_cache(2, "cpu", torch.float32), m.new_cache(2, "cpu", torch.float32)
+    assert fast.step is not None
+    slow.step = None
+    idx = torch.tensor([1, 1, 0])
+    with torch.no_grad():
+        outs = []
+        for cache in (fast, slow):
+            m.caption_prefill(img, cache)
+            cache.reorder(idx)  # new cache tensors: the step must read them, not the old ones
+            tok = torch.tensor([3, 4, 5])
+            outs.append(torch.stack([m.caption_step(tok + j, j, cache) for j in range(4)]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])

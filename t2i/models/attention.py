@@ -83,11 +83,15 @@ def read_keys(k: torch.Tensor, piece) -> torch.Tensor:
     return k[:, :, piece] if isinstance(piece, slice) else k.index_select(2, piece)
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces) -> torch.Tensor:
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces, scale: float | None = None
+                      ) -> torch.Tensor:
     """:func:`math_attention` of a decode step over the cache positions ``pieces`` (:func:`key_segments`),
     read piece by piece: the scores of every piece join in one float32 softmax, and each piece's values
-    are weighted in place, so no gathered copy of the keys is made."""
-    q = q * q.shape[-1] ** -0.5
+    are weighted in place, so no gathered copy of the keys is made. ``scale`` multiplies the queries
+    (default ``1/sqrt(d)``; 1: already scaled)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if scale != 1.0:
+        q = q * scale
     ks = [read_keys(k, p) for p in pieces]
     scores = torch.cat([q @ kk.transpose(-2, -1) for kk in ks], -1) if len(ks) > 1 else q @ ks[0].transpose(-2, -1)
     att = scores.float().softmax(-1).to(v.dtype)
@@ -198,14 +202,15 @@ class KVCache:
 
     ``packed`` maps ``(layer, gelu)`` -- a model's ``nn.Linear`` layer and the GELU fused after it, or None
     -- to a decode-step version of it (:func:`pack_linear`), made once for this cache's batch by
-    :meth:`t2i.models.transformer.Transformer.new_cache`."""
+    :meth:`t2i.models.transformer.Transformer.new_cache`; ``step`` the written-out decode step it made
+    (:class:`t2i.models.decode_step.DecodeStep`), or None."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
         shape = (batch, n_head, max_len, head_dim)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.length = 0
         self.packed: dict = {}
+        self.step = None  # a DecodeStep (t2i.models.decode_step) where the model's blocks have one
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -219,30 +224,40 @@ class KVCache:
         self.v = [v.index_select(0, index) for v in self.v]
 
 
-def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None):
+def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: bool = False, scale_rows: int = 0,
+                scale: float = 1.0):
     """``layer`` as a function for inputs of ``rows`` rows (a decode step), its weight copied once into the
     blocked layout of oneDNN (float32 and bfloat16) or, where oneDNN cannot, MKL (float32) on CPU; None
     where neither applies. ``gelu`` (``"none"``: exact, ``"tanh"``) fuses ``F.gelu`` after it, in float32
     (oneDNN float32 only: in bfloat16 the plain path rounds before the GELU, and cached sampling keeps its
-    codes equal to uncached sampling).
+    codes equal to uncached sampling). ``residual`` (oneDNN float32 only) makes it ``f(x, r) = layer(x) + r``
+    in one call. ``scale_rows``/``scale``: the first ``scale_rows`` outputs multiplied by ``scale`` (folded
+    into the packed copy: attention's ``1/sqrt(d)`` on the queries; exact when ``scale`` is a power of two).
 
     ``F.linear`` reads the weight in its stored ``[out, in]`` layout on every call, which at a few rows
     streams it at a third to a half of the machine's memory bandwidth; the packed copy streams it
     contiguously (``experiments/transformer_speed/RESULTS_roofline.md``: on an AMD EPYC, MKL's packed
     float32 GEMM reads 8 GB/s where oneDNN's reads 16-25). Same values as ``layer(x)`` up to float rounding."""
-    w, b = layer.weight, layer.bias
+    w, b = layer.weight.detach(), layer.bias
     if w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if gelu is not None and w.dtype != torch.float32:
+    if (gelu is not None or residual or scale_rows) and w.dtype != torch.float32:
         return None
+    if scale_rows:
+        w, b = w.clone(), (b.detach().clone() if b is not None else None)
+        w[:scale_rows] *= scale
+        if b is not None:
+            b[:scale_rows] *= scale
     onednn = torch.backends.mkldnn.is_available() and \
         (w.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if onednn:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        if residual:
+            return lambda x, r: torch.ops.mkldnn._linear_pointwise.binary(x, r, packed, b, "add")
         attr, algorithm = ("none", "") if gelu is None else ("gelu", gelu)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, attr, [], algorithm)
-    if w.dtype == torch.float32 and gelu is None and torch.backends.mkl.is_available():
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows)
+    if w.dtype == torch.float32 and gelu is None and not residual and torch.backends.mkl.is_available():
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
         return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, rows)
     return None
 

@@ -42,6 +42,7 @@ from t2i.models.attention import (
     rotary_angles,
     sequence_mask,
 )
+from t2i.models.decode_step import DecodeStep
 from t2i.models.knowledge import KnowledgeFusion
 
 GELUS = ("exact", "tanh")
@@ -246,10 +247,14 @@ class Transformer(nn.Module):
         if flex and x.device.type == "cpu" and torch.is_grad_enabled():
             raise ConfigError("model.model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward); "
                               "use model.model.attn_impl=sdpa there")
-        for i, block in enumerate(self.blocks):
-            bm = self.block_mask(i, t, x.device) if flex else None
-            keys = self.step_keys(i, start, caption) if cache is not None and t == 1 else None
-            x = block(x, self.mask(i, caption), start, cache, i, rot, bm, keys)
+        step = cache.step if cache is not None and t == 1 else None
+        if step is not None and step.usable(x):  # a decode step, written out (t2i.models.decode_step)
+            x = step(x, start, caption)
+        else:
+            for i, block in enumerate(self.blocks):
+                bm = self.block_mask(i, t, x.device) if flex else None
+                keys = self.step_keys(i, start, caption) if cache is not None and t == 1 else None
+                x = block(x, self.mask(i, caption), start, cache, i, rot, bm, keys)
         if start == 0 and not caption and self._fuses(entities, "easynlp"):  # EasyNLP: on the text states after the last block
             T = self.text_len
             x = torch.cat([self.knowledge(x[:, :T], *entities), x[:, T:]], dim=1)
@@ -286,12 +291,15 @@ class Transformer(nn.Module):
     # -- decoding ----------------------------------------------------------------------------
     def new_cache(self, batch: int, device, dtype) -> KVCache:
         """An empty cache for ``batch`` sequences, with the linear layers packed for its decode steps
-        (:func:`~t2i.models.attention.pack_linear`; the packed copies live as long as the cache)."""
+        (:func:`~t2i.models.attention.pack_linear`; the packed copies live as long as the cache): the
+        blocks as a :class:`~t2i.models.decode_step.DecodeStep` where it covers them, else layer by layer."""
         cache = KVCache(self.n_layer, batch, self.n_head, self.seq_len, self.head_dim, device, dtype)
         heads = [h for h in (self.image_head, self.text_head) if h is not None]
         with torch.no_grad():
-            for layer, gelu in [(m, None) for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.proj)] + \
-                    [(b.mlp.fc, b.mlp.approximate) for b in self.blocks] + [(h, None) for h in heads]:
+            cache.step = DecodeStep.build(self, cache, batch) if torch.device(device).type == "cpu" else None
+            blocks = [] if cache.step is not None else self.blocks
+            for layer, gelu in [(m, None) for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.proj)] + \
+                    [(b.mlp.fc, b.mlp.approximate) for b in blocks] + [(h, None) for h in heads]:
                 fast = pack_linear(layer, batch, gelu) if gelu else None  # the GELU fused where it can be
                 gelu = gelu if fast is not None else None
                 fast = fast or pack_linear(layer, batch)
