@@ -59,7 +59,7 @@ GEOMETRIES = {
 DTYPES = ("float32", "bfloat16")
 BATCHES = (1, 8, 32)
 BASELINE = "803cda5"  # the last commit before the decode-step work (issue 29)
-PREVIOUS = "f37902b"  # the state the last table measured (MKL float32 GEMMs, SDPA in every decode step)
+PREVIOUS = "bd97f93"  # the state before DecodeStep (module-by-module decode step, cache read in place)
 
 
 # -- worker (one process per implementation x geometry x dtype) ----------------------------------------
@@ -74,13 +74,13 @@ def median_time(fn, n: int, warmup: int = 3) -> float:
     return statistics.median(ts)
 
 
-def build(geom: str, dtype):
+def build(geom: str, dtype, **changes):
     import torch
 
     from t2i.models.transformer import Transformer
 
     torch.manual_seed(0)
-    return Transformer(**GEOMETRIES[geom]).eval().to(dtype)
+    return Transformer(**{**GEOMETRIES[geom], **changes}).eval().to(dtype)
 
 
 def step_bytes(model, batch: int, kv_len: float, elsize: int) -> float:
@@ -102,16 +102,43 @@ def probe_bandwidth(big) -> float:
 
 
 def linears_alone(model, cache, batch: int, dtype, steps: int) -> float | None:
-    """Seconds of one pass over the cache's packed linears of a decode step (not the text head)."""
+    """Seconds of one pass over the packed linears of a decode step (the blocks' and the image head), back
+    to back: from the cache's DecodeStep where it has one (residual GEMMs with their residual), else
+    from its per-layer packed copies."""
     import torch
 
+    def x(n):
+        return torch.randn(batch, 1, n).to(dtype)
+
+    calls = []
     packed = getattr(cache, "packed", {})
-    keys = [k for k in packed if (k[0] if isinstance(k, tuple) else k) is not model.text_head]
-    if not keys:
+    for k, fn in packed.items():
+        layer = k[0] if isinstance(k, tuple) else k
+        if layer is not model.text_head:
+            calls.append((fn, (x(layer.in_features),)))
+    step = getattr(cache, "step", None)
+    for b, layer in zip(model.blocks, step.layers if step is not None else ()):
+        qkv, proj, fc, fc2 = layer[2:6]
+        d, f = b.attn.proj.in_features, b.mlp.proj.in_features
+        calls += [(qkv, (x(d),)), (fc, (x(d),))]
+        calls += [(proj, (x(d), x(d))), (fc2, (x(f), x(d)))] if step.fused else [(proj, (x(d),)), (fc2, (x(f),))]
+    if not calls:
         return None
-    layer = {k: k[0] if isinstance(k, tuple) else k for k in keys}
-    xs = {k: torch.randn(batch, 1, layer[k].in_features).to(dtype) for k in keys}
-    return median_time(lambda: [packed[k](xs[k]) for k in keys], steps)
+    return median_time(lambda: [fn(*a) for fn, a in calls], steps)
+
+
+def time_steps(model, batch: int, dtype, steps: int):
+    """(seconds of one decode step at the middle of the image, the first position timed, the cache)."""
+    import torch
+
+    first = model.n_image // 2 - steps // 2 - 3  # timed steps straddle the middle of the image
+    cache = model.new_cache(batch, "cpu", dtype)
+    for k, v in zip(cache.k, cache.v):
+        k.normal_()
+        v.normal_()
+    code = torch.randint(0, model.image_vocab, (batch,))
+    i = iter(range(first, model.n_image))
+    return median_time(lambda: model.decode_step(code, next(i), cache), steps), first, cache
 
 
 def worker(geom: str, dtype_name: str, batches, steps: int) -> dict:
@@ -119,24 +146,20 @@ def worker(geom: str, dtype_name: str, batches, steps: int) -> dict:
 
     dtype = getattr(torch, dtype_name)
     model = build(geom, dtype)
+    narrow = build(geom, dtype, d_model=4 * GEOMETRIES[geom]["n_head"])  # same operations, almost no bytes
     big = torch.ones(256 * 1024 * 1024)
     out = {}
     with torch.no_grad():
         for batch in batches:
-            first = model.n_image // 2 - steps // 2 - 3  # timed steps straddle the middle of the image
-            cache = model.new_cache(batch, "cpu", dtype)
-            for k, v in zip(cache.k, cache.v):
-                k.normal_()
-                v.normal_()
-            code = torch.randint(0, model.image_vocab, (batch,))
-            i = iter(range(first, model.n_image))
+            overhead = time_steps(narrow, batch, dtype, steps)[0]
             bw = probe_bandwidth(big)
-            sec = median_time(lambda code=code, i=i, cache=cache: model.decode_step(code, next(i), cache), steps)
+            sec, first, cache = time_steps(model, batch, dtype, steps)
             lin = linears_alone(model, cache, batch, dtype, steps)
             # the timed steps feed codes first+3 .. first+3+steps-1; step j reads text_len + j + 1 positions
             kv_len = model.text_len + first + 3 + (steps - 1) / 2 + 1
             out[batch] = dict(step_s=sec, kv_len=kv_len, bytes=step_bytes(model, batch, kv_len, dtype.itemsize),
                               flops=step_flops(model, batch, kv_len), bandwidth_GBps=bw, linears_s=lin,
+                              overhead_s=overhead,
                               linear_bytes=sum(p.numel() for m in (model.blocks, model.image_head)
                                                for p in m.parameters() if p.dim() == 2) * dtype.itemsize)
             del cache
@@ -176,7 +199,8 @@ def outside_worker(dtype_name: str, tail: int = 64, batch: int = 8) -> dict:
     assert torch.equal(codes, codes2)
     kv_len = model.text_len + model.n_image - tail + (tail - 1) / 2  # steps feed codes n-tail .. n-2
     return dict(step_s=(total - pre) / (tail - 1), prefill_s=pre, generate_s=total, kv_len=kv_len, bandwidth_GBps=bw,
-                bytes=step_bytes(model, batch, kv_len, dtype.itemsize), codes=codes.flatten().tolist())
+                bytes=step_bytes(model, batch, kv_len, dtype.itemsize), flops=step_flops(model, batch, kv_len),
+                codes=codes.flatten().tolist())
 
 
 # -- the machine ------------------------------------------------------------------------------------
@@ -285,18 +309,25 @@ def main():
     write(args, machine, runs, outside, loads)
 
 
-def pick(rounds: list[dict]) -> dict:
-    """Per batch, the round with the median ratio to its own bandwidth probe."""
+def floor(v: dict, peak: float) -> float:
+    """A step's roofline (seconds): its bytes over the bandwidth probed right before it, or its FLOPs over
+    the matmul peak, whichever is larger (at a few rows the first binds; on a CPU with little compute per
+    byte, float32 at 8 rows and more is bound by the second)."""
+    return max(v["bytes"] / (v["bandwidth_GBps"] * 1e9), v["flops"] / peak)
+
+
+def ratio(v: dict, peak: float) -> float:
+    """A step's time over its roofline."""
+    return v["step_s"] / floor(v, peak)
+
+
+def pick(rounds: list[dict], peak: float) -> dict:
+    """Per batch, the round with the median ratio to its roofline."""
     out = {}
     for b in rounds[0]:
-        ordered = sorted((r[b] for r in rounds), key=lambda v: v["step_s"] * v["bandwidth_GBps"] / v["bytes"])
+        ordered = sorted((r[b] for r in rounds), key=lambda v: ratio(v, peak))
         out[b] = ordered[len(ordered) // 2]
     return out
-
-
-def ratio(v: dict) -> float:
-    """A step's time over its roofline, against the bandwidth probed right before it."""
-    return v["step_s"] / (v["bytes"] / (v["bandwidth_GBps"] * 1e9))
 
 
 def write(args, machine, runs, outside, loads):
@@ -306,37 +337,43 @@ def write(args, machine, runs, outside, loads):
                       "previous": args.previous, "torch": torch.__version__, "load_average": loads, "steps": {},
                       "outside": {}}
     for key in sorted({k.rsplit("/", 1)[0] for k in runs}, key=lambda k: (k.split("/")[0] != "muge", k)):
-        before, prev, after = (pick(runs[f"{key}/{impl}"]) for impl in ("before", "previous", "after"))
         geom, dtype = key.split("/")
         peak = machine["matmul_peak"][f"{dtype}_GFLOPs"] * 1e9
+        before, prev, after = (pick(runs[f"{key}/{impl}"], peak) for impl in ("before", "previous", "after"))
         for b in before:
             a, o, p = after[b], before[b], prev[b]
-            bw = a["bandwidth_GBps"] * 1e9
-            floor = a["bytes"] / bw
+            memory = a["bytes"] / (a["bandwidth_GBps"] * 1e9)
             compute = a["flops"] / peak
-            lin = a.get("linears_s")
-            data["steps"][f"{key}/{b}"] = dict(before=o, previous=p, after=a, roofline_s=floor, compute_floor_s=compute,
-                                               ratio_before=ratio(o), ratio_previous=ratio(p), ratio_after=ratio(a))
+            lin, over = a.get("linears_s"), a.get("overhead_s")
+            data["steps"][f"{key}/{b}"] = dict(before=o, previous=p, after=a, memory_floor_s=memory,
+                                               compute_floor_s=compute, roofline_s=max(memory, compute),
+                                               ratio_before=ratio(o, peak), ratio_previous=ratio(p, peak),
+                                               ratio_after=ratio(a, peak))
             b = int(b)
             rows.append(f"| {geom} | {dtype} | {b} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | "
-                        f"{floor * 1e3:.2f} | {o['step_s'] * 1e3:.2f} | {p['step_s'] * 1e3:.2f} | "
-                        f"{a['step_s'] * 1e3:.2f} | {ratio(o):.2f}x | {ratio(p):.2f}x | **{ratio(a):.2f}x** | "
+                        f"{memory * 1e3:.2f} | {compute * 1e3:.2f} | " + (f"{over * 1e3:.2f} | " if over else "| ")
+                        + f"{o['step_s'] * 1e3:.2f} | {p['step_s'] * 1e3:.2f} | "
+                        f"{a['step_s'] * 1e3:.2f} | {ratio(o, peak):.2f}x | {ratio(p, peak):.2f}x | "
+                        f"**{ratio(a, peak):.2f}x** | {a['step_s'] / memory:.2f}x | "
                         f"{a['bytes'] / a['step_s'] / 1e9:.1f} | "
                         + (f"{lin * 1e3:.2f} ({a['linear_bytes'] / lin / 1e9:.1f} GB/s) | " if lin else "| ")
-                        + f"{b / o['step_s']:.0f} / {b / a['step_s']:.0f} | {o['step_s'] / a['step_s']:.2f}x |"
-                        + (f" {compute * 1e3:.1f} |" if compute > floor else " |"))
+                        + f"{b / o['step_s']:.0f} / {b / a['step_s']:.0f} | {o['step_s'] / a['step_s']:.2f}x |")
     out_rows = []
     for dtype in DTYPES:
         if f"{dtype}/after" not in outside:
             continue
+        peak = machine["matmul_peak"][f"{dtype}_GFLOPs"] * 1e9
         o, a = outside[f"{dtype}/before"], outside[f"{dtype}/after"]
-        floor = a["bytes"] / (a["bandwidth_GBps"] * 1e9)
+        memory = a["bytes"] / (a["bandwidth_GBps"] * 1e9)
+        compute = a["flops"] / peak
         same = o["codes"] == a["codes"]
         data["outside"][dtype] = dict(before={k: v for k, v in o.items() if k != "codes"},
-                                      after={k: v for k, v in a.items() if k != "codes"}, roofline_s=floor,
-                                      same_codes=same)
-        out_rows.append(f"| {dtype} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | {floor * 1e3:.2f} | "
-                        f"{o['step_s'] * 1e3:.2f} | {a['step_s'] * 1e3:.2f} | {ratio(o):.2f}x | **{ratio(a):.2f}x** | "
+                                      after={k: v for k, v in a.items() if k != "codes"}, memory_floor_s=memory,
+                                      compute_floor_s=compute, roofline_s=max(memory, compute), same_codes=same)
+        o = dict(o, flops=o.get("flops", a["flops"]))
+        out_rows.append(f"| {dtype} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | {memory * 1e3:.2f} | "
+                        f"{compute * 1e3:.2f} | {o['step_s'] * 1e3:.2f} | {a['step_s'] * 1e3:.2f} | "
+                        f"{ratio(o, peak):.2f}x | **{ratio(a, peak):.2f}x** | {a['step_s'] / memory:.2f}x | "
                         f"{8 / a['step_s']:.0f} | {'yes' if same else 'no'} |")
     m = machine
     text = [
@@ -356,21 +393,27 @@ def write(args, machine, runs, outside, loads):
         "",
         "## One cached decode step at the mean KV length",
         "",
-        "Each ratio is against the bandwidth probed right before that step was timed (the median round of "
-        "`--rounds`); `bandwidth` and `roofline` are the after run's. `linears alone`: the step's packed linear "
-        "layers back to back, nothing else (the GEMM library's floor at this batch).",
+        "The roofline of a step is the larger of its memory floor (bytes over the bandwidth probed right before "
+        "that step was timed) and its compute floor (FLOPs over the matmul peak above); `x roofline` is the "
+        "step over it (the median round of `--rounds`), `x memory` the after step over the memory floor alone. "
+        "`bandwidth` and the floors are the after run's. `overhead floor`: the same model at `d_model = 4 x "
+        "n_head` (every operation, almost no bytes), timed the same way: what the operations cost by themselves. "
+        "`linears alone`: the step's packed linear layers back to back, nothing else (the GEMM library's floor "
+        "at this batch).",
         "",
-        "| geometry | dtype | batch | bytes/step MB | bandwidth GB/s | roofline ms | before ms | previous ms | after ms "
-        "| before x roofline | previous x roofline | after x roofline | after GB/s | linears alone ms | "
-        "image tokens/s before / after | speed-up | compute floor ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| geometry | dtype | batch | bytes/step MB | bandwidth GB/s | memory floor ms | compute floor ms | "
+        "overhead floor ms | before ms | previous ms | after ms | before x roofline | previous x roofline | "
+        "after x roofline | after x memory | after GB/s | linears alone ms | image tokens/s before / after | "
+        "speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ]
     if out_rows:
         text += ["", "## From outside: `t2i.sampling.generate`, muge geometry, 1 caption x 8, top-k 256, 64 steps",
-                 "", "| dtype | bytes/step MB | bandwidth GB/s | roofline ms | before ms/step | after ms/step | "
-                 "before x roofline | after x roofline | image tokens/s after | same codes before / after |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *out_rows]
+                 "", "| dtype | bytes/step MB | bandwidth GB/s | memory floor ms | compute floor ms | before ms/step | "
+                 "after ms/step | before x roofline | after x roofline | after x memory | image tokens/s after | "
+                 "same codes before / after |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *out_rows]
     Path(args.out + ".md").write_text("\n".join(text) + "\n")
     Path(args.out + ".json").write_text(json.dumps(data, indent=1) + "\n")
     print("\n".join(text))
