@@ -5,17 +5,24 @@
 
 A decode step (one image token for every row of the batch) must read every weight it multiplies with
 (the blocks, the final LayerNorm and the image head; not the embedding tables, of which it reads one row,
-nor the text head) and the keys and values of every earlier position in every layer. At a few rows that
-is all it does, so its floor is ``bytes / read bandwidth``; the table reports that floor, the measured
-step, their ratio (``x roofline``: 1.0 is the floor) and image tokens per second.
+nor the text head) and the keys and values of every earlier position in every layer (the issue's measure:
+the sparse layers of the dalle schedule read only the keys their mask row allows, about a third of those at
+the muge geometry, so this floor is generous by that much of the KV bytes). It must also do two FLOPs per
+weight per row (and four per cached key per row). Its roofline is the larger of ``bytes / read bandwidth``
+and ``FLOPs / matmul peak``: at one row the first binds, but a 2-core CPU has little compute per byte
+(about 3 - 4 FLOP per byte of bandwidth), so from 8 rows on in float32 the second comes close or binds.
+The table reports both floors, the measured step, its ratio to the roofline (``x roofline``: 1.0 is the
+floor), its ratio to the memory floor alone and image tokens per second.
 
 - Read bandwidth: the best of a ``sum`` and a matrix-vector product over a 1 GiB float32 tensor (far
   larger than the L3 of these CPUs), median of ``--repeats``; a copy is reported beside it. The bandwidth of
   a shared cloud machine drifts by tens of percent from minute to minute, so every worker also probes it
   (``sum``, median of 3) right before each batch it times, and each step's ``x roofline`` is taken
   against that probe; the table gives the median over rounds of those ratios.
-- Matmul peak (float32 and bfloat16): a 2048^3 ``mm``, for the compute floor ``FLOPs / peak`` that binds
-  large batches in float32 (the table shows it where it is above the memory floor).
+- Matmul peak (float32 and bfloat16): a 2048^3 ``mm``, for the compute floor ``FLOPs / peak``.
+- Overhead floor: the same model at ``d_model = 4 x n_head`` (head size 4: every operation of the step,
+  almost none of its bytes), timed the same way in the same worker: what the step's operations cost by
+  themselves, a floor no change to the arithmetic can go below.
 - Step: the model is built from :class:`t2i.models.transformer.Transformer` with a fixed seed, its KV
   cache filled with random keys and values up to the middle of the image (so the timed steps read the
   mean length of a whole image: ``text_len + n_image / 2`` positions), and ``decode_step`` is timed
