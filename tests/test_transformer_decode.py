@@ -124,3 +124,17 @@ def test_key_segments_cover_exactly_the_mask_row(pattern):
         got = torch.cat([idx[p] if isinstance(p, slice) else p for p in pieces])
         assert torch.equal(got, row.nonzero()[:, 0])
         assert sum(isinstance(p, slice) for p in pieces) <= 2 and len(pieces) <= 3
+
+
+def test_decode_step_without_onednn_uses_mkl(monkeypatch):
+    """A torch build without oneDNN: float32 packs with MKL, nothing fused; same logits as the module path."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("no MKL in this build")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    m = tiny()
+    text, img = captions(), torch.randint(0, 24, (2, 12))
+    fast, slow = m.new_cache(2, "cpu", torch.float32), m.new_cache(2, "cpu", torch.float32)
+    assert fast.step is not None and not fast.step.fused
+    slow.step = None
+    a, b = step_logits(m, text, img, fast), step_logits(m, text, img, slow)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
