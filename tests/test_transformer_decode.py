@@ -138,3 +138,21 @@ def test_decode_step_without_onednn_uses_mkl(monkeypatch):
     slow.step = None
     a, b = step_logits(m, text, img, fast), step_logits(m, text, img, slow)
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_a_cache_is_freed_without_the_garbage_collector():
+    """The cache holds its DecodeStep, not the reverse: dropping the last reference frees the KV tensors and
+    packed weights at once (a reference cycle would keep hundreds of MB alive per generate call until gc)."""
+    import gc
+    import weakref
+
+    m = tiny()
+    cache = m.new_cache(2, "cpu", torch.float32)
+    assert cache.step is not None
+    ref = weakref.ref(cache.k[0])
+    gc.disable()
+    try:
+        del cache
+        assert ref() is None
+    finally:
+        gc.enable()

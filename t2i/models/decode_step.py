@@ -33,16 +33,18 @@ def supports(model) -> bool:
 
 
 class DecodeStep:
-    """``step(x, start, caption)``: ``x [B, 1, d]`` (the embedded token at ``start``) through every block,
-    its keys and values written into ``cache``; returns the last block's output (before ``ln_f``).
-    ``DecodeStep.build`` returns None where the packed layers cannot be made (see :func:`supports`)."""
+    """``step(x, start, cache, caption)``: ``x [B, 1, d]`` (the embedded token at ``start``) through every
+    block, its keys and values written into ``cache``; returns the last block's output (before ``ln_f``).
+    ``DecodeStep.build`` returns None where the packed layers cannot be made (see :func:`supports`). The
+    cache holds its step, not the other way round, so a cache and its packed weights are freed as soon as
+    the last reference to the cache goes."""
 
-    def __init__(self, model, cache, layers, fused: bool):
-        self.model, self.cache, self.layers, self.fused = model, cache, layers, fused
+    def __init__(self, model, layers, fused: bool):
+        self.model, self.layers, self.fused = model, layers, fused
         self.dtype = next(model.parameters()).dtype
 
     @classmethod
-    def build(cls, model, cache, batch: int):
+    def build(cls, model, batch: int):
         if not supports(model):
             return None
         dtype = next(model.parameters()).dtype
@@ -63,14 +65,14 @@ class DecodeStep:
                 return None
             layers.append((b.ln_1, b.ln_2, qkv, proj, fc, fc2, b.mlp.approximate, b.attn.impl,
                            1.0 if fused and exact else scale))
-        return cls(model, cache, layers, fused)
+        return cls(model, layers, fused)
 
     def usable(self, x: torch.Tensor) -> bool:
         return not torch.is_grad_enabled() and not self.model.training and x.dtype == self.dtype and \
             not torch.is_autocast_enabled(x.device.type)
 
-    def __call__(self, x: torch.Tensor, start: int, caption: bool = False) -> torch.Tensor:
-        m, cache = self.model, self.cache
+    def __call__(self, x: torch.Tensor, start: int, cache, caption: bool = False) -> torch.Tensor:
+        m = self.model
         B, H, hd = x.shape[0], m.n_head, m.head_dim
         d = H * hd
         end = start + 1

@@ -249,7 +249,7 @@ class Transformer(nn.Module):
                               "use model.model.attn_impl=sdpa there")
         step = cache.step if cache is not None and t == 1 else None
         if step is not None and step.usable(x):  # a decode step, written out (t2i.models.decode_step)
-            x = step(x, start, caption)
+            x = step(x, start, cache, caption)
         else:
             for i, block in enumerate(self.blocks):
                 bm = self.block_mask(i, t, x.device) if flex else None
@@ -296,7 +296,7 @@ class Transformer(nn.Module):
         cache = KVCache(self.n_layer, batch, self.n_head, self.seq_len, self.head_dim, device, dtype)
         heads = [h for h in (self.image_head, self.text_head) if h is not None]
         with torch.no_grad():
-            cache.step = DecodeStep.build(self, cache, batch) if torch.device(device).type == "cpu" else None
+            cache.step = DecodeStep.build(self, batch) if torch.device(device).type == "cpu" else None
             blocks = [] if cache.step is not None else self.blocks
             for layer, gelu in [(m, None) for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.proj)] + \
                     [(b.mlp.fc, b.mlp.approximate) for b in blocks] + [(h, None) for h in heads]:
