@@ -103,6 +103,21 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces,
     return out
 
 
+def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys, mask: torch.Tensor, impl: str = "sdpa",
+                   dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """A decode step's attention (one query row) over the cache ``k, v [B, H, end, d]``: ``keys`` the step's
+    :func:`key_segments` (None: every position), ``mask`` its mask row ``[1, end]``. float32:
+    :func:`segment_attention` over views of the cache (``scale`` as there; no dropout); other dtypes gather
+    those keys and run the layer's own kernel (:func:`attend`), so that cached sampling draws the codes
+    uncached sampling draws."""
+    if q.dtype == torch.float32:
+        return segment_attention(q, k, v, keys or (slice(None),), scale)
+    if keys is not None:
+        k, v = (torch.cat([read_keys(x, piece) for piece in keys], 2) for x in (k, v))
+        mask = None
+    return attend(q, k, v, mask, dropout_p, impl)
+
+
 def attend(q, k, v, mask=None, dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
     """Dense attention: ``impl="math"`` is :func:`math_attention`, anything else ``scaled_dot_product_attention``
     (a ``flex`` layer's dense path: cached decoding)."""
@@ -324,10 +339,10 @@ class Attention(nn.Module):
             k, v = cache.update(layer, start, k, v)
         end = start + t
         p = self.dropout if self.training else 0.0
-        if cache is not None and t == 1 and not self.pb_relax and q.dtype == torch.float32:  # a decode step
-            y = segment_attention(q, k, v, keys or (slice(None),))  # one row of scores, the cache read in place
+        if cache is not None and t == 1 and not self.pb_relax:  # a decode step
+            y = step_attention(q, k, v, keys, mask[start:end, :end], self.impl, p)
             return linear(self.proj, y.transpose(1, 2).reshape(B, t, -1), cache)
-        if keys is not None:  # sparse patterns: a row / column / window of the cache instead of all of it
+        if keys is not None:  # a PB-relax decode step: the row / column / window of the cache its mask row allows
             k, v = (torch.cat([read_keys(x, piece) for piece in keys], 2) for x in (k, v))
             mask = None
         else:

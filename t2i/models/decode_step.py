@@ -84,18 +84,12 @@ class DecodeStep:
             vc[:, :, start] = qkv_[:, 2]
             q = qkv_[:, 0, :, None]  # [B, H, 1, hd]
             keys = m.step_keys(i, start, caption)
+            y = A.step_attention(q, kc[:, :, :end], vc[:, :, :end], keys, m.mask(i, caption)[start:end, :end], impl,
+                                 scale=scale)
             if self.fused:
-                y = A.segment_attention(q, kc, vc, keys or (slice(0, end),), scale)
                 x = proj(y.transpose(1, 2).reshape(B, 1, d), x)
                 x = fc2(fc(F.layer_norm(x, (d,), ln2.weight, ln2.bias, ln2.eps)), x)
                 continue
-            if self.dtype == torch.float32:  # float32 without oneDNN (MKL's packed GEMM): nothing fused
-                y = A.segment_attention(q, kc, vc, keys or (slice(0, end),), scale)
-            elif keys is not None:  # what Attention.forward does in a bfloat16 decode step, operation for operation
-                k, v = (torch.cat([A.read_keys(c, piece) for piece in keys], 2) for c in (kc, vc))
-                y = A.attend(q, k, v, None, 0.0, impl)
-            else:
-                y = A.attend(q, kc[:, :, :end], vc[:, :, :end], m.mask(i, caption)[start:end, :end], 0.0, impl)
             x = x + proj(y.transpose(1, 2).reshape(B, 1, d))
             h = F.layer_norm(x, (d,), ln2.weight, ln2.bias, ln2.eps)
             x = x + fc2(F.gelu(fc(h), approximate=gelu))
