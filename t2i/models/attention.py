@@ -21,10 +21,10 @@ matmul / softmax, the fast one for bf16 training of short sequences on CPU, wher
 kernel's backward is 3x slower; see ``experiments/attention_cpu``) or FlexAttention block masks
 (``attn_impl=flex``: sparse layers skip fully masked blocks on GPU and compiled CPU). Incremental
 decoding always uses the mask rows of the new positions against the cached keys, so every pattern
-is cached; a decode step (one new position) reads only the keys its mask row allows and, in float32,
-runs :func:`segment_attention` over views of the cache (:func:`key_segments`: one row of scores, no gathered
-copy; SDPA's tiled CPU kernel costs more than it saves there); in bfloat16 it gathers those keys and the
-layer's own kernel stays, so that cached sampling draws the codes uncached sampling draws.
+is cached; a decode step (one new position) reads only the keys its mask row allows and runs
+:func:`segment_attention` over views of the cache (:func:`key_segments`: one row of scores in float32, no
+gathered copy). SDPA's tiled CPU kernel costs more than it saves there: in bfloat16 it takes 5x float32's
+time for one query row (``experiments/transformer_speed/README.md``).
 """
 
 from __future__ import annotations
@@ -86,35 +86,40 @@ def read_keys(k: torch.Tensor, piece) -> torch.Tensor:
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces, scale: float | None = None
                       ) -> torch.Tensor:
     """:func:`math_attention` of a decode step over the cache positions ``pieces`` (:func:`key_segments`),
-    read piece by piece: the scores of every piece join in one float32 softmax, and each piece's values
+    read piece by piece and computed in float32 (other dtypes are read into float32 piece by piece; the
+    result is in ``v``'s dtype): the scores of every piece join in one softmax, and each piece's values
     are weighted in place, so no gathered copy of the keys is made. ``scale`` multiplies the queries
     (default ``1/sqrt(d)``; 1: already scaled)."""
+    dtype = v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q.float()
     if scale != 1.0:
         q = q * scale
-    ks = [read_keys(k, p) for p in pieces]
+    ks = [read_keys(k, p).float() for p in pieces]
     scores = torch.cat([q @ kk.transpose(-2, -1) for kk in ks], -1) if len(ks) > 1 else q @ ks[0].transpose(-2, -1)
-    att = scores.float().softmax(-1).to(v.dtype)
+    att = scores.softmax(-1)
     out, at = None, 0
     for p, kk in zip(pieces, ks):
         n = kk.shape[2]
-        part = att[..., at:at + n] @ read_keys(v, p)
+        part = att[..., at:at + n] @ read_keys(v, p).float()
         out, at = (part if out is None else out + part), at + n
-    return out
+    return out.to(dtype)
 
 
 def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys, mask: torch.Tensor, impl: str = "sdpa",
                    dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """A decode step's attention (one query row) over the cache ``k, v [B, H, end, d]``: ``keys`` the step's
-    :func:`key_segments` (None: every position), ``mask`` its mask row ``[1, end]``. float32:
-    :func:`segment_attention` over views of the cache (``scale`` as there; no dropout); other dtypes gather
-    those keys and run the layer's own kernel (:func:`attend`), so that cached sampling draws the codes
-    uncached sampling draws."""
-    if q.dtype == torch.float32:
+    :func:`key_segments` (None: every position), ``mask`` its mask row ``[1, end]``. On a CPU and on float32
+    anywhere: :func:`segment_attention` over views of the cache (``scale`` as there), in float32 whatever
+    the cache's dtype. With dropout, and for half precision on a GPU (whose SDPA kernels handle one query
+    row well), those keys are gathered and the layer's own kernel runs (:func:`attend`)."""
+    if dropout_p == 0.0 and (q.dtype == torch.float32 or q.device.type == "cpu"):
         return segment_attention(q, k, v, keys or (slice(None),), scale)
     if keys is not None:
         k, v = (torch.cat([read_keys(x, piece) for piece in keys], 2) for x in (k, v))
         mask = None
+    if scale is not None and scale != q.shape[-1] ** -0.5:
+        q = q * (scale * q.shape[-1] ** 0.5)  # attend applies 1/sqrt(d) itself
     return attend(q, k, v, mask, dropout_p, impl)
 
 
@@ -243,11 +248,12 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
                 scale: float = 1.0):
     """``layer`` as a function for inputs of ``rows`` rows (a decode step), its weight copied once into the
     blocked layout of oneDNN (float32 and bfloat16) or, where oneDNN cannot, MKL (float32) on CPU; None
-    where neither applies. ``gelu`` (``"none"``: exact, ``"tanh"``) fuses ``F.gelu`` after it, in float32
-    (oneDNN float32 only: in bfloat16 the plain path rounds before the GELU, and cached sampling keeps its
-    codes equal to uncached sampling). ``residual`` (oneDNN float32 only) makes it ``f(x, r) = layer(x) + r``
-    in one call. ``scale_rows``/``scale``: the first ``scale_rows`` outputs multiplied by ``scale`` (folded
-    into the packed copy: attention's ``1/sqrt(d)`` on the queries; exact when ``scale`` is a power of two).
+    where neither applies. oneDNN only: ``gelu`` (``"none"``: exact, ``"tanh"``) fuses ``F.gelu`` after it,
+    on the float32 accumulator (in bfloat16 the output is rounded once, after the GELU, where
+    ``F.gelu(layer(x))`` rounds before and after it); ``residual`` makes it ``f(x, r) = layer(x) + r`` in one
+    call (likewise one rounding). ``scale_rows``/``scale``: the first ``scale_rows`` outputs multiplied by
+    ``scale`` (folded into the packed copy: attention's ``1/sqrt(d)`` on the queries; exact when ``scale`` is
+    a power of two).
 
     ``F.linear`` reads the weight in its stored ``[out, in]`` layout on every call, which at a few rows
     streams it at a third to a half of the machine's memory bandwidth; the packed copy streams it
@@ -256,15 +262,15 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
     w, b = layer.weight.detach(), layer.bias
     if w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if (gelu is not None or residual or scale_rows) and w.dtype != torch.float32:
+    onednn = torch.backends.mkldnn.is_available() and \
+        (w.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not onednn and (gelu is not None or residual or scale_rows):
         return None
     if scale_rows:
         w, b = w.clone(), (b.detach().clone() if b is not None else None)
         w[:scale_rows] *= scale
         if b is not None:
             b[:scale_rows] *= scale
-    onednn = torch.backends.mkldnn.is_available() and \
-        (w.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if onednn:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
         if residual:

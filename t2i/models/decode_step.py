@@ -48,7 +48,8 @@ class DecodeStep:
         if not supports(model):
             return None
         dtype = next(model.parameters()).dtype
-        fused = dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        fused = torch.backends.mkldnn.is_available() and \
+            (dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
         d, hd = model.blocks[0].attn.qkv.in_features, model.head_dim
         scale = hd ** -0.5
         exact = math.log2(hd) % 1 == 0  # a power-of-two head size: the folded scale is exact
