@@ -46,7 +46,7 @@ class _Stepper:
 
     def __init__(self, model, codes: torch.Tensor, use_cache: bool):
         self.model, self.codes, self.use_cache = model, codes, use_cache
-        self.cache = model.new_cache(codes.shape[0], codes.device, next(model.parameters()).dtype) if use_cache else None
+        self.cache = model.new_cache(codes.shape[0], codes.device) if use_cache else None
 
     def first(self) -> torch.Tensor:
         return self.model.caption_prefill(self.codes, self.cache) if self.use_cache else \

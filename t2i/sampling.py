@@ -134,7 +134,7 @@ def generate(model, text_ids: torch.Tensor, num_samples: int = 1, top_k: int | N
         codes[:, :n_prime] = prime
     both = (lambda c: torch.cat([c, c])) if guided else (lambda c: c)
 
-    cache = model.new_cache(text.shape[0], device, next(model.parameters()).dtype) if use_cache else None
+    cache = model.new_cache(text.shape[0], device) if use_cache else None
     steps = tqdm(range(n_prime, model.n_image), desc="sampling", disable=not progress, leave=False)
     for i in steps:
         if not use_cache:

@@ -89,3 +89,21 @@ def test_decode_dtype_follows_dtype_unless_given(vqgan_transformer):
     plain_decode.image_tokenizer.decode = lambda c: seen.append(torch.is_autocast_enabled("cpu")) or decode(c)
     plain_decode.decode(torch.zeros(1, 4, 4, dtype=torch.long))
     assert seen == [False]                                      # fp32 asked for: no autocast, whatever dtype says
+
+
+def test_bf16_pipeline_samples_through_bf16_packed_weights_on_cpu(vqgan_transformer):
+    """Pipeline(dtype="bf16") on a CPU samples under autocast: the cache is bfloat16 and its decode step runs
+    bfloat16 copies of the weights made once (autocast alone would cast every weight on every step, slower
+    than float32: experiments/transformer_speed/RESULTS_roofline.md)."""
+    from t2i.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(vqgan_transformer, device="cpu", dtype="bf16")
+    made = []
+    new_cache = pipe.model.new_cache
+    pipe.model.new_cache = lambda *a, **k: made.append(new_cache(*a, **k)) or made[-1]
+    codes = pipe.sample_codes("a red circle", 3, seed=1)
+    assert codes.shape == (3, 4, 4) and int(codes.min()) >= 0 and int(codes.max()) < 8
+    assert len(made) == 1 and made[0].k[0].dtype == torch.bfloat16
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert made[0].autocast == torch.bfloat16 and made[0].step is not None
+    assert next(pipe.model.parameters()).dtype == torch.float32  # the model itself is untouched

@@ -196,3 +196,34 @@ def test_a_cache_is_freed_without_the_garbage_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_cpu_autocast_builds_a_bf16_step_that_computes_what_autocast_does():
+    """Under CPU autocast to bfloat16 over float32 weights (Pipeline(dtype="bf16")), new_cache packs bfloat16
+    copies once (autocast would cast every weight on every step) and its step is used while that autocast is
+    on: as close to the float32 model as the module path under autocast is. Without autocast the same cache
+    falls back to the float32 module path; under float16 autocast nothing is packed."""
+    m = tiny(attention="dalle")
+    text, img = captions(), torch.randint(0, 24, (2, 12))
+    want = step_logits(m, text, img, m.new_cache(2, "cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, slow = m.new_cache(2, "cpu"), m.new_cache(2, "cpu")
+        if fast.step is None:
+            pytest.skip("no oneDNN bf16 linear on this build")
+        assert fast.autocast == torch.bfloat16 and fast.k[0].dtype == torch.bfloat16  # keys come out of bf16 GEMMs
+        with torch.no_grad():
+            assert fast.step.usable(torch.zeros(2, 1, 32))
+        slow.step, slow.packed = None, {}
+        a, b = step_logits(m, text, img, fast), step_logits(m, text, img, slow)  # the step vs autocast's F.linear
+    assert a.dtype == b.dtype == torch.bfloat16
+    fast_err, slow_err = ((x.float() - want).abs().max().item() for x in (a, b))
+    assert 0 < fast_err <= 1.5 * slow_err + 1e-3, (fast_err, slow_err)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = m.new_cache(2, "cpu", torch.float32)
+    with torch.no_grad():
+        assert not cache.step.usable(torch.zeros(2, 1, 32))  # autocast off now: the float32 module path
+    assert torch.allclose(step_logits(m, text, img, cache), want, atol=1e-5, rtol=0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        cache = m.new_cache(2, "cpu")
+        assert cache.step is None and not cache.packed and cache.k[0].dtype == torch.float16
+        assert torch.isfinite(step_logits(m, text, img, cache).float()).all()

@@ -18,7 +18,8 @@ git revision ``--baseline`` (before the decode-step work), ``--previous`` (the l
 work tree, alternating, for ``--rounds`` rounds (median kept). Reported per implementation: the command's wall
 seconds (start-up, loading, sampling 8 x 256 codes, decoding 8 images, writing them), the seconds the command
 itself reports for generation (sampling and decoding), images/s from both, and whether its PNG files are
-byte-identical to the work tree's (same seed -> same codes and same decoded pixels, float32).
+byte-identical to the work tree's (same seed -> same codes and same decoded pixels, float32). ``--dtypes``
+adds ``dtype=bf16`` runs (bfloat16 autocast, what ``Pipeline(dtype="bf16")`` does).
 """
 
 from __future__ import annotations
@@ -81,11 +82,11 @@ def make_checkpoints(work: Path) -> Path:
     return ckpt
 
 
-def run_generate(pythonpath: str, ckpt: Path, out: Path, threads: int, num_samples: int) -> dict:
+def run_generate(pythonpath: str, ckpt: Path, out: Path, threads: int, num_samples: int, dtype: str = "fp32") -> dict:
     env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "t2i.cli.generate", f"ckpt={ckpt}", f"prompts=['{PROMPT}']",
            f"num_samples={num_samples}", f"batch_size={num_samples}", "top_k=256", "seed=0", "device=cpu",
-           "progress=false", f"output={out}", f"hydra.run.dir={out}/hydra"]
+           "progress=false", f"output={out}", f"hydra.run.dir={out}/hydra"] + ([] if dtype == "fp32" else [f"dtype={dtype}"])
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out.parent)
     wall = time.perf_counter() - t0
@@ -105,6 +106,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-samples", type=int, default=8)
+    ap.add_argument("--dtypes", default="fp32,bf16", help="t2i-generate dtype= settings (fp32: none given)")
     ap.add_argument("--out", default=str(HERE / "RESULTS_generate"))
     args = ap.parse_args()
     import torch
@@ -117,31 +119,35 @@ def main():
         (Path(tmp.name) / name).mkdir()
     impls = {"before": extract(args.baseline, Path(tmp.name) / "before"),
              "previous": extract(args.previous, Path(tmp.name) / "previous"), "after": str(ROOT)}
-    runs: dict = {k: [] for k in impls}
+    dtypes = args.dtypes.split(",")
+    runs: dict = {f"{d}/{k}": [] for d in dtypes for k in impls}
     loads = [load_avg()]
     for r in range(args.rounds):
-        for impl, path in impls.items():
-            out = work / f"{impl}_{r}"
-            runs[impl].append(run_generate(path, ckpt, out, args.threads, args.num_samples))
-            loads.append(load_avg())
-            print(r, impl, runs[impl][-1], flush=True)
-    write(args, runs, loads)
+        for dtype in dtypes:
+            for impl, path in impls.items():
+                out = work / f"{dtype}_{impl}_{r}"
+                runs[f"{dtype}/{impl}"].append(run_generate(path, ckpt, out, args.threads, args.num_samples, dtype))
+                loads.append(load_avg())
+                print(r, dtype, impl, runs[f"{dtype}/{impl}"][-1], flush=True)
+    write(args, runs, loads, dtypes)
 
 
-def write(args, runs, loads):
+def write(args, runs, loads, dtypes):
     import torch
 
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("wall_s", "generate_s") if all(r[f] for r in v)}
            for k, v in runs.items()}
-    ref = runs["after"][0]["sha256"]
     rows = []
-    for impl, rev in (("before", args.baseline), ("previous", args.previous), ("after", "this tree")):
-        m, n = med[impl], runs[impl][0]["images"]
-        gen = m.get("generate_s")
-        same = all(r["sha256"] == ref for r in runs[impl])
-        rows.append(f"| {impl} (`{rev}`) | {m['wall_s']:.1f} | {n / m['wall_s']:.3f} | "
-                    + (f"{gen:.1f} | {n / gen:.3f} | " if gen else "- | - | ")
-                    + f"{med['before']['wall_s'] / m['wall_s']:.2f}x | {'yes' if same else 'no'} |")
+    for dtype in dtypes:
+        ref = runs[f"{dtype}/after"][0]["sha256"]
+        base = med[f"{dtype}/before"]
+        for impl, rev in (("before", args.baseline), ("previous", args.previous), ("after", "this tree")):
+            m, n = med[f"{dtype}/{impl}"], runs[f"{dtype}/{impl}"][0]["images"]
+            gen = m.get("generate_s")
+            same = all(r["sha256"] == ref for r in runs[f"{dtype}/{impl}"])
+            rows.append(f"| {dtype} | {impl} (`{rev}`) | {m['wall_s']:.1f} | {n / m['wall_s']:.3f} | "
+                        + (f"{gen:.1f} | {n / gen:.3f} | {base['generate_s'] / gen:.2f}x | " if gen else "- | - | - | ")
+                        + f"{'yes' if same else 'no'} |")
     text = [
         "# t2i-generate at the MUGE geometry",
         "",
@@ -149,15 +155,17 @@ def write(args, runs, loads):
         f"{platform.machine()}, {os.cpu_count()} logical CPUs ({cpu_name()}), {args.threads} threads, torch "
         f"{torch.__version__}; load average (1 min) {min(loads):.2f} - {max(loads):.2f}. Each implementation: "
         f"`t2i-generate ... num_samples={args.num_samples} batch_size={args.num_samples} top_k=256 seed=0 "
-        f"device=cpu` on the same checkpoints, median of {args.rounds} rounds.",
+        f"device=cpu` (and `dtype=bf16`: bfloat16 autocast for sampling and decoding) on the same checkpoints, "
+        f"median of {args.rounds} rounds.",
         "",
-        "| implementation | wall s | images/s (wall) | generation s (reported) | images/s (generation) | "
-        "wall speed-up vs before | same PNGs as after |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| dtype | implementation | wall s | images/s (wall) | generation s (reported) | images/s (generation) | "
+        "generation speed-up vs before | same PNGs as after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "`generation s` is what the command prints for sampling and decoding (start-up, loading and writing "
-        "excluded); `same PNGs`: the image files are byte-identical to the work tree's (same codes, same pixels).",
+        "excluded); `same PNGs`: the image files are byte-identical to the work tree's at that dtype (float32: "
+        "same codes, same pixels; bfloat16 rounds in other places than before, so its images differ).",
     ]
     Path(args.out + ".md").write_text("\n".join(text) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"runs": runs, "median": med, "loads": loads,

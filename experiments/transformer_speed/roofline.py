@@ -35,7 +35,9 @@ floor), its ratio to the memory floor alone and image tokens per second.
   tree's process: what the GEMM library streams at this batch, the floor of the step on this machine.
 - From outside: ``t2i.sampling.generate`` on one caption x 8 samples, top-k 256, primed with all but the
   last 64 image codes, minus the same call's prefill (timed alone), over 64 steps; its floor uses the KV
-  length of those 64 positions. Same seed before and after: the codes must be equal (float32).
+  length of those 64 positions. Same seed before and after: the codes must be equal (float32). Three
+  settings: float32, bfloat16 weights, and float32 weights under bfloat16 autocast (what
+  ``Pipeline(dtype="bf16")`` and ``t2i-generate dtype=bf16`` run; its floor counts bfloat16 bytes).
 
 Threads: ``torch.set_num_threads(--threads)`` in every process (2: all this machine has).
 """
@@ -64,9 +66,10 @@ GEOMETRIES = {
                    d_model=256, attention="full", conv_kernel=5),
 }
 DTYPES = ("float32", "bfloat16")
+OUTSIDE = DTYPES + ("autocast",)  # autocast: float32 weights under bfloat16 autocast (Pipeline(dtype="bf16"))
 BATCHES = (1, 8, 32)
 BASELINE = "803cda5"  # the last commit before the decode-step work (issue 29)
-PREVIOUS = "bd97f93"  # the state before DecodeStep (module-by-module decode step, cache read in place)
+PREVIOUS = "a23bb7a"  # the state before this stop: DecodeStep in float32, bfloat16 SDPA in the decode step
 
 
 # -- worker (one process per implementation x geometry x dtype) ----------------------------------------
@@ -179,19 +182,21 @@ def outside_worker(dtype_name: str, tail: int = 64, batch: int = 8) -> dict:
 
     from t2i.sampling import generate
 
-    dtype = getattr(torch, dtype_name)
-    model = build("muge", dtype)
+    amp = dtype_name == "autocast"  # float32 weights under bfloat16 autocast: what Pipeline(dtype="bf16") runs
+    dtype = torch.bfloat16 if amp else getattr(torch, dtype_name)
+    model = build("muge", torch.float32 if amp else dtype)
     g = torch.Generator().manual_seed(0)
     text = torch.randint(1, model.text_vocab, (1, model.text_len), generator=g)
     prime = torch.randint(0, model.image_vocab, (1, model.n_image - tail), generator=g)
     rep = prime.repeat_interleave(batch, 0)
 
     def prefill():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             model.prefill(text.repeat_interleave(batch, 0), model.new_cache(batch, "cpu", dtype), rep)
 
     def sample():
-        return generate(model, text, batch, top_k=256, prime=prime, generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return generate(model, text, batch, top_k=256, prime=prime, generator=torch.Generator().manual_seed(1))
 
     pre = median_time(prefill, 3, warmup=1)
     big = torch.ones(256 * 1024 * 1024)
@@ -305,7 +310,7 @@ def main():
                           f"load {loads[-1]}", flush=True)
     outside = {}
     if not args.quick and not args.no_outside:
-        for dtype in DTYPES:
+        for dtype in OUTSIDE:
             for impl, path in impls.items():
                 if impl == "previous":
                     continue
@@ -366,10 +371,10 @@ def write(args, machine, runs, outside, loads):
                         + (f"{lin * 1e3:.2f} ({a['linear_bytes'] / lin / 1e9:.1f} GB/s) | " if lin else "| ")
                         + f"{b / o['step_s']:.0f} / {b / a['step_s']:.0f} | {o['step_s'] / a['step_s']:.2f}x |")
     out_rows = []
-    for dtype in DTYPES:
+    for dtype in OUTSIDE:
         if f"{dtype}/after" not in outside:
             continue
-        peak = machine["matmul_peak"][f"{dtype}_GFLOPs"] * 1e9
+        peak = machine["matmul_peak"][f"{'bfloat16' if dtype == 'autocast' else dtype}_GFLOPs"] * 1e9
         o, a = outside[f"{dtype}/before"], outside[f"{dtype}/after"]
         memory = a["bytes"] / (a["bandwidth_GBps"] * 1e9)
         compute = a["flops"] / peak
@@ -378,7 +383,8 @@ def write(args, machine, runs, outside, loads):
                                       after={k: v for k, v in a.items() if k != "codes"}, memory_floor_s=memory,
                                       compute_floor_s=compute, roofline_s=max(memory, compute), same_codes=same)
         o = dict(o, flops=o.get("flops", a["flops"]))
-        out_rows.append(f"| {dtype} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | {memory * 1e3:.2f} | "
+        label = "float32 weights, bfloat16 autocast" if dtype == "autocast" else dtype
+        out_rows.append(f"| {label} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | {memory * 1e3:.2f} | "
                         f"{compute * 1e3:.2f} | {o['step_s'] * 1e3:.2f} | {a['step_s'] * 1e3:.2f} | "
                         f"{ratio(o, peak):.2f}x | **{ratio(a, peak):.2f}x** | {a['step_s'] / memory:.2f}x | "
                         f"{8 / a['step_s']:.0f} | {'yes' if same else 'no'} |")

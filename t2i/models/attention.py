@@ -90,6 +90,11 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces,
     result is in ``v``'s dtype): the scores of every piece join in one softmax, and each piece's values
     are weighted in place, so no gathered copy of the keys is made. ``scale`` multiplies the queries
     (default ``1/sqrt(d)``; 1: already scaled)."""
+    with torch.autocast(q.device.type, enabled=False):  # float32 math under autocast too
+        return _segment_attention(q, k, v, pieces, scale)
+
+
+def _segment_attention(q, k, v, pieces, scale):
     dtype = v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q = q.float()
@@ -223,7 +228,8 @@ class KVCache:
     ``packed`` maps ``(layer, gelu)`` -- a model's ``nn.Linear`` layer and the GELU fused after it, or None
     -- to a decode-step version of it (:func:`pack_linear`), made once for this cache's batch by
     :meth:`t2i.models.transformer.Transformer.new_cache`; ``step`` the written-out decode step it made
-    (:class:`t2i.models.decode_step.DecodeStep`), or None."""
+    (:class:`t2i.models.decode_step.DecodeStep`), or None; ``autocast`` the autocast dtype (bfloat16) both
+    were made for when ``new_cache`` ran under CPU autocast over float32 weights, else None."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
         shape = (batch, n_head, max_len, head_dim)
@@ -231,6 +237,15 @@ class KVCache:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.packed: dict = {}
         self.step = None  # a DecodeStep (t2i.models.decode_step) where the model's blocks have one
+        self.autocast = None  # the autocast dtype the packed copies were made in (None: the weights' own)
+
+    def autocast_on(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the packed copies compute in, if they were made under autocast and that autocast is on
+        now for ``x``'s device, else None."""
+        if self.autocast is None or not torch.is_autocast_enabled(x.device.type) or \
+                torch.get_autocast_dtype(x.device.type) != self.autocast:
+            return None
+        return self.autocast
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -245,10 +260,11 @@ class KVCache:
 
 
 def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: bool = False, scale_rows: int = 0,
-                scale: float = 1.0):
+                scale: float = 1.0, dtype: torch.dtype | None = None):
     """``layer`` as a function for inputs of ``rows`` rows (a decode step), its weight copied once into the
     blocked layout of oneDNN (float32 and bfloat16) or, where oneDNN cannot, MKL (float32) on CPU; None
-    where neither applies. oneDNN only: ``gelu`` (``"none"``: exact, ``"tanh"``) fuses ``F.gelu`` after it,
+    where neither applies. ``dtype``: the copy in that dtype (bfloat16 for a float32 layer under
+    autocast, which would cast the weight on every call; inputs must then come in that dtype). oneDNN only: ``gelu`` (``"none"``: exact, ``"tanh"``) fuses ``F.gelu`` after it,
     on the float32 accumulator (in bfloat16 the output is rounded once, after the GELU, where
     ``F.gelu(layer(x))`` rounds before and after it); ``residual`` makes it ``f(x, r) = layer(x) + r`` in one
     call (likewise one rounding). ``scale_rows``/``scale``: the first ``scale_rows`` outputs multiplied by
@@ -260,6 +276,8 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
     contiguously (``experiments/transformer_speed/RESULTS_roofline.md``: on an AMD EPYC, MKL's packed
     float32 GEMM reads 8 GB/s where oneDNN's reads 16-25). Same values as ``layer(x)`` up to float rounding."""
     w, b = layer.weight.detach(), layer.bias
+    if dtype is not None and dtype != w.dtype:
+        w, b = w.to(dtype), (b.detach().to(dtype) if b is not None else None)
     if w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16):
         return None
     onednn = torch.backends.mkldnn.is_available() and \
@@ -285,14 +303,18 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
 
 def linear(layer: nn.Linear, x: torch.Tensor, cache: KVCache | None = None, gelu: str | None = None) -> torch.Tensor:
     """``layer(x)`` (then ``F.gelu(..., approximate=gelu)`` where ``gelu`` is given), through the cache's packed
-    copy of the layer when it has one, no gradient is needed and ``x`` is in the weight's own dtype with no
-    autocast on (autocast decides the dtype of ``layer(x)``)."""
+    copy of the layer when it has one and it computes what ``layer(x)`` would: no gradient, and ``x`` in the
+    copy's dtype with no autocast on, or autocast on in the dtype the copy was made for (``cache.autocast``;
+    ``x`` is cast to it, as autocast would)."""
     fast = cache.packed.get((layer, gelu)) if cache is not None else None
-    if fast is None or torch.is_grad_enabled() or x.dtype != layer.weight.dtype or \
-            torch.is_autocast_enabled(x.device.type):
-        y = linear(layer, x, cache) if gelu is not None and cache is not None else layer(x)
-        return y if gelu is None else F.gelu(y, approximate=gelu)
-    return fast(x)
+    if fast is not None and not torch.is_grad_enabled():
+        if cache.autocast is not None:
+            if cache.autocast_on(x):
+                return fast(x.to(cache.autocast))
+        elif x.dtype == layer.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return fast(x)
+    y = linear(layer, x, cache) if gelu is not None and cache is not None else layer(x)
+    return y if gelu is None else F.gelu(y, approximate=gelu)
 
 
 _compiled_flex = None

@@ -289,20 +289,35 @@ class Transformer(nn.Module):
         return text_loss, image_loss
 
     # -- decoding ----------------------------------------------------------------------------
-    def new_cache(self, batch: int, device, dtype) -> KVCache:
+    def new_cache(self, batch: int, device, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for ``batch`` sequences, with the linear layers packed for its decode steps
         (:func:`~t2i.models.attention.pack_linear`; the packed copies live as long as the cache): the
-        blocks as a :class:`~t2i.models.decode_step.DecodeStep` where it covers them, else layer by layer."""
+        blocks as a :class:`~t2i.models.decode_step.DecodeStep` where it covers them, else layer by layer.
+        ``dtype`` None: the autocast dtype where autocast is on for ``device`` (its GEMMs make the keys and
+        values, so nothing is lost), else the weights'. Made under CPU autocast to bfloat16 over float32
+        weights, the copies are bfloat16 (``cache.autocast``), used while that autocast is on; under other
+        autocasts none are made."""
+        kind = torch.device(device).type
+        weights = next(self.parameters()).dtype
+        if dtype is None:
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weights
         cache = KVCache(self.n_layer, batch, self.n_head, self.seq_len, self.head_dim, device, dtype)
         heads = [h for h in (self.image_head, self.text_head) if h is not None]
+        cpu = kind == "cpu"
+        amp = torch.get_autocast_dtype("cpu") if cpu and torch.is_autocast_enabled("cpu") else None
+        if amp is not None and (amp != torch.bfloat16 or weights != torch.float32):
+            amp = None if amp == weights else False  # bf16 over float32 only; other autocasts: F.linear
+        if amp is False:
+            return cache
+        cache.autocast = amp
         with torch.no_grad():
-            cache.step = DecodeStep.build(self, batch) if torch.device(device).type == "cpu" else None
+            cache.step = DecodeStep.build(self, batch, amp) if cpu else None
             blocks = [] if cache.step is not None else self.blocks
             for layer, gelu in [(m, None) for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.proj)] + \
                     [(b.mlp.fc, b.mlp.approximate) for b in blocks] + [(h, None) for h in heads]:
-                fast = pack_linear(layer, batch, gelu) if gelu else None  # the GELU fused where it can be
+                fast = pack_linear(layer, batch, gelu, dtype=amp) if gelu else None  # the GELU fused where it can be
                 gelu = gelu if fast is not None else None
-                fast = fast or pack_linear(layer, batch)
+                fast = fast or pack_linear(layer, batch, dtype=amp)
                 if fast is not None:
                     cache.packed[layer, gelu] = fast
         return cache
