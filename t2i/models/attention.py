@@ -264,8 +264,8 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
     """``layer`` as a function for inputs of ``rows`` rows (a decode step), its weight copied once into the
     blocked layout of oneDNN (float32 and bfloat16) or, where oneDNN cannot, MKL (float32) on CPU; None
     where neither applies. ``dtype``: the copy in that dtype (bfloat16 for a float32 layer under
-    autocast, which would cast the weight on every call; inputs must then come in that dtype). oneDNN only: ``gelu`` (``"none"``: exact, ``"tanh"``) fuses ``F.gelu`` after it,
-    on the float32 accumulator (in bfloat16 the output is rounded once, after the GELU, where
+    autocast, which would cast the weight on every call; inputs must then come in that dtype). oneDNN
+    only: ``gelu`` (``"none"``: exact, ``"tanh"``) fuses ``F.gelu`` after it, on the float32 accumulator (in bfloat16 the output is rounded once, after the GELU, where
     ``F.gelu(layer(x))`` rounds before and after it); ``residual`` makes it ``f(x, r) = layer(x) + r`` in one
     call (likewise one rounding). ``scale_rows``/``scale``: the first ``scale_rows`` outputs multiplied by
     ``scale`` (folded into the packed copy: attention's ``1/sqrt(d)`` on the queries; exact when ``scale`` is
