@@ -107,3 +107,23 @@ def test_bf16_pipeline_samples_through_bf16_packed_weights_on_cpu(vqgan_transfor
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert made[0].autocast == torch.bfloat16 and made[0].step is not None
     assert next(pipe.model.parameters()).dtype == torch.float32  # the model itself is untouched
+
+
+def test_generate_dtype_bf16_samples_under_autocast(vqgan_transformer, tmp_path, monkeypatch):
+    """``t2i-generate dtype=bf16`` is Pipeline(dtype="bf16"): sampling under bfloat16 autocast through the
+    bfloat16 cache and packed copies, the images decoded under it too; ``dtype=fp16`` on a CPU is one error."""
+    from t2i.cli.generate import run
+    from t2i.models.transformer import Transformer
+    from tests.test_generate import generate_cfg
+
+    made = []
+    new_cache = Transformer.new_cache
+    monkeypatch.setattr(Transformer, "new_cache", lambda self, *a, **k: made.append(new_cache(self, *a, **k)) or made[-1])
+    base = [f"ckpt={vqgan_transformer}", "prompts=['a red circle']", "num_samples=2", "batch_size=2", "device=cpu"]
+    out = run(generate_cfg(tmp_path / "bf16", *base, "dtype=bf16"))
+    assert out["count"] == 2 and len(list((tmp_path / "bf16" / "gen").glob("p000_s*.png"))) == 2
+    assert len(made) == 1 and made[0].k[0].dtype == torch.bfloat16
+    run(generate_cfg(tmp_path / "fp32", *base))
+    assert made[1].k[0].dtype == torch.float32 and made[1].autocast is None   # the default: float32, no autocast
+    with pytest.raises(ConfigError, match=r"dtype=fp16 needs a GPU"):
+        run(generate_cfg(tmp_path / "fp16", *base, "dtype=fp16"))

@@ -19,7 +19,7 @@ work tree, alternating, for ``--rounds`` rounds (median kept). Reported per impl
 seconds (start-up, loading, sampling 8 x 256 codes, decoding 8 images, writing them), the seconds the command
 itself reports for generation (sampling and decoding), images/s from both, and whether its PNG files are
 byte-identical to the work tree's (same seed -> same codes and same decoded pixels, float32). ``--dtypes``
-adds ``dtype=bf16`` runs (bfloat16 autocast, what ``Pipeline(dtype="bf16")`` does).
+adds ``dtype=bf16`` runs (bfloat16 autocast, what ``Pipeline(dtype="bf16")`` does) for the revisions that have that key; speed-ups are against float32 ``before``.
 """
 
 from __future__ import annotations
@@ -98,6 +98,12 @@ def run_generate(pythonpath: str, ckpt: Path, out: Path, threads: int, num_sampl
     return dict(wall_s=wall, generate_s=float(said.group(2)) if said else None, images=len(pngs), sha256=digest)
 
 
+def knows(pythonpath: str, dtype: str) -> bool:
+    """Does the package at ``pythonpath`` have ``t2i-generate dtype=`` (float32, the default, needs none)?"""
+    conf = Path(pythonpath) / "t2i" / "conf" / "generate.yaml"
+    return dtype == "fp32" or any(line.startswith("dtype:") for line in conf.read_text().splitlines())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "t2i_generate_bench"))
@@ -120,11 +126,13 @@ def main():
     impls = {"before": extract(args.baseline, Path(tmp.name) / "before"),
              "previous": extract(args.previous, Path(tmp.name) / "previous"), "after": str(ROOT)}
     dtypes = args.dtypes.split(",")
-    runs: dict = {f"{d}/{k}": [] for d in dtypes for k in impls}
+    runs: dict = {f"{d}/{k}": [] for d in dtypes for k in impls if knows(impls[k], d)}
     loads = [load_avg()]
     for r in range(args.rounds):
         for dtype in dtypes:
             for impl, path in impls.items():
+                if f"{dtype}/{impl}" not in runs:
+                    continue
                 out = work / f"{dtype}_{impl}_{r}"
                 runs[f"{dtype}/{impl}"].append(run_generate(path, ckpt, out, args.threads, args.num_samples, dtype))
                 loads.append(load_avg())
@@ -140,8 +148,10 @@ def write(args, runs, loads, dtypes):
     rows = []
     for dtype in dtypes:
         ref = runs[f"{dtype}/after"][0]["sha256"]
-        base = med[f"{dtype}/before"]
+        base = med["fp32/before"] if "fp32/before" in med else med[f"{dtype}/before"]
         for impl, rev in (("before", args.baseline), ("previous", args.previous), ("after", "this tree")):
+            if f"{dtype}/{impl}" not in runs:
+                continue
             m, n = med[f"{dtype}/{impl}"], runs[f"{dtype}/{impl}"][0]["images"]
             gen = m.get("generate_s")
             same = all(r["sha256"] == ref for r in runs[f"{dtype}/{impl}"])
@@ -159,13 +169,13 @@ def write(args, runs, loads, dtypes):
         f"median of {args.rounds} rounds.",
         "",
         "| dtype | implementation | wall s | images/s (wall) | generation s (reported) | images/s (generation) | "
-        "generation speed-up vs before | same PNGs as after |",
+        "generation speed-up vs float32 before | same PNGs as after |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "`generation s` is what the command prints for sampling and decoding (start-up, loading and writing "
         "excluded); `same PNGs`: the image files are byte-identical to the work tree's at that dtype (float32: "
-        "same codes, same pixels; bfloat16 rounds in other places than before, so its images differ).",
+        "same codes, same pixels). A revision without `t2i-generate dtype=` has no bfloat16 row.",
     ]
     Path(args.out + ".md").write_text("\n".join(text) + "\n")
     Path(args.out + ".json").write_text(json.dumps({"runs": runs, "median": med, "loads": loads,

@@ -61,6 +61,7 @@ KEYS = {
     "allow_unk": checks.boolean(), "use_cache": checks.boolean(), "ema": checks.boolean(),
     "progress": checks.boolean(), "seed": checks.integer(), "output": checks.output_folder(),
     "rerank.model_name": checks.text(optional=True),
+    "dtype": checks.choice("bf16", "fp16", "auto", "fp32", optional=True),
     "decode_dtype": checks.choice("bf16", "fp16", "auto", "fp32", optional=True),
 }
 
@@ -104,7 +105,8 @@ def run(cfg: DictConfig) -> dict:
         reranker_model_name=cfg.rerank.get("model_name"), combine=combine, upscaler=sr.get("ckpt") or None,
         upscale_scale=sr.get("scale"), upscale_tile=int(sr.get("tile", 0)), upscale_tile_pad=int(sr.get("tile_pad", 10)),
         image_tokenizer=cfg.image_tokenizer or None, text_tokenizer=cfg.text_tokenizer or None,
-        device=str(cfg.device), ema=bool(cfg.ema), decode_dtype=cfg.get("decode_dtype"))
+        device=str(cfg.device), ema=bool(cfg.ema), dtype=cfg.get("dtype"),
+        decode_dtype=cfg.get("decode_dtype"))
     result = pipe(prompts, int(cfg.num_samples), top_k=cfg.top_k, top_p=cfg.top_p, temperature=float(cfg.temperature),
                   cfg_scale=cfg.cfg_scale, seed=int(cfg.seed), batch_size=int(cfg.batch_size),
                   top=cfg.rerank.get("top"), use_cache=bool(cfg.use_cache), allow_unk=bool(cfg.get("allow_unk", False)),
