@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i.errors import ConfigError
+from t2i.models import rows as rows_kernel
 
+ROWS_KERNEL_MAX = 32  # pack_linear uses t2i.models.rows up to this many rows (oneDNN above: compute-bound there)
 PATTERNS = ("full", "row", "column", "conv", "axial_row")
 SCHEDULES = ("full", "dalle")
 IMPLS = ("sdpa", "math", "flex")
@@ -282,13 +284,17 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
         return None
     onednn = torch.backends.mkldnn.is_available() and \
         (w.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if not onednn and (gelu is not None or residual or scale_rows):
+    ours = rows_kernel.available(w.dtype) and (rows >= 2 or w.dtype == torch.bfloat16) and rows <= ROWS_KERNEL_MAX
+    if not (onednn or ours) and (gelu is not None or residual or scale_rows):
         return None
     if scale_rows:
         w, b = w.clone(), (b.detach().clone() if b is not None else None)
         w[:scale_rows] *= scale
         if b is not None:
             b[:scale_rows] *= scale
+    if ours:
+        f = rows_kernel.linear_fn(w, b, residual)
+        return f if gelu is None else (lambda x: F.gelu(f(x), approximate=gelu))
     if onednn:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
         if residual:

@@ -1,0 +1,101 @@
+"""t2i.models.rows: the few-rows linear kernel (rows.c) against F.linear, its fallbacks and its build cache."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from t2i.models import rows
+from t2i.models.attention import pack_linear
+
+needs = pytest.mark.skipif(not rows.available(), reason=f"rows kernel unavailable: {rows.why_not()}")
+needs_bf16 = pytest.mark.skipif(not rows.available(torch.bfloat16), reason="no AVX512-BF16 rows kernel here")
+
+
+@needs
+@pytest.mark.parametrize("M, K, N", [(1, 16, 48), (3, 37, 50), (8, 768, 2304), (11, 130, 97), (32, 64, 200)])
+@pytest.mark.parametrize("bias, residual", [(True, False), (False, False), (True, True)])
+def test_float32_rows_match_f_linear(M, K, N, bias, residual):
+    torch.manual_seed(M * 7 + K)
+    w, b = torch.randn(N, K) * 0.1, (torch.randn(N) if bias else None)
+    x, r = torch.randn(M, 1, K), torch.randn(M, 1, N)
+    f = rows.linear_fn(w, b, residual)
+    ref = F.linear(x.double(), w.double(), b.double() if b is not None else None) + (r.double() if residual else 0)
+    y = f(x, r) if residual else f(x)
+    assert y.shape == (M, 1, N) and y.dtype == torch.float32
+    assert (y.double() - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+@needs_bf16
+@pytest.mark.parametrize("M, K, N", [(1, 32, 48), (8, 33, 50), (8, 768, 3072), (13, 96, 130)])
+def test_bfloat16_rows_round_the_float32_sum_once(M, K, N):
+    torch.manual_seed(K)
+    w, b = (torch.randn(N, K) * 0.1).bfloat16(), torch.randn(N).bfloat16()
+    x, r = torch.randn(M, K).bfloat16(), torch.randn(M, N).bfloat16()
+    y = rows.linear_fn(w, b, residual=True)(x, r)
+    exact = x.double() @ w.double().T + b.double() + r.double()
+    assert y.dtype == torch.bfloat16
+    # float32 accumulation, then one rounding to bfloat16 (8 significant bits): within one bfloat16 step
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4).all()
+
+
+@needs
+def test_pack_linear_takes_the_kernel_and_keeps_fusions():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x, r = torch.randn(8, 1, 64), torch.randn(8, 1, 96)
+    with torch.no_grad():
+        ref = layer(x)
+        cases = [(pack_linear(layer, 8), (x,), ref), (pack_linear(layer, 8, residual=True), (x, r), ref + r),
+                 (pack_linear(layer, 8, gelu="tanh"), (x,), F.gelu(ref, approximate="tanh")),
+                 (pack_linear(layer, 8, scale_rows=32, scale=0.125), (x,),
+                  torch.cat([ref[..., :32] * 0.125, ref[..., 32:]], -1))]
+        for fn, args, want in cases:
+            got = fn(*args)
+            assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@needs
+def test_wrong_input_is_an_error_not_a_bad_read():
+    f = rows.linear_fn(torch.randn(48, 16), None)
+    with pytest.raises(ValueError, match=r"float32 \[48, 16\] weight got a torch.float64 \[2, 16\]"):
+        f(torch.randn(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"got a torch.float32 \[2, 17\]"):
+        f(torch.randn(2, 17))
+
+
+def run(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_turned_off_falls_back_to_the_library_gemm():
+    res = run("import torch\nfrom t2i.models import rows\nfrom t2i.models.attention import pack_linear\n"
+              "l = torch.nn.Linear(16, 8)\nf = pack_linear(l, 8)\nx = torch.randn(8, 16)\n"
+              "print(rows.available(), '|', rows.why_not(), '|', f is not None and "
+              "bool(torch.allclose(f(x), l(x).detach(), atol=1e-6)))", T2I_ROWS="0")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False | turned off (T2I_ROWS=0) | True"
+
+
+@needs
+def test_the_build_is_cached_and_shared(tmp_path):
+    code = "import torch\nfrom t2i.models import rows\nprint(rows.available(), rows.why_not())"
+    first = run(code, T2I_KERNELS=str(tmp_path))
+    made = sorted(p.name for p in tmp_path.iterdir())
+    second = run(code, T2I_KERNELS=str(tmp_path))
+    assert first.stdout.strip() == second.stdout.strip() == "True"
+    assert len(made) == 1 and made[0].startswith("rows-") and made[0].endswith(".so")
+    assert sorted(p.name for p in tmp_path.iterdir()) == made      # the second process compiled nothing
+
+
+def test_no_compiler_is_a_reason_not_a_crash(tmp_path):
+    res = run("import torch\nfrom t2i.models import rows\nprint(rows.available(), '|', rows.why_not())",
+              T2I_KERNELS=str(tmp_path), CC=str(tmp_path / "no-such-cc"))
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.strip()
+    assert out.startswith("False | ") and ("no-such-cc" in out or "lacks" in out or "not x86-64" in out)
+    assert not any(tmp_path.iterdir())                              # no half-written file left behind
