@@ -84,7 +84,7 @@ KEYS: dict[str, dict[str, tuple]] = {
         "rerank.backend": k("choice"), "rerank.combine": k("choice", empty="'' is no combination, as null"),
         "rerank.ckpt": opt("file"), "rerank.model_name": opt("text"), "rerank.top": k("count"),
         "sr.ckpt": opt("file"), "sr.scale": k("scale"), "sr.tile": k("count0"), "sr.tile_pad": k("count0"),
-        "decode_dtype": k("choice"),
+        "dtype": k("choice"), "decode_dtype": k("choice"),
     },
     "caption": {
         "task_name": k(SKIP), "ckpt": k("ckpt"), "images": k("images"), "num_images": k("count"), "lang": k("choice"),

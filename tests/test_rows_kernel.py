@@ -99,3 +99,40 @@ def test_no_compiler_is_a_reason_not_a_crash(tmp_path):
     out = res.stdout.strip()
     assert out.startswith("False | ") and ("no-such-cc" in out or "lacks" in out or "not x86-64" in out)
     assert not any(tmp_path.iterdir())                              # no half-written file left behind
+
+
+@needs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, H, D, L, start, keep", [(8, 12, 64, 288, 150, "row"), (2, 3, 4, 40, 39, "all"),
+                                                     (3, 2, 20, 50, 0, "all"), (1, 4, 64, 300, 299, "every7")])
+def test_step_attention_matches_the_softmax_of_the_written_cache(dtype, B, H, D, L, start, keep):
+    from t2i.models.attention import math_attention
+
+    if dtype == torch.bfloat16 and not rows.available(torch.bfloat16):
+        pytest.skip("no AVX512-BF16 rows kernel here")
+    torch.manual_seed(D + start)
+    k, v = torch.randn(B, H, L, D).to(dtype), torch.randn(B, H, L, D).to(dtype)
+    qkv = torch.randn(B, 1, 3 * H * D).to(dtype)
+    pos = torch.arange(start + 1)
+    idx = {"all": pos, "row": torch.cat([pos[:32], pos[start - 16:]]), "every7": pos[pos % 7 == start % 7]}[keep]
+    k0, v0 = k.clone(), v.clone()
+    y = rows.step_attention(qkv, k, v, start, idx, D ** -0.5)
+    q, kn, vn = qkv.view(B, 3, H, D).unbind(1)
+    assert torch.equal(k[:, :, start], kn) and torch.equal(v[:, :, start], vn)      # the cache write
+    k0[:, :, start], v0[:, :, start] = kn, vn
+    assert torch.equal(torch.cat([k[:, :, :start], k[:, :, start + 1:]], 2),
+                       torch.cat([k0[:, :, :start], k0[:, :, start + 1:]], 2))       # nothing else written
+    want = math_attention(q.float()[:, :, None], k0[:, :, idx].float(), v0[:, :, idx].float())
+    want = want.transpose(1, 2).reshape(B, 1, H * D)
+    assert y.dtype == dtype and y.shape == (B, 1, H * D)
+    tol = 2e-6 if dtype == torch.float32 else 2 ** -8
+    assert ((y.float() - want).abs() <= tol * (1 + want.abs())).all(), (y.float() - want).abs().max()
+
+
+@needs
+def test_step_attention_refuses_what_it_cannot_read():
+    k = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="step_attention"):
+        rows.step_attention(torch.zeros(1, 1, 24, dtype=torch.float64), k, k.clone(), 3, torch.arange(4), 0.5)
+    with pytest.raises(ValueError, match="step_attention"):
+        rows.step_attention(torch.zeros(1, 1, 24), k, k.clone(), 8, torch.arange(4), 0.5)   # start outside the cache

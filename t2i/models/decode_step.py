@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from t2i.models import attention as A
+from t2i.models import rows as rows_kernel
 
 
 def supports(model) -> bool:
@@ -45,6 +46,8 @@ class DecodeStep:
     def __init__(self, model, layers, fused: bool, autocast: torch.dtype | None = None):
         self.model, self.layers, self.fused, self.autocast = model, layers, fused, autocast
         self.dtype = next(model.parameters()).dtype
+        # attention, the cache write included, in one call of t2i.models.rows where it runs this dtype
+        self.kernel = rows_kernel.available(autocast or self.dtype) and model.seq_len <= rows_kernel.MAX_KEYS
 
     @classmethod
     def build(cls, model, batch: int, autocast: torch.dtype | None = None):
@@ -91,15 +94,19 @@ class DecodeStep:
         c = self.autocast or x.dtype  # the GEMMs' dtype
         for i, (ln1, ln2, qkv, proj, fc, fc2, gelu, impl, scale) in enumerate(self.layers):
             h = F.layer_norm(x, (d,), ln1.weight, ln1.bias, ln1.eps)
-            qkv_ = qkv(h.to(c)).view(B, 3, H, hd)
+            qkv_ = qkv(h.to(c))
             kc, vc = cache.k[i], cache.v[i]
-            kc[:, :, start] = qkv_[:, 1]
-            vc[:, :, start] = qkv_[:, 2]
-            q = qkv_[:, 0, :, None]  # [B, H, 1, hd]
-            keys = m.step_keys(i, start, caption)
-            y = A.step_attention(q, kc[:, :, :end], vc[:, :, :end], keys, m.mask(i, caption)[start:end, :end], impl,
-                                 scale=scale)
-            y = y.transpose(1, 2).reshape(B, 1, d).to(c)
+            if self.kernel and kc.dtype == c and kc.is_contiguous() and vc.is_contiguous():
+                y = rows_kernel.step_attention(qkv_, kc, vc, start, m.step_index(i, start, caption), scale)
+            else:
+                qkv_ = qkv_.view(B, 3, H, hd)
+                kc[:, :, start] = qkv_[:, 1]
+                vc[:, :, start] = qkv_[:, 2]
+                q = qkv_[:, 0, :, None]  # [B, H, 1, hd]
+                keys = m.step_keys(i, start, caption)
+                y = A.step_attention(q, kc[:, :, :end], vc[:, :, :end], keys, m.mask(i, caption)[start:end, :end],
+                                     impl, scale=scale)
+                y = y.transpose(1, 2).reshape(B, 1, d).to(c)
             if not self.fused:
                 x = x + proj(y)
                 h = F.layer_norm(x, (d,), ln2.weight, ln2.bias, ln2.eps)

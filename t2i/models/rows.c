@@ -9,6 +9,7 @@
    (pairs of products summed in float32), each output rounded to bfloat16 once. Threads split the panels
    (OpenMP: the runtime torch loaded). Every pointer is contiguous. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -60,6 +61,83 @@ void rows_f32(const float *x, const float *wp, const float *bias, const float *r
             const float *r = res ? res + m0 * N : NULL;
             if (mr == MR) panel_f32(x + m0 * K, w, bias, r, y + m0 * N, MR, K, N, p * PANEL);
             else panel_f32(x + m0 * K, w, bias, r, y + m0 * N, mr, K, N, p * PANEL);
+        }
+    }
+}
+
+/* exp of 16 floats (x <= 0 here: scores minus their maximum): 2^(x log2 e) split into 2^n (scalef) and 2^f,
+   |f| <= 1/2, by its Taylor series to degree 7 (relative error below 1e-8, under float32's own rounding) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+#define MAXKEYS 4096
+
+/* softmax over s[0 .. n) in place (float32), returns nothing; s has room for a multiple of 16 */
+static inline void softmax_inplace(float *s, int64_t n) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+    float m = _mm512_reduce_max_ps(mx);
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    __m512 vm = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
+    for (j = 0; j < n; j += 16) {
+        __mmask16 t = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm));
+        e = _mm512_maskz_mov_ps(t, e);
+        sum = _mm512_add_ps(sum, e);
+        _mm512_mask_storeu_ps(s + j, t, e);
+    }
+    float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    __m512 vi = _mm512_set1_ps(inv);
+    for (j = 0; j < n; j += 16) {
+        __mmask16 t = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(s + j, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, s + j), vi));
+    }
+}
+
+/* One decode step's attention, every (row b, head h) of qkv [B, 3, H, D] (the new position's q, k, v): k and v
+   written into the caches kc, vc [B, H, L, D] at `start`, then y[b, h] = softmax(scale q . k[idx]) v[idx] over
+   the n cache positions idx (the mask row's), in float32. y [B, H, D]. */
+void step_attn_f32(const float *qkv, float *kc, float *vc, int64_t B, int64_t H, int64_t L, int64_t D,
+                   int64_t start, const int64_t *idx, int64_t n, float scale, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H;
+        const float *q = qkv + (b * 3 * H + h) * D;
+        float *kb = kc + bh * L * D, *vb = vc + bh * L * D;
+        memcpy(kb + start * D, qkv + (b * 3 * H + H + h) * D, (size_t)D * 4);
+        memcpy(vb + start * D, qkv + (b * 3 * H + 2 * H + h) * D, (size_t)D * 4);
+        float s[MAXKEYS];
+        for (int64_t j = 0; j < n; j++) {
+            const float *k = kb + idx[j] * D;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16) {
+                __mmask16 t = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, q + d), _mm512_maskz_loadu_ps(t, k + d), acc);
+            }
+            s[j] = _mm512_reduce_add_ps(acc) * scale;
+        }
+        softmax_inplace(s, n);
+        float *out = y + bh * D;
+        for (int64_t d = 0; d < D; d += 16) {
+            __mmask16 t = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; j++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), _mm512_maskz_loadu_ps(t, vb + idx[j] * D + d), acc);
+            _mm512_mask_storeu_ps(out + d, t, acc);
         }
     }
 }
@@ -123,6 +201,39 @@ void rows_bf16(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, cons
             const uint16_t *r = res ? res + m0 * N : NULL;
             if (mr == MR) panel_bf16(x + m0 * K, w, bias, r, y + m0 * N, MR, K, N, p * PANEL);
             else panel_bf16(x + m0 * K, w, bias, r, y + m0 * N, mr, K, N, p * PANEL);
+        }
+    }
+}
+static inline __m512 load_bf16(__mmask16 t, const uint16_t *p) { return bf16x16_to_f32(_mm256_maskz_loadu_epi16(t, p)); }
+
+/* step_attn_f32 over a bfloat16 qkv and caches: the scores, softmax and weighted sum in float32, y rounded once */
+void step_attn_bf16(const uint16_t *qkv, uint16_t *kc, uint16_t *vc, int64_t B, int64_t H, int64_t L, int64_t D,
+                    int64_t start, const int64_t *idx, int64_t n, float scale, uint16_t *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H;
+        const uint16_t *q = qkv + (b * 3 * H + h) * D;
+        uint16_t *kb = kc + bh * L * D, *vb = vc + bh * L * D;
+        memcpy(kb + start * D, qkv + (b * 3 * H + H + h) * D, (size_t)D * 2);
+        memcpy(vb + start * D, qkv + (b * 3 * H + 2 * H + h) * D, (size_t)D * 2);
+        float s[MAXKEYS];
+        for (int64_t j = 0; j < n; j++) {
+            const uint16_t *k = kb + idx[j] * D;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16) {
+                __mmask16 t = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+                acc = _mm512_fmadd_ps(load_bf16(t, q + d), load_bf16(t, k + d), acc);
+            }
+            s[j] = _mm512_reduce_add_ps(acc) * scale;
+        }
+        softmax_inplace(s, n);
+        uint16_t *out = y + bh * D;
+        for (int64_t d = 0; d < D; d += 16) {
+            __mmask16 t = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; j++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), load_bf16(t, vb + idx[j] * D + d), acc);
+            _mm256_mask_storeu_epi16(out + d, t, (__m256i)_mm512_cvtneps_pbh(acc));
         }
     }
 }

@@ -31,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("rows.c")
 PANEL = 48  # output columns per panel: NV * 16 in rows.c
+MAX_KEYS = 4096  # the most cache positions step_attention reads (MAXKEYS in rows.c)
 _state: dict = {}
 
 
@@ -98,6 +99,9 @@ def _build() -> tuple[ctypes.CDLL | None, str, bool]:
     for name in ("rows_f32",) + (("rows_bf16",) if bf16 else ()):
         fn = getattr(dll, name)
         fn.argtypes, fn.restype = [p, p, p, p, p, i, i, i, ctypes.c_int], None
+    for name in ("step_attn_f32",) + (("step_attn_bf16",) if bf16 else ()):
+        fn = getattr(dll, name)
+        fn.argtypes, fn.restype = [p, p, p, i, i, i, i, i, p, i, ctypes.c_float, p, ctypes.c_int], None
     return dll, "", bf16
 
 
@@ -165,3 +169,25 @@ def linear_fn(w: torch.Tensor, b: torch.Tensor | None, residual: bool = False):
 
     f.packed = (wp, bias)  # keep the buffers the kernel reads alive with the function
     return f if residual else (lambda x: f(x))
+
+
+def step_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, idx: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """A decode step's attention in one call: ``qkv [B, 1, 3 * H * D]`` (the new position's queries, keys and
+    values, as the QKV layer writes them), its keys and values stored into the caches ``k, v [B, H, L, D]`` at
+    ``start``, then ``softmax(scale q . k[idx]) v[idx]`` over the cache positions ``idx`` (int64, the step's
+    mask row) for every row and head, in float32; returns ``[B, 1, H * D]`` in ``qkv``'s dtype (rounded once).
+    Every tensor contiguous, on the CPU, ``qkv``, ``k`` and ``v`` of one dtype."""
+    B, H, L, D = k.shape
+    n = idx.numel()
+    if not (qkv.dtype == k.dtype == v.dtype and qkv.shape == (B, 1, 3 * H * D) and v.shape == k.shape
+            and k.is_contiguous() and v.is_contiguous() and qkv.is_contiguous() and idx.dtype == torch.int64
+            and 0 < n <= MAX_KEYS and 0 <= start < L):
+        raise ValueError(f"step_attention: qkv {qkv.dtype} {list(qkv.shape)}, cache {k.dtype} {list(k.shape)}, "
+                         f"{n} keys, start {start}")
+    dll = _lib()
+    fn = dll.step_attn_f32 if k.dtype == torch.float32 else dll.step_attn_bf16
+    y = torch.empty(B, 1, H * D, dtype=qkv.dtype)
+    fn(qkv.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, L, D, start, idx.data_ptr(), n, scale, y.data_ptr(),
+       torch.get_num_threads())
+    return y

@@ -239,6 +239,14 @@ class Transformer(nn.Module):
             self._step_keys[key] = A.key_segments(self.mask(layer, caption)[position, :position + 1])
         return self._step_keys[key]
 
+    def step_index(self, layer: int, position: int, caption: bool = False) -> torch.Tensor:
+        """The cache positions a decode step at ``position`` attends to in ``layer`` (its mask row's True
+        entries) as an int64 tensor, kept per pattern and position (:func:`t2i.models.rows.step_attention`)."""
+        key = (self.patterns[layer], caption, position, "index")
+        if key not in self._step_keys:
+            self._step_keys[key] = self.mask(layer, caption)[position, :position + 1].nonzero()[:, 0].contiguous()
+        return self._step_keys[key]
+
     def hidden(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None, entities=None,
                caption: bool = False) -> torch.Tensor:
         t = x.shape[1]
