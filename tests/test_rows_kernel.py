@@ -136,3 +136,19 @@ def test_step_attention_refuses_what_it_cannot_read():
         rows.step_attention(torch.zeros(1, 1, 24, dtype=torch.float64), k, k.clone(), 3, torch.arange(4), 0.5)
     with pytest.raises(ValueError, match="step_attention"):
         rows.step_attention(torch.zeros(1, 1, 24), k, k.clone(), 8, torch.arange(4), 0.5)   # start outside the cache
+
+
+@needs
+@pytest.mark.parametrize("gelu", ["none", "tanh"])
+def test_fused_gelu_is_f_gelu_of_the_float32_sum(gelu):
+    torch.manual_seed(3)
+    w, b = torch.randn(100, 70), torch.randn(100)          # pre-activations spread over about +-25
+    x = torch.randn(8, 70)
+    pre = F.linear(x.double(), w.double(), b.double())
+    y = rows.linear_fn(w, b, gelu=gelu)(x)
+    assert (y.double() - F.gelu(pre, approximate=gelu)).abs().max() <= 1e-5
+    if rows.available(torch.bfloat16):
+        wb, bb, xb = w.bfloat16(), b.bfloat16(), x.bfloat16()
+        exact = F.gelu(F.linear(xb.double(), wb.double(), bb.double()), approximate=gelu)
+        yb = rows.linear_fn(wb, bb, gelu=gelu)(xb)
+        assert ((yb.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4).all()   # rounded once

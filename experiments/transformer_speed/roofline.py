@@ -69,7 +69,7 @@ DTYPES = ("float32", "bfloat16")
 OUTSIDE = DTYPES + ("autocast",)  # autocast: float32 weights under bfloat16 autocast (Pipeline(dtype="bf16"))
 BATCHES = (1, 8, 32)
 BASELINE = "803cda5"  # the last commit before the decode-step work (issue 29)
-PREVIOUS = "a23bb7a"  # the state before this stop: DecodeStep in float32, bfloat16 SDPA in the decode step
+PREVIOUS = "5ffa43b"  # the last measured state (RESULTS_roofline.md before t2i.models.rows)
 
 
 # -- worker (one process per implementation x geometry x dtype) ----------------------------------------

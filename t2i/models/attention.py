@@ -293,8 +293,7 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
         if b is not None:
             b[:scale_rows] *= scale
     if ours:
-        f = rows_kernel.linear_fn(w, b, residual)
-        return f if gelu is None else (lambda x: F.gelu(f(x), approximate=gelu))
+        return rows_kernel.linear_fn(w, b, residual, gelu)
     if onednn:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
         if residual:

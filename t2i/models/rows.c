@@ -17,9 +17,51 @@
 #define NV 3
 #define PANEL (NV * 16)
 
+/* exp of 16 floats (x <= 0 here: scores minus their maximum): 2^(x log2 e) split into 2^n (scalef) and 2^f,
+   |f| <= 1/2, by its Taylor series to degree 7 (relative error below 1e-8, under float32's own rounding) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* GELU of 16 floats on the float32 accumulator, as F.gelu: act 1 exact (erf by Abramowitz-Stegun 7.1.26,
+   absolute error below 1.5e-7), act 2 the tanh approximation (tanh u = 1 - 2 / (exp(2u) + 1)) */
+static inline __m512 gelu16(__m512 x, int act) {
+    __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    if (act == 2) {
+        __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+        __m512 e = exp16(_mm512_min_ps(_mm512_mul_ps(u, _mm512_set1_ps(2.0f)), _mm512_set1_ps(88.0f)));
+        __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+        return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, th));
+    }
+    __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.7071067811865476f)));
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    __m512 erf = _mm512_fnmadd_ps(p, exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z))), one);
+    erf = _mm512_mask_sub_ps(erf, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), erf);
+    return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf));
+}
+
 static inline __attribute__((always_inline)) void panel_f32(const float *x, const float *wp, const float *bias,
                                                            const float *res, float *y, int mr, int64_t K,
-                                                           int64_t N, int64_t n0) {
+                                                           int64_t N, int64_t n0, int act) {
     __m512 acc[MR][NV];
     for (int m = 0; m < MR; m++)
         for (int j = 0; j < NV; j++) acc[m][j] = _mm512_setzero_ps();
@@ -43,15 +85,17 @@ static inline __attribute__((always_inline)) void panel_f32(const float *x, cons
         __m512 b = bias ? _mm512_maskz_loadu_ps(t, bias + n) : _mm512_setzero_ps();
         for (int m = 0; m < mr; m++) {
             __m512 v = _mm512_add_ps(acc[m][j], b);
+            if (act) v = gelu16(v, act);
             if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(t, res + m * N + n));
             _mm512_mask_storeu_ps(y + m * N + n, t, v);
         }
     }
 }
 
-/* y [M, N] = x [M, K] w^T (+ bias [N]) (+ res [M, N]); wp: the packed weight; bias / res may be NULL */
+/* y [M, N] = gelu?(x [M, K] w^T (+ bias [N])) (+ res [M, N]); wp: the packed weight; bias / res may be NULL;
+   act 0: no GELU, 1: exact, 2: tanh */
 void rows_f32(const float *x, const float *wp, const float *bias, const float *res, float *y, int64_t M,
-              int64_t K, int64_t N, int threads) {
+              int64_t K, int64_t N, int act, int threads) {
     int64_t panels = (N + PANEL - 1) / PANEL;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < panels; p++) {
@@ -59,28 +103,10 @@ void rows_f32(const float *x, const float *wp, const float *bias, const float *r
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             int mr = M - m0 < MR ? (int)(M - m0) : MR;
             const float *r = res ? res + m0 * N : NULL;
-            if (mr == MR) panel_f32(x + m0 * K, w, bias, r, y + m0 * N, MR, K, N, p * PANEL);
-            else panel_f32(x + m0 * K, w, bias, r, y + m0 * N, mr, K, N, p * PANEL);
+            if (mr == MR) panel_f32(x + m0 * K, w, bias, r, y + m0 * N, MR, K, N, p * PANEL, act);
+            else panel_f32(x + m0 * K, w, bias, r, y + m0 * N, mr, K, N, p * PANEL, act);
         }
     }
-}
-
-/* exp of 16 floats (x <= 0 here: scores minus their maximum): 2^(x log2 e) split into 2^n (scalef) and 2^f,
-   |f| <= 1/2, by its Taylor series to degree 7 (relative error below 1e-8, under float32's own rounding) */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 #define MAXKEYS 4096
@@ -148,7 +174,7 @@ static inline __m512 bf16x16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm5
 /* K2: K / 2 rounded up; x rows have K bf16 (an odd K's last pair is read with a zero) */
 static inline __attribute__((always_inline)) void panel_bf16(const uint16_t *x, const uint16_t *wp,
                                                             const uint16_t *bias, const uint16_t *res, uint16_t *y,
-                                                            int mr, int64_t K, int64_t N, int64_t n0) {
+                                                            int mr, int64_t K, int64_t N, int64_t n0, int act) {
     __m512 acc[MR][NV];
     for (int m = 0; m < MR; m++)
         for (int j = 0; j < NV; j++) acc[m][j] = _mm512_setzero_ps();
@@ -184,6 +210,7 @@ static inline __attribute__((always_inline)) void panel_bf16(const uint16_t *x, 
         __m512 b = bias ? bf16x16_to_f32(_mm256_maskz_loadu_epi16(t, bias + n)) : _mm512_setzero_ps();
         for (int m = 0; m < mr; m++) {
             __m512 v = _mm512_add_ps(acc[m][j], b);
+            if (act) v = gelu16(v, act);
             if (res) v = _mm512_add_ps(v, bf16x16_to_f32(_mm256_maskz_loadu_epi16(t, res + m * N + n)));
             _mm256_mask_storeu_epi16(y + m * N + n, t, (__m256i)_mm512_cvtneps_pbh(v));
         }
@@ -191,7 +218,7 @@ static inline __attribute__((always_inline)) void panel_bf16(const uint16_t *x, 
 }
 
 void rows_bf16(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, const uint16_t *res, uint16_t *y,
-               int64_t M, int64_t K, int64_t N, int threads) {
+               int64_t M, int64_t K, int64_t N, int act, int threads) {
     int64_t panels = (N + PANEL - 1) / PANEL, K2 = (K + 1) / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < panels; p++) {
@@ -199,8 +226,8 @@ void rows_bf16(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, cons
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             int mr = M - m0 < MR ? (int)(M - m0) : MR;
             const uint16_t *r = res ? res + m0 * N : NULL;
-            if (mr == MR) panel_bf16(x + m0 * K, w, bias, r, y + m0 * N, MR, K, N, p * PANEL);
-            else panel_bf16(x + m0 * K, w, bias, r, y + m0 * N, mr, K, N, p * PANEL);
+            if (mr == MR) panel_bf16(x + m0 * K, w, bias, r, y + m0 * N, MR, K, N, p * PANEL, act);
+            else panel_bf16(x + m0 * K, w, bias, r, y + m0 * N, mr, K, N, p * PANEL, act);
         }
     }
 }

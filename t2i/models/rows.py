@@ -98,7 +98,7 @@ def _build() -> tuple[ctypes.CDLL | None, str, bool]:
     p, i = ctypes.c_void_p, ctypes.c_int64
     for name in ("rows_f32",) + (("rows_bf16",) if bf16 else ()):
         fn = getattr(dll, name)
-        fn.argtypes, fn.restype = [p, p, p, p, p, i, i, i, ctypes.c_int], None
+        fn.argtypes, fn.restype = [p, p, p, p, p, i, i, i, ctypes.c_int, ctypes.c_int], None
     for name in ("step_attn_f32",) + (("step_attn_bf16",) if bf16 else ()):
         fn = getattr(dll, name)
         fn.argtypes, fn.restype = [p, p, p, i, i, i, i, i, p, i, ctypes.c_float, p, ctypes.c_int], None
@@ -141,16 +141,20 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     return wp.view(Np // PANEL, PANEL, K2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def linear_fn(w: torch.Tensor, b: torch.Tensor | None, residual: bool = False):
-    """``f(x) = x w^T + b`` (``residual``: ``f(x, r) = x w^T + b + r``, one rounding) over inputs ``[..., K]``
-    in ``w``'s dtype, the weight packed once (:func:`pack`); for a few rows (a decode step)."""
+GELUS = {None: 0, "none": 1, "tanh": 2}  # F.gelu's approximate= -> rows.c's act
+
+
+def linear_fn(w: torch.Tensor, b: torch.Tensor | None, residual: bool = False, gelu: str | None = None):
+    """``f(x) = x w^T + b`` (``residual``: ``f(x, r) = x w^T + b + r``; ``gelu`` ``"none"`` / ``"tanh"``:
+    ``F.gelu(x w^T + b, approximate=gelu)``, on the float32 sum, to within 2e-7) over inputs ``[..., K]`` in
+    ``w``'s dtype, rounded once, the weight packed once (:func:`pack`); for a few rows (a decode step)."""
     dll = _lib()
     fn = dll.rows_f32 if w.dtype == torch.float32 else dll.rows_bf16
     N, K = w.shape
     wp = pack(w.detach())
     bias = b.detach().to(w.dtype).contiguous() if b is not None else None
     wptr, bptr = wp.data_ptr(), (bias.data_ptr() if bias is not None else None)
-    threads = torch.get_num_threads
+    threads, act = torch.get_num_threads, GELUS[gelu]
 
     def f(x: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != wp.dtype or x.shape[-1] != K or x.device.type != "cpu":
@@ -164,7 +168,7 @@ def linear_fn(w: torch.Tensor, b: torch.Tensor | None, residual: bool = False):
                                  f"{list(y.shape)}")
             r = r.contiguous()
         fn(x.data_ptr(), wptr, bptr, r.data_ptr() if r is not None else None, y.data_ptr(), x.numel() // K, K, N,
-           threads())
+           act, threads())
         return y
 
     f.packed = (wp, bias)  # keep the buffers the kernel reads alive with the function
