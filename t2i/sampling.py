@@ -73,7 +73,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> 
     logits = logits.float()
     if temperature == 0:  # greedy
         return logits.argmax(-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    if temperature != 1:  # x / 1 is x: skip the pass over every code's logit
+        logits = logits / temperature
+    probs = filter_logits(logits, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
