@@ -1,17 +1,22 @@
-"""A linear layer for the few rows of a decode step, written for AVX-512 CPUs (``rows.c`` beside this file).
+"""The decode step's own CPU kernels, for AVX-512 (``rows.c`` beside this file): a linear layer for a few rows
+and a decode step's attention.
 
 At 8 rows PyTorch's GEMMs (oneDNN's packed one included) stream a weight at about two thirds of what a plain
 ``sum`` reads on the CPUs this project is measured on; ``rows.c`` packs the weight once into panels of 48
 output columns and multiplies every row's inputs into them as outer products, reading the weight as one
 stream (``experiments/transformer_speed/README.md``: float32 30 GB/s where oneDNN reads 21 and ``sum`` 34).
 :func:`pack_linear` in :mod:`t2i.models.attention` uses it where :func:`available` says it can.
+:func:`step_attention` runs a decode step's attention (cache write, scores, softmax, weighted values) for
+every row and head in one call, where PyTorch needs some twenty small operations a layer
+(:class:`t2i.models.decode_step.DecodeStep` uses it).
 
-The C file is compiled on first use with the system's C compiler (``cc`` / ``gcc``: ``-O3 -fopenmp`` and the
-CPU's AVX-512 flags) into ``$T2I_KERNELS`` or ``~/.cache/t2i/kernels`` (one file per source and flags,
-written atomically, so parallel processes share it) and loaded with ``ctypes``; its OpenMP threads are those
-of the runtime torch already loaded. Where anything is missing (not x86-64 Linux, no AVX-512F, no compiler,
-a compile error, torch without its GNU OpenMP runtime) :func:`available` is False, the reason is in
-:func:`why_not`, and the packed oneDNN / MKL layers are used as before. ``T2I_ROWS=0`` turns it off.
+The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc`` / ``gcc``: ``-O3
+-fopenmp`` and the CPU's AVX-512 flags) into ``$T2I_KERNELS`` or ``~/.cache/t2i/kernels`` (one file per source
+and flags, written atomically, so parallel processes share it) and loaded with ``ctypes``; its OpenMP threads
+are those of the runtime torch already loaded. Where anything is missing (not x86-64 Linux, no AVX-512F, no
+compiler, a compile error, torch without its GNU OpenMP runtime) :func:`available` is False, the reason is in
+:func:`why_not`, and the packed oneDNN / MKL layers and PyTorch's attention run as before. ``T2I_ROWS=0``
+turns it off.
 """
 
 from __future__ import annotations
