@@ -1,4 +1,6 @@
-/* A linear layer for a few rows (a decode step): y[m, n] = sum_k x[m, k] w[n, k] + bias[n] (+ res[m, n]).
+/* The decode step's CPU kernels (loaded by t2i/models/rows.py): rows_f32 / rows_bf16, a linear layer for a few
+   rows, y[m, n] = gelu?(sum_k x[m, k] w[n, k] + bias[n]) (+ res[m, n]); step_attn_f32 / step_attn_bf16, a decode
+   step's attention for every row and head (further down).
 
    The weight is packed once (t2i/models/rows.py) into panels of NV * 16 output columns, each panel
    [K][NV * 16] (bfloat16: [K / 2][NV * 16][2], pairs along k), zero-padded, so a thread reads its share of the
@@ -7,7 +9,7 @@
    per step), so at 8 rows the weight streams at close to the speed of memory where a dot-product kernel
    would read four times its bytes of x from cache. float32: AVX-512 FMA; bfloat16: AVX512-BF16 dot products
    (pairs of products summed in float32), each output rounded to bfloat16 once. Threads split the panels
-   (OpenMP: the runtime torch loaded). Every pointer is contiguous. */
+   (OpenMP: the runtime torch loaded). Every pointer is contiguous; rows.py checks shapes and dtypes. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
