@@ -152,3 +152,34 @@ def test_fused_gelu_is_f_gelu_of_the_float32_sum(gelu):
         exact = F.gelu(F.linear(xb.double(), wb.double(), bb.double()), approximate=gelu)
         yb = rows.linear_fn(wb, bb, gelu=gelu)(xb)
         assert ((yb.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4).all()   # rounded once
+
+
+@needs
+@pytest.mark.parametrize("attention", ["dalle", "full"])
+def test_decode_step_with_and_without_the_kernels_agrees(attention):
+    """DecodeStep's two attention paths (rows.step_attention; PyTorch over cache views) and the two GEMM paths
+    (rows.c; oneDNN) give the same float32 logits, step after step, over the same cache contents."""
+    from t2i.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(text_vocab=50, text_len=6, image_vocab=64, image_grid=(4, 4), n_layer=4, n_head=4, d_model=64,
+                    attention=attention, conv_kernel=3).eval()
+    text = torch.randint(1, 50, (3, 6))
+    codes = torch.randint(0, 64, (3, 16))
+    with torch.no_grad():
+        runs = []
+        for kernels in (True, False):
+            if not kernels:
+                saved = rows._state.copy()
+                rows._state.update(lib=None, why="off for this test", bf16=False)
+            try:
+                cache = m.new_cache(3, "cpu")
+                assert cache.step is not None and cache.step.kernel is kernels
+                out = [m.prefill(text, cache)]
+                out += [m.decode_step(codes[:, i], i, cache) for i in range(15)]
+                runs.append(torch.stack(out))
+            finally:
+                if not kernels:
+                    rows._state.clear()
+                    rows._state.update(saved)
+        assert torch.allclose(runs[0], runs[1], atol=1e-5), (runs[0] - runs[1]).abs().max()

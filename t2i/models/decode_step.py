@@ -4,8 +4,10 @@
 position, without ``nn.Module`` calls and with fewer, fused operations: each layer is a tuple of packed
 linear functions (:func:`~t2i.models.attention.pack_linear`) and LayerNorm parameters. The residual adds run
 inside the attention output and MLP output GEMMs (oneDNN's binary post-op), the GELU inside the MLP input
-GEMM, and attention's ``1/sqrt(d)`` is folded into the query rows of the packed QKV weight; attention
-reads the cache in place, in float32 (:func:`~t2i.models.attention.segment_attention`). In float32 that is
+GEMM, and attention's ``1/sqrt(d)`` is folded into the query rows of the packed QKV weight; a layer's
+attention (the cache write included) is one call of :func:`t2i.models.rows.step_attention` on AVX-512 CPUs,
+else it reads the cache in place, in float32 (:func:`~t2i.models.attention.segment_attention`). The packed
+layers are :mod:`t2i.models.rows`' own kernel where it runs, else oneDNN's. In float32 that is
 the module path's arithmetic up to rounding; in bfloat16 the fused GEMMs round once where the module path
 rounds twice (both stay equally close to the float32 model: ``tests/test_transformer_decode.py``).
 
