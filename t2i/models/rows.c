@@ -19,6 +19,9 @@
 #define NV 3
 #define PANEL (NV * 16)
 
+/* the first `left` of 16 lanes (all of them from 16 on) */
+static inline __mmask16 mask16(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+
 /* exp of 16 floats (x <= 0 here: scores minus their maximum): 2^(x log2 e) split into 2^n (scalef) and 2^f,
    |f| <= 1/2, by its Taylor series to degree 7 (relative error below 1e-8, under float32's own rounding) */
 static inline __m512 exp16(__m512 x) {
@@ -83,7 +86,7 @@ static inline __attribute__((always_inline)) void panel_f32(const float *x, cons
     for (int j = 0; j < NV; j++) {
         int64_t n = n0 + 16 * j;
         if (n >= N) break;
-        __mmask16 t = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+        __mmask16 t = mask16(N - n);
         __m512 b = bias ? _mm512_maskz_loadu_ps(t, bias + n) : _mm512_setzero_ps();
         for (int m = 0; m < mr; m++) {
             __m512 v = _mm512_add_ps(acc[m][j], b);
@@ -122,7 +125,7 @@ static inline void softmax_inplace(float *s, int64_t n) {
     for (; j < n; j++) m = s[j] > m ? s[j] : m;
     __m512 vm = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
     for (j = 0; j < n; j += 16) {
-        __mmask16 t = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __mmask16 t = mask16(n - j);
         __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, s + j), vm));
         e = _mm512_maskz_mov_ps(t, e);
         sum = _mm512_add_ps(sum, e);
@@ -131,47 +134,70 @@ static inline void softmax_inplace(float *s, int64_t n) {
     float inv = 1.0f / _mm512_reduce_add_ps(sum);
     __m512 vi = _mm512_set1_ps(inv);
     for (j = 0; j < n; j += 16) {
-        __mmask16 t = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __mmask16 t = mask16(n - j);
         _mm512_mask_storeu_ps(s + j, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, s + j), vi));
     }
 }
 
+/* 16 values of a float32 (size 4) or bfloat16 (size 2) array as float32, masked; and back, rounded once */
+static inline __m512 load16(const void *p, __mmask16 t, int size) {
+    if (size == 2) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(t, p)), 16));
+    return _mm512_maskz_loadu_ps(t, p);
+}
+
+static inline void store16(void *p, __mmask16 t, __m512 v, int size) {
+#ifdef __AVX512BF16__
+    if (size == 2) {
+        _mm256_mask_storeu_epi16(p, t, (__m256i)_mm512_cvtneps_pbh(v));
+        return;
+    }
+#endif
+    _mm512_mask_storeu_ps(p, t, v);
+}
+
 /* One decode step's attention, every (row b, head h) of qkv [B, 3, H, D] (the new position's q, k, v): k and v
    written into the caches kc, vc [B, H, L, D] at `start`, then y[b, h] = softmax(scale q . k[idx]) v[idx] over
-   the n cache positions idx (the mask row's), in float32. y [B, H, D]. */
-void step_attn_f32(const float *qkv, float *kc, float *vc, int64_t B, int64_t H, int64_t L, int64_t D,
-                   int64_t start, const int64_t *idx, int64_t n, float scale, float *y, int threads) {
+   the n cache positions idx (the mask row's), in float32, y [B, H, D] rounded once. Elements of `size` bytes:
+   float32 or bfloat16, one body for both (size is a constant in each caller). */
+static inline __attribute__((always_inline)) void step_attn(const char *qkv, char *kc, char *vc, int64_t B,
+                                                           int64_t H, int64_t L, int64_t D, int64_t start,
+                                                           const int64_t *idx, int64_t n, float scale, char *y,
+                                                           int threads, int size) {
+    int64_t row = D * size; /* bytes of one head's vector */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
         int64_t b = bh / H, h = bh % H;
-        const float *q = qkv + (b * 3 * H + h) * D;
-        float *kb = kc + bh * L * D, *vb = vc + bh * L * D;
-        memcpy(kb + start * D, qkv + (b * 3 * H + H + h) * D, (size_t)D * 4);
-        memcpy(vb + start * D, qkv + (b * 3 * H + 2 * H + h) * D, (size_t)D * 4);
+        const char *q = qkv + (b * 3 * H + h) * row;
+        char *kb = kc + bh * L * row, *vb = vc + bh * L * row;
+        memcpy(kb + start * row, qkv + (b * 3 * H + H + h) * row, (size_t)row);
+        memcpy(vb + start * row, qkv + (b * 3 * H + 2 * H + h) * row, (size_t)row);
         float s[MAXKEYS];
         for (int64_t j = 0; j < n; j++) {
-            const float *k = kb + idx[j] * D;
+            const char *k = kb + idx[j] * row;
             __m512 acc = _mm512_setzero_ps();
             for (int64_t d = 0; d < D; d += 16) {
-                __mmask16 t = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-                acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, q + d), _mm512_maskz_loadu_ps(t, k + d), acc);
+                __mmask16 t = mask16(D - d);
+                acc = _mm512_fmadd_ps(load16(q + d * size, t, size), load16(k + d * size, t, size), acc);
             }
             s[j] = _mm512_reduce_add_ps(acc) * scale;
         }
         softmax_inplace(s, n);
-        float *out = y + bh * D;
         for (int64_t d = 0; d < D; d += 16) {
-            __mmask16 t = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+            __mmask16 t = mask16(D - d);
             __m512 acc = _mm512_setzero_ps();
             for (int64_t j = 0; j < n; j++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), _mm512_maskz_loadu_ps(t, vb + idx[j] * D + d), acc);
-            _mm512_mask_storeu_ps(out + d, t, acc);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), load16(vb + idx[j] * row + d * size, t, size), acc);
+            store16(y + bh * row + d * size, t, acc, size);
         }
     }
 }
 
+void step_attn_f32(const float *qkv, float *kc, float *vc, int64_t B, int64_t H, int64_t L, int64_t D,
+                   int64_t start, const int64_t *idx, int64_t n, float scale, float *y, int threads) {
+    step_attn((const char *)qkv, (char *)kc, (char *)vc, B, H, L, D, start, idx, n, scale, (char *)y, threads, 4);
+}
+
 #ifdef __AVX512BF16__
-static inline __m512 bf16x16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 /* K2: K / 2 rounded up; x rows have K bf16 (an odd K's last pair is read with a zero) */
 static inline __attribute__((always_inline)) void panel_bf16(const uint16_t *x, const uint16_t *wp,
@@ -208,13 +234,13 @@ static inline __attribute__((always_inline)) void panel_bf16(const uint16_t *x, 
     for (int j = 0; j < NV; j++) {
         int64_t n = n0 + 16 * j;
         if (n >= N) break;
-        __mmask16 t = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
-        __m512 b = bias ? bf16x16_to_f32(_mm256_maskz_loadu_epi16(t, bias + n)) : _mm512_setzero_ps();
+        __mmask16 t = mask16(N - n);
+        __m512 b = bias ? load16(bias + n, t, 2) : _mm512_setzero_ps();
         for (int m = 0; m < mr; m++) {
             __m512 v = _mm512_add_ps(acc[m][j], b);
             if (act) v = gelu16(v, act);
-            if (res) v = _mm512_add_ps(v, bf16x16_to_f32(_mm256_maskz_loadu_epi16(t, res + m * N + n)));
-            _mm256_mask_storeu_epi16(y + m * N + n, t, (__m256i)_mm512_cvtneps_pbh(v));
+            if (res) v = _mm512_add_ps(v, load16(res + m * N + n, t, 2));
+            store16(y + m * N + n, t, v, 2);
         }
     }
 }
@@ -233,37 +259,9 @@ void rows_bf16(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, cons
         }
     }
 }
-static inline __m512 load_bf16(__mmask16 t, const uint16_t *p) { return bf16x16_to_f32(_mm256_maskz_loadu_epi16(t, p)); }
-
-/* step_attn_f32 over a bfloat16 qkv and caches: the scores, softmax and weighted sum in float32, y rounded once */
+/* step_attn over a bfloat16 qkv and caches (the scores, softmax and weighted sum in float32) */
 void step_attn_bf16(const uint16_t *qkv, uint16_t *kc, uint16_t *vc, int64_t B, int64_t H, int64_t L, int64_t D,
                     int64_t start, const int64_t *idx, int64_t n, float scale, uint16_t *y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        int64_t b = bh / H, h = bh % H;
-        const uint16_t *q = qkv + (b * 3 * H + h) * D;
-        uint16_t *kb = kc + bh * L * D, *vb = vc + bh * L * D;
-        memcpy(kb + start * D, qkv + (b * 3 * H + H + h) * D, (size_t)D * 2);
-        memcpy(vb + start * D, qkv + (b * 3 * H + 2 * H + h) * D, (size_t)D * 2);
-        float s[MAXKEYS];
-        for (int64_t j = 0; j < n; j++) {
-            const uint16_t *k = kb + idx[j] * D;
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t d = 0; d < D; d += 16) {
-                __mmask16 t = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-                acc = _mm512_fmadd_ps(load_bf16(t, q + d), load_bf16(t, k + d), acc);
-            }
-            s[j] = _mm512_reduce_add_ps(acc) * scale;
-        }
-        softmax_inplace(s, n);
-        uint16_t *out = y + bh * D;
-        for (int64_t d = 0; d < D; d += 16) {
-            __mmask16 t = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t j = 0; j < n; j++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), load_bf16(t, vb + idx[j] * D + d), acc);
-            _mm256_mask_storeu_epi16(out + d, t, (__m256i)_mm512_cvtneps_pbh(acc));
-        }
-    }
+    step_attn((const char *)qkv, (char *)kc, (char *)vc, B, H, L, D, start, idx, n, scale, (char *)y, threads, 2);
 }
 #endif
