@@ -313,10 +313,10 @@ class Transformer(nn.Module):
         heads = [h for h in (self.image_head, self.text_head) if h is not None]
         cpu = kind == "cpu"
         amp = torch.get_autocast_dtype("cpu") if cpu and torch.is_autocast_enabled("cpu") else None
-        if amp is not None and (amp != torch.bfloat16 or weights != torch.float32):
-            amp = None if amp == weights else False  # bf16 over float32 only; other autocasts: F.linear
-        if amp is False:
-            return cache
+        if amp == weights:
+            amp = None  # autocast to the weights' own dtype changes nothing
+        elif amp is not None and (amp, weights) != (torch.bfloat16, torch.float32):
+            return cache  # bf16 over float32 only; other autocasts: F.linear
         cache.autocast = amp
         with torch.no_grad():
             cache.step = DecodeStep.build(self, batch, amp) if cpu else None
