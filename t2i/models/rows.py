@@ -17,6 +17,11 @@ are those of the runtime torch already loaded. Where anything is missing (not x8
 compiler, a compile error, torch without its GNU OpenMP runtime) :func:`available` is False, the reason is in
 :func:`why_not`, and the packed oneDNN / MKL layers and PyTorch's attention run as before. ``T2I_ROWS=0``
 turns it off.
+
+:func:`multinomial` is ``torch.multinomial(p, 1)``'s draw on the CPU generator, the same codes for the same
+seed and the generator left in the same state, at a tenth of its cost (``draw.c``: torch spends a scalar
+``log1p`` on every one of 16,384 codes a row where top-k left 256); it checks once per process that it
+draws what this torch draws, and falls back to ``torch.multinomial`` where it cannot.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("rows.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("rows.c", "draw.c"))
 PANEL = 48  # output columns per panel: NV * 16 in rows.c
 MAX_KEYS = 4096  # the most cache positions step_attention reads (MAXKEYS in rows.c)
 _state: dict = {}
@@ -65,7 +71,7 @@ def _build() -> tuple[ctypes.CDLL | None, str, bool]:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"not x86-64 Linux ({platform.system()} {platform.machine()})", False
     flags = cpu_flags()
-    need = {"avx512f", "avx512bw", "avx512vl", "fma"}
+    need = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}
     if not need <= flags:
         return None, f"the CPU lacks {sorted(need - flags)}", False
     bf16 = "avx512_bf16" in flags
@@ -74,9 +80,9 @@ def _build() -> tuple[ctypes.CDLL | None, str, bool]:
         return None, "no C compiler (cc / gcc) on PATH", False
     if not _omp_runtime():
         return None, "torch has not loaded GNU OpenMP (libgomp), which the kernel shares", False
-    args = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"] + \
+    args = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"] + \
         (["-mavx512bf16"] if bf16 else [])
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *args]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join([cc, *args]).encode()).hexdigest()[:16]
     folder = Path(os.environ.get("T2I_KERNELS") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                   / "t2i" / "kernels")
     lib = folder / f"rows-{key}.so"
@@ -86,7 +92,7 @@ def _build() -> tuple[ctypes.CDLL | None, str, bool]:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
-            res = subprocess.run([cc, *args, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            res = subprocess.run([cc, *args, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
             if res.returncode:
                 return None, f"{cc} failed: {res.stderr.strip()[-500:]}", False
             os.replace(tmp, lib)
@@ -107,6 +113,8 @@ def _build() -> tuple[ctypes.CDLL | None, str, bool]:
     for name in ("step_attn_f32",) + (("step_attn_bf16",) if bf16 else ()):
         fn = getattr(dll, name)
         fn.argtypes, fn.restype = [p, p, p, i, i, i, i, i, p, i, ctypes.c_float, p, ctypes.c_int], None
+    dll.draw_f32.argtypes, dll.draw_f32.restype = [p, i, i, p, p, p, ctypes.c_int], ctypes.c_int
+    dll.exponential_f32.argtypes, dll.exponential_f32.restype = [p, p, i, p, ctypes.c_int], None
     return dll, "", bf16
 
 
@@ -200,3 +208,75 @@ def step_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     fn(qkv.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, L, D, start, idx.data_ptr(), n, scale, y.data_ptr(),
        torch.get_num_threads())
     return y
+
+
+_scratch = threading.local()  # draw_f32's stream buffer, one per thread (ctypes releases the GIL)
+
+
+def _words(n: int) -> torch.Tensor:
+    words = getattr(_scratch, "words", None)
+    if words is None or words.numel() < n + 2 * 624:  # kept: a fresh buffer each call would cost its page faults
+        words = _scratch.words = torch.empty(n + 2 * 624, dtype=torch.int32)
+    return words
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+    """draw.c's draw, or None where a row is one torch.multinomial rejects (nothing drawn then)."""
+    R, V = probs.shape
+    words, state = _words(2 * R * V), generator.get_state()
+    out = torch.empty(R, 1, dtype=torch.int64)
+    if _lib().draw_f32(probs.data_ptr(), R, V, state.data_ptr(), words.data_ptr(), out.data_ptr(),
+                       torch.get_num_threads()):
+        return None
+    generator.set_state(state)
+    return out
+
+
+def exponential(n: int, generator: torch.Generator) -> torch.Tensor:
+    """draw.c's ``torch.empty(n).exponential_(generator=generator)``, bit for bit, ``generator`` advanced as
+    torch advances it (the variates :func:`multinomial` draws with; for tests)."""
+    words, state = _words(2 * n), generator.get_state()
+    out = torch.empty(n)
+    _lib().exponential_f32(state.data_ptr(), words.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+    generator.set_state(state)
+    return out
+
+
+def _draw_agrees() -> bool:
+    """Does draw.c draw what this torch's ``multinomial`` draws, and leave the generator where it does?
+    (Checked once per process, at stream positions odd and even, rows dense and sparse.)"""
+    if "draw" not in _state:
+        ok, why = _lib() is not None and len(torch.Generator().get_state()) == 5056, ""
+        g = torch.Generator().manual_seed(20261207)
+        for n, (R, V, k) in enumerate([(3, 1000, None), (2, 16384, 64), (1, 13, None)]):
+            if not ok:
+                break
+            torch.randint(0, 2, (n,), generator=g)  # move the stream to an odd position, then an even one
+            x = torch.randn(R, V, generator=g)
+            if k is not None:
+                x = x.masked_fill(x < x.topk(k, -1).values[..., -1:], float("-inf"))
+            probs = x.softmax(-1)
+            a, b = torch.Generator(), torch.Generator()
+            a.set_state(g.get_state())
+            b.set_state(g.get_state())
+            ok = torch.equal(torch.multinomial(probs, 1, generator=a), _draw(probs, b)) and \
+                torch.equal(a.get_state(), b.get_state())
+        if not ok and _lib() is not None:
+            why = f"draw.c does not draw what torch {torch.__version__}'s multinomial draws"
+            log.warning("%s: sampling uses torch.multinomial", why)
+        _state["draw"], _state["draw_why"] = ok, why or _state["why"]
+    return _state["draw"]
+
+
+def multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``torch.multinomial(probs, 1, generator=generator)``: one index per row of ``probs [R, V]``, the same
+    index for the same generator state, the generator (``None``: torch's default) left as torch leaves it,
+    bad rows raising torch's own error. draw.c where it can (a float32 contiguous matrix on the CPU, and
+    :func:`_draw_agrees`), else torch."""
+    g = generator if generator is not None else torch.default_generator
+    if (probs.dim() == 2 and probs.dtype == torch.float32 and probs.device.type == "cpu" and probs.is_contiguous()
+            and probs.numel() and g.device.type == "cpu" and _draw_agrees()):
+        out = _draw(probs, g)
+        if out is not None:
+            return out
+    return torch.multinomial(probs, 1, generator=generator)
