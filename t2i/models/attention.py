@@ -30,6 +30,7 @@ time for one query row (``experiments/transformer_speed/README.md``).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from t2i.errors import ConfigError
 from t2i.models import rows as rows_kernel
 
 ROWS_KERNEL_MAX = 32  # pack_linear uses t2i.models.rows up to this many rows (oneDNN above: compute-bound there)
+# rows.c's packed copies, kept with their layer between caches: layer -> (stamp of its weight and bias, {args: fn})
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 PATTERNS = ("full", "row", "column", "conv", "axial_row")
 SCHEDULES = ("full", "dalle")
 IMPLS = ("sdpa", "math", "flex")
@@ -285,6 +288,11 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
     onednn = torch.backends.mkldnn.is_available() and \
         (w.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
     ours = rows_kernel.available(w.dtype) and (rows >= 2 or w.dtype == torch.bfloat16) and rows <= ROWS_KERNEL_MAX
+    if ours:  # the same copy for any rows it takes: kept with the layer while its bytes stay the same
+        args, stamp = (gelu, residual, scale_rows, scale, w.dtype), _stamp(layer)
+        kept = _KEPT.get(layer)
+        if stamp is not None and kept is not None and kept[0] == stamp and args in kept[1]:
+            return kept[1][args]
     if not (onednn or ours) and (gelu is not None or residual or scale_rows):
         return None
     if scale_rows:
@@ -293,7 +301,12 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
         if b is not None:
             b[:scale_rows] *= scale
     if ours:
-        return rows_kernel.linear_fn(w, b, residual, gelu)
+        fn = rows_kernel.linear_fn(w, b, residual, gelu)
+        if stamp is not None:
+            if kept is None or kept[0] != stamp:
+                kept = _KEPT[layer] = (stamp, {})
+            kept[1][args] = fn
+        return fn
     if onednn:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
         if residual:
@@ -304,6 +317,29 @@ def pack_linear(layer: nn.Linear, rows: int, gelu: str | None = None, residual: 
         packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
         return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, rows)
     return None
+
+
+def _stamp(layer: nn.Linear):
+    """What a kept copy of ``layer`` was made from: its weight's and bias's dtype, shape and bytes
+    (:func:`t2i.models.rows.fingerprint`, so a change through ``.data`` counts too); None: cannot tell."""
+    parts = []
+    for t in (layer.weight, layer.bias):
+        if t is None:
+            parts.append(None)
+            continue
+        t = t.detach()
+        fp = rows_kernel.fingerprint(t)
+        if fp is None:
+            return None
+        parts.append((t.dtype, tuple(t.shape), fp))
+    return tuple(parts)
+
+
+def forget_packed(module: nn.Module) -> None:
+    """Drop the packed copies :func:`pack_linear` keeps for ``module``'s linear layers (the memory they
+    hold; ``Transformer.train()`` calls it, as training changes the weights)."""
+    for m in module.modules():
+        _KEPT.pop(m, None)
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, cache: KVCache | None = None, gelu: str | None = None) -> torch.Tensor:

@@ -113,6 +113,7 @@ def _build() -> tuple[ctypes.CDLL | None, str, bool]:
     for name in ("step_attn_f32",) + (("step_attn_bf16",) if bf16 else ()):
         fn = getattr(dll, name)
         fn.argtypes, fn.restype = [p, p, p, i, i, i, i, i, p, i, ctypes.c_float, p, ctypes.c_int], None
+    dll.fingerprint.argtypes, dll.fingerprint.restype = [p, i, ctypes.c_int], ctypes.c_uint64
     dll.draw_f32.argtypes, dll.draw_f32.restype = [p, i, i, p, p, p, ctypes.c_int], ctypes.c_int
     dll.exponential_f32.argtypes, dll.exponential_f32.restype = [p, p, i, p, ctypes.c_int], None
     return dll, "", bf16
@@ -186,6 +187,16 @@ def linear_fn(w: torch.Tensor, b: torch.Tensor | None, residual: bool = False, g
 
     f.packed = (wp, bias)  # keep the buffers the kernel reads alive with the function
     return f if residual else (lambda x: f(x))
+
+
+def fingerprint(t: torch.Tensor) -> int | None:
+    """A 64-bit fingerprint of ``t``'s bytes (a contiguous CPU tensor of any dtype), read at the speed of
+    memory (``rows.c``): equal for equal contents, whatever the thread count; None where the kernels cannot
+    run (or ``t`` is not contiguous on the CPU)."""
+    dll = _lib()
+    if dll is None or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    return dll.fingerprint(t.data_ptr(), t.numel() * t.element_size(), torch.get_num_threads()) or None
 
 
 def step_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, idx: torch.Tensor,

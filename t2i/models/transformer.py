@@ -36,6 +36,7 @@ from t2i.models import attention as A
 from t2i.models.attention import (
     Attention,
     KVCache,
+    forget_packed,
     layer_patterns,
     linear,
     pack_linear,
@@ -296,11 +297,19 @@ class Transformer(nn.Module):
         image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten().long())
         return text_loss, image_loss
 
+    def train(self, mode: bool = True):
+        if mode:  # training changes the weights: drop the decode step's kept packed copies (their memory)
+            forget_packed(self)
+        return super().train(mode)
+
     # -- decoding ----------------------------------------------------------------------------
     def new_cache(self, batch: int, device, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for ``batch`` sequences, with the linear layers packed for its decode steps
-        (:func:`~t2i.models.attention.pack_linear`; the packed copies live as long as the cache): the
-        blocks as a :class:`~t2i.models.decode_step.DecodeStep` where it covers them, else layer by layer.
+        (:func:`~t2i.models.attention.pack_linear`): the blocks as a
+        :class:`~t2i.models.decode_step.DecodeStep` where it covers them, else layer by layer. The copies
+        ``rows.c`` runs (2-32 rows) are kept with the model and reused by the next cache while the weights
+        hold the same bytes (a fingerprint, not a version counter, so a write through ``.data`` counts);
+        ``train()`` or :func:`~t2i.models.attention.forget_packed` drops them. oneDNN's live as long as the cache.
         ``dtype`` None: the autocast dtype where autocast is on for ``device`` (its GEMMs make the keys and
         values, so nothing is lost), else the weights'. Made under CPU autocast to bfloat16 over float32
         weights, the copies are bfloat16 (``cache.autocast``), used while that autocast is on; under other
