@@ -59,8 +59,12 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     """Set to -inf every logit outside the ``top_k`` largest and outside the smallest set whose
     probability reaches ``top_p`` (the most likely token always stays)."""
     if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        fast = rows.top_k_filter(logits, top_k)  # the same values, faster (None: not a case it takes)
+        if fast is not None:
+            logits = fast
+        else:
+            kth = logits.topk(top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0 < top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)

@@ -185,3 +185,65 @@ def test_generate_draws_the_codes_torch_multinomial_drew(monkeypatch, settings):
     monkeypatch.setattr(rows, "multinomial", lambda p, g=None: torch.multinomial(p, 1, generator=g))
     theirs = generate(model, text, 3, generator=torch.Generator().manual_seed(4), **settings)
     assert torch.equal(ours, theirs)
+
+
+@pytest.fixture(params=[False, True], ids=["ieee", "flush_denormal"])
+def flush(request):
+    """t2i-train and t2i-eval run with torch.set_flush_denormal(True): the draws must agree there too."""
+    torch.set_flush_denormal(request.param)
+    yield request.param
+    torch.set_flush_denormal(False)
+
+
+@needs
+def test_subnormal_probabilities_under_either_mode(flush):
+    same_as_torch(torch.full((2, 300), 1e-40).index_fill_(1, torch.tensor([7]), 1e-30), 2)
+    same_as_torch(probs_like(4, 2000, 1, scale=60.0), 3)       # peaked: subnormal tails from the softmax
+    p = torch.full((1, 64), 1e-40)
+    a, b = twins(1)
+    if flush:  # every p flushes to 0: torch's error, and nothing drawn
+        with pytest.raises(RuntimeError, match="sum of probabilities"):
+            torch.multinomial(p, 1, generator=a)
+        with pytest.raises(RuntimeError, match="sum of probabilities"):
+            rows.multinomial(p, b)
+    else:
+        assert torch.equal(rows.multinomial(p, b), torch.multinomial(p, 1, generator=a))
+    assert torch.equal(a.get_state(), b.get_state())
+
+
+def torch_top_k(x, k):
+    return x.masked_fill(x < x.topk(k, dim=-1).values[..., -1:], float("-inf"))
+
+
+@needs
+def test_top_k_filter_keeps_what_topk_keeps(flush):
+    for seed in range(150):
+        g = torch.Generator().manual_seed(seed)
+        R, V = 1 + seed % 5, [2, 3, 16, 17, 100, 1000, 16384][seed % 7]
+        x = torch.randn(R, V, generator=g) * [1.0, 10.0, 1e-30, 1e30][seed % 4]
+        if seed % 5 == 0:
+            x = x.round()                                      # ties at the k-th value
+        if seed % 6 == 0:
+            x[0, : V // 2] = float("-inf")
+            x[-1, -1] = float("inf")
+        if seed % 9 == 0:
+            x[0, 0], x[0, 1] = 0.0, -0.0
+        k = 1 + (seed * 7919) % (V - 1)
+        got = rows.top_k_filter(x, k)
+        if flush and seed % 4 == 2:
+            continue                                           # subnormal logits under flushing: torch's call
+        assert got is not None and torch.equal(got, torch_top_k(x, k)), (seed, R, V, k)
+
+
+@needs
+def test_top_k_filter_leaves_what_it_cannot_rank_to_torch(flush):
+    x = torch.randn(3, 40)
+    x[1, 5] = float("nan")
+    assert rows.top_k_filter(x, 4) is None
+    tiny = torch.randint(1, 1 << 23, (2, 40), dtype=torch.int32).view(torch.float32)  # subnormal, made bitwise
+    assert (rows.top_k_filter(tiny, 4) is None) == flush
+    assert rows.top_k_filter(torch.randn(3, 40).double(), 4) is None and rows.top_k_filter(torch.randn(40), 4) is None
+    from t2i.sampling import filter_logits
+
+    for logits in (x, tiny, torch.randn(2, 3, 50)):               # filter_logits: the same result either way
+        torch.testing.assert_close(filter_logits(logits, 4), torch_top_k(logits, 4), rtol=0, atol=0, equal_nan=True)

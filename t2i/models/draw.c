@@ -12,6 +12,7 @@
 
    state: the bytes of torch.Generator.get_state() (int32 left at 8, uint64 next at 16, uint64 words at 24,
    mt19937's state[624] one per word), read and updated in place. */
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -110,17 +111,27 @@ static inline __m256 q8(const uint32_t *w) {
     return q;
 }
 
+/* flush: torch.set_flush_denormal(True) is on (MXCSR's DAZ / FTZ in the calling thread): subnormal p and p / q
+   count as 0, as there (emulated, so that every OpenMP thread agrees) */
+static inline float flush1(float x, int flush) { return flush && x < FLT_MIN ? 0.0f : x; }
+
+static inline __m256 flush8(__m256 x, int flush) {
+    return flush ? _mm256_maskz_mov_ps(~_mm256_cmp_ps_mask(x, _mm256_set1_ps(FLT_MIN), _CMP_LT_OQ), x) : x;
+}
+
+static inline int flushing(void) { return (_mm_getcsr() & 0x8040) != 0; }
+
 /* argmax of one row as torch's: the first maximum, a NaN above everything (the first NaN) */
-static int64_t draw_row(const float *p, const uint32_t *w, int64_t V) {
+static int64_t draw_row(const float *p, const uint32_t *w, int64_t V, int flush) {
     float best = 0.0f;
     int64_t arg = 0, j = 0;
     for (; j + 8 <= V; j += 8) {
-        __m256 pv = _mm256_loadu_ps(p + j);
+        __m256 pv = flush8(_mm256_loadu_ps(p + j), flush);
         __mmask8 nz = _mm256_cmp_ps_mask(pv, _mm256_setzero_ps(), _CMP_GT_OQ);
         /* an element whose p is 0 matters only as 0 / 0 (NaN): q = 0 needs u = 0, so its low word is 0 */
         __mmask16 zero = _mm512_testn_epi32_mask(_mm512_loadu_si512(w + 2 * j), _mm512_set1_epi32(-1));
         if (!nz && !(zero & 0xaaaa)) continue;
-        __m256 v = _mm256_div_ps(pv, q8(w + 2 * j));
+        __m256 v = flush8(_mm256_div_ps(pv, q8(w + 2 * j)), flush);
         __mmask8 nan = _mm256_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         if (nan) return j + __builtin_ctz(nan);
         float mx = _mm512_mask_reduce_max_ps(0xff, _mm512_castps256_ps512(v)); /* the upper 8 lanes masked off */
@@ -130,7 +141,7 @@ static int64_t draw_row(const float *p, const uint32_t *w, int64_t V) {
         }
     }
     for (; j < V; j++) {
-        float v = p[j] / q1(w[2 * j], w[2 * j + 1]);
+        float v = flush1(flush1(p[j], flush) / q1(w[2 * j], w[2 * j + 1]), flush);
         if (v != v) return j;
         if (v > best) best = v, arg = j;
     }
@@ -189,12 +200,12 @@ void exponential_f32(uint8_t *state, uint32_t *words, int64_t n, float *out, int
    p, or no positive one (torch.multinomial raises for it: nothing is drawn, state unchanged).
    words: scratch for at least 2 R V + 2 * 624 uint32. */
 int draw_f32(const float *p, int64_t R, int64_t V, uint8_t *state, uint32_t *words, int64_t *out, int threads) {
-    int bad = 0;
+    int bad = 0, flush = flushing();
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
     for (int64_t r = 0; r < R; r++) {
         int any = 0;
         for (int64_t j = 0; j < V; j++) {
-            float x = p[r * V + j];
+            float x = flush1(p[r * V + j], flush);
             if (!(x >= 0.0f) || x == INFINITY) bad = 1;
             any |= x > 0.0f;
         }
@@ -203,6 +214,84 @@ int draw_f32(const float *p, int64_t R, int64_t V, uint8_t *state, uint32_t *wor
     if (bad) return 1;
     stream(state, words, 2 * R * V);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < R; r++) out[r] = draw_row(p + r * V, words + 2 * r * V, V);
+    for (int64_t r = 0; r < R; r++) out[r] = draw_row(p + r * V, words + 2 * r * V, V, flush);
+    return 0;
+}
+
+/* y [R, V] = x with every value below its row's k-th largest set to -inf, as
+   x.masked_fill(x < x.topk(k).values[..., -1:], -inf) (the same k-th value: a radix select over the floats'
+   order-keeping integer keys, 11 + 11 + 10 bits, where topk sorts). 1: a row holds a NaN (topk ranks NaN
+   above everything) or, under torch.set_flush_denormal(True), a subnormal value: left to torch, nothing
+   written. */
+static inline uint32_t fkey(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return b ^ ((uint32_t)((int32_t)b >> 31) | 0x80000000u);
+}
+
+static inline float unkey(uint32_t k) {
+    uint32_t b = (k & 0x80000000u) ? k ^ 0x80000000u : ~k;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* the bin of hist [n] (counts) the k-th from the top falls in; k becomes its rank within that bin */
+static inline uint32_t pick_bin(const int32_t *hist, int n, int64_t *k) {
+    int b = n - 1;
+    for (; b > 0 && hist[b] < *k; b--) *k -= hist[b];
+    return (uint32_t)b;
+}
+
+static float kth_largest(const float *x, int64_t V, int64_t k, uint32_t *cand) {
+    int32_t hist[2048];
+    memset(hist, 0, sizeof hist);
+    for (int64_t j = 0; j < V; j++) hist[fkey(x[j]) >> 21]++;
+    uint32_t b1 = pick_bin(hist, 2048, &k);
+    int64_t n = 0;
+    memset(hist, 0, sizeof hist);
+    for (int64_t j = 0; j < V; j++) {
+        uint32_t key = fkey(x[j]);
+        if ((key >> 21) == b1) {
+            cand[n++] = key;
+            hist[(key >> 10) & 0x7ff]++;
+        }
+    }
+    uint32_t b2 = pick_bin(hist, 2048, &k);
+    memset(hist, 0, 1024 * sizeof hist[0]);
+    for (int64_t j = 0; j < n; j++)
+        if (((cand[j] >> 10) & 0x7ff) == b2) hist[cand[j] & 0x3ff]++;
+    uint32_t b3 = pick_bin(hist, 1024, &k);
+    return unkey((b1 << 21) | (b2 << 10) | b3);
+}
+
+int topk_mask_f32(const float *x, float *y, int64_t R, int64_t V, int64_t k, uint32_t *scratch, int threads) {
+    int bad = 0, flush = flushing();
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = x + r * V;
+        __mmask16 refuse = 0; /* a NaN, or a subnormal value under flushing */
+        int64_t j = 0;
+        for (; j + 16 <= V; j += 16) {
+            __m512 v = _mm512_loadu_ps(row + j);
+            refuse |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            if (flush) refuse |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ) &
+                              _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+        }
+        for (; j < V; j++) refuse |= row[j] != row[j] || (flush && row[j] != 0.0f && fabsf(row[j]) < FLT_MIN);
+        if (refuse) bad = 1;
+    }
+    if (bad) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = x + r * V;
+        float *out = y + r * V;
+        __m512 kth = _mm512_set1_ps(kth_largest(row, V, k, scratch + r * V)), ninf = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < V; j += 16) {
+            __mmask16 t = V - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (V - j)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(t, row + j);
+            _mm512_mask_storeu_ps(out + j, t, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, kth, _CMP_LT_OQ), v, ninf));
+        }
+    }
     return 0;
 }
