@@ -37,12 +37,14 @@ floor), its ratio to the memory floor alone and image tokens per second.
   tree's process: what the GEMM library streams at this batch, the floor of the step on this machine.
 - From outside: ``t2i.sampling.generate`` on one caption x 8 samples, top-k 256, primed with all but the
   last 64 image codes, minus the prefill that call itself ran (its ``model.prefill`` timed in place), over
-  the 63 decode steps and 64 draws; its floor uses the KV
-  length of those 64 positions. Same seed before and after: the codes must be equal (float32). Three
+  the 63 decode steps and 64 draws, in a process that has made a cache before (every call but a process's
+  first: the packed weights are kept with the model; a first and a second ``new_cache`` are timed apart);
+  its floor uses the KV length of those 64 positions. Same seed before and after: the codes must be equal
+  (float32). Three
   settings: float32, bfloat16 weights, and float32 weights under bfloat16 autocast (what
   ``Pipeline(dtype="bf16")`` and ``t2i-generate dtype=bf16`` run; its floor counts bfloat16 bytes). ``--rounds``
-  rounds, before and after alternating, each with its own bandwidth probe; the median round by its ratio is
-  kept. These steps include the sampler's work on the 16,384 logits (top-k, softmax, ``torch.multinomial``).
+  rounds, before, previous and after alternating, each with its own bandwidth probe; the median round by its
+  ratio is kept. These steps include the sampler's work on the 16,384 logits (top-k, softmax, the draw).
 
 Threads: ``torch.set_num_threads(--threads)`` in every process (2: all this machine has).
 """
@@ -74,7 +76,7 @@ DTYPES = ("float32", "bfloat16")
 OUTSIDE = DTYPES + ("autocast",)  # autocast: float32 weights under bfloat16 autocast (Pipeline(dtype="bf16"))
 BATCHES = (1, 8, 32)
 BASELINE = "803cda5"  # the last commit before the decode-step work (issue 29)
-PREVIOUS = "5ffa43b"  # the last measured state (RESULTS_roofline.md before t2i.models.rows)
+PREVIOUS = "3fe1a31"  # the last measured state (RESULTS_roofline.md before draw.c and the kept packed weights)
 
 
 # -- worker (one process per implementation x geometry x dtype) ----------------------------------------
@@ -195,6 +197,14 @@ def outside_worker(dtype_name: str, tail: int = 64, batch: int = 8) -> dict:
     prime = torch.randint(0, model.image_vocab, (1, model.n_image - tail), generator=g)
     rep = prime.repeat_interleave(batch, 0)
 
+    def new_cache():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            t0 = time.perf_counter()
+            model.new_cache(batch, "cpu", dtype)
+            return time.perf_counter() - t0
+
+    cache_first, cache_next = new_cache(), new_cache()  # a process's first cache packs the weights; the next?
+
     def prefill():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             model.prefill(text.repeat_interleave(batch, 0), model.new_cache(batch, "cpu", dtype), rep)
@@ -228,6 +238,7 @@ def outside_worker(dtype_name: str, tail: int = 64, batch: int = 8) -> dict:
     assert torch.equal(codes, codes2)
     kv_len = model.text_len + model.n_image - tail + (tail - 1) / 2  # steps feed codes n-tail .. n-2
     return dict(step_s=(total - pre) / (tail - 1), prefill_s=pre, generate_s=total, kv_len=kv_len, bandwidth_GBps=bw,
+                cache_first_s=cache_first, cache_next_s=cache_next,
                 bytes=step_bytes(model, batch, kv_len, dtype.itemsize), flops=step_flops(model, batch, kv_len),
                 codes=codes.flatten().tolist())
 
@@ -335,8 +346,6 @@ def main():
         for r in range(rounds):
             for dtype in OUTSIDE:
                 for impl, path in impls.items():
-                    if impl == "previous":
-                        continue
                     res = run_worker(args, path, dict(outside=True, dtype=dtype))
                     outside.setdefault(f"{dtype}/{impl}", []).append(res)
                     loads.append(load_avg())
@@ -407,19 +416,25 @@ def write(args, machine, runs, outside, loads):
             continue
         peak = machine["matmul_peak"][f"{'bfloat16' if dtype == 'autocast' else dtype}_GFLOPs"] * 1e9
         same = all(r["codes"] == outside[f"{dtype}/after"][0]["codes"] for r in outside[f"{dtype}/before"] +
-                   outside[f"{dtype}/after"])
+                   outside.get(f"{dtype}/previous", []) + outside[f"{dtype}/after"])
         o, a = (median_round(outside[f"{dtype}/{impl}"], peak) for impl in ("before", "after"))
+        p = median_round(outside[f"{dtype}/previous"], peak) if f"{dtype}/previous" in outside else None
         memory = a["bytes"] / (a["bandwidth_GBps"] * 1e9)
         compute = a["flops"] / peak
         data["outside"][dtype] = dict(before={k: v for k, v in o.items() if k != "codes"},
+                                      previous={k: v for k, v in (p or {}).items() if k != "codes"},
                                       after={k: v for k, v in a.items() if k != "codes"}, memory_floor_s=memory,
                                       compute_floor_s=compute, roofline_s=max(memory, compute), same_codes=same)
         o = dict(o, flops=o.get("flops", a["flops"]))
         label = "float32 weights, bfloat16 autocast" if dtype == "autocast" else dtype
         out_rows.append(f"| {label} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | {memory * 1e3:.2f} | "
-                        f"{compute * 1e3:.2f} | {o['step_s'] * 1e3:.2f} | {a['step_s'] * 1e3:.2f} | "
-                        f"{ratio(o, peak):.2f}x | **{ratio(a, peak):.2f}x** | {a['step_s'] / memory:.2f}x | "
-                        f"{8 / a['step_s']:.0f} | {'yes' if same else 'no'} |")
+                        f"{compute * 1e3:.2f} | {o['step_s'] * 1e3:.2f} | "
+                        + (f"{p['step_s'] * 1e3:.2f} | " if p else "- | ") + f"{a['step_s'] * 1e3:.2f} | "
+                        f"{ratio(o, peak):.2f}x | " + (f"{ratio(p, peak):.2f}x | " if p else "- | ")
+                        + f"**{ratio(a, peak):.2f}x** | {a['step_s'] / memory:.2f}x | "
+                        f"{8 / a['step_s']:.0f} | {o['cache_first_s'] * 1e3:.0f} / {o['cache_next_s'] * 1e3:.0f} | "
+                        + (f"{p['cache_first_s'] * 1e3:.0f} / {p['cache_next_s'] * 1e3:.0f} | " if p else "- | ") +
+                        f"{a['cache_first_s'] * 1e3:.0f} / {a['cache_next_s'] * 1e3:.0f} | {'yes' if same else 'no'} |")
     m = machine
     text = [
         "# Cached decode against the memory roofline",
@@ -456,12 +471,16 @@ def write(args, machine, runs, outside, loads):
     if out_rows:
         text += ["", "## From outside: `t2i.sampling.generate`, muge geometry, 1 caption x 8, top-k 256, 64 steps",
                  "", f"The median round of {len(next(iter(outside.values())))} by its ratio to the roofline (each "
-                 "round's floor from the bandwidth probed right before it); `same codes`: every round of before and "
-                 "after drew the same codes.",
+                 "round's floor from the bandwidth probed right before it); a step is the call's time less the "
+                 "prefill it ran, over its 63 decode steps (each with its draw), in a process that has made a cache "
+                 "before (as every call after a process's first); `new_cache first / next`: a process's first "
+                 "cache and the next one (packing the weights: before this tree, on every call); `same codes`: "
+                 "every round of before and after drew the same codes.",
                  "", "| dtype | bytes/step MB | bandwidth GB/s | memory floor ms | compute floor ms | before ms/step | "
-                 "after ms/step | before x roofline | after x roofline | after x memory | image tokens/s after | "
-                 "same codes before / after |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *out_rows]
+                 "previous ms/step | after ms/step | before x roofline | previous x roofline | after x roofline | "
+                 "after x memory | image tokens/s after | before new_cache ms first / next | previous new_cache ms "
+                 "first / next | after new_cache ms first / next | same codes before / previous / after |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *out_rows]
     Path(args.out + ".md").write_text("\n".join(text) + "\n")
     Path(args.out + ".json").write_text(json.dumps(data, indent=1) + "\n")
     print("\n".join(text))

@@ -111,27 +111,22 @@ static inline __m256 q8(const uint32_t *w) {
     return q;
 }
 
-/* flush: torch.set_flush_denormal(True) is on (MXCSR's DAZ / FTZ in the calling thread): subnormal p and p / q
-   count as 0, as there (emulated, so that every OpenMP thread agrees) */
-static inline float flush1(float x, int flush) { return flush && x < FLT_MIN ? 0.0f : x; }
-
-static inline __m256 flush8(__m256 x, int flush) {
-    return flush ? _mm256_maskz_mov_ps(~_mm256_cmp_ps_mask(x, _mm256_set1_ps(FLT_MIN), _CMP_LT_OQ), x) : x;
-}
-
+/* torch.set_flush_denormal(True) is on (MXCSR's DAZ / FTZ; torch sets them in the calling thread only, so its
+   own result on subnormal values then depends on which thread read which part): such inputs are left to torch */
 static inline int flushing(void) { return (_mm_getcsr() & 0x8040) != 0; }
+static inline int subnormal(float x) { return x != 0.0f && fabsf(x) < FLT_MIN; }
 
 /* argmax of one row as torch's: the first maximum, a NaN above everything (the first NaN) */
-static int64_t draw_row(const float *p, const uint32_t *w, int64_t V, int flush) {
+static int64_t draw_row(const float *p, const uint32_t *w, int64_t V) {
     float best = 0.0f;
     int64_t arg = 0, j = 0;
     for (; j + 8 <= V; j += 8) {
-        __m256 pv = flush8(_mm256_loadu_ps(p + j), flush);
+        __m256 pv = _mm256_loadu_ps(p + j);
         __mmask8 nz = _mm256_cmp_ps_mask(pv, _mm256_setzero_ps(), _CMP_GT_OQ);
         /* an element whose p is 0 matters only as 0 / 0 (NaN): q = 0 needs u = 0, so its low word is 0 */
         __mmask16 zero = _mm512_testn_epi32_mask(_mm512_loadu_si512(w + 2 * j), _mm512_set1_epi32(-1));
         if (!nz && !(zero & 0xaaaa)) continue;
-        __m256 v = flush8(_mm256_div_ps(pv, q8(w + 2 * j)), flush);
+        __m256 v = _mm256_div_ps(pv, q8(w + 2 * j));
         __mmask8 nan = _mm256_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         if (nan) return j + __builtin_ctz(nan);
         float mx = _mm512_mask_reduce_max_ps(0xff, _mm512_castps256_ps512(v)); /* the upper 8 lanes masked off */
@@ -141,7 +136,7 @@ static int64_t draw_row(const float *p, const uint32_t *w, int64_t V, int flush)
         }
     }
     for (; j < V; j++) {
-        float v = flush1(flush1(p[j], flush) / q1(w[2 * j], w[2 * j + 1]), flush);
+        float v = p[j] / q1(w[2 * j], w[2 * j + 1]);
         if (v != v) return j;
         if (v > best) best = v, arg = j;
     }
@@ -197,7 +192,8 @@ void exponential_f32(uint8_t *state, uint32_t *words, int64_t n, float *out, int
 }
 
 /* 0: out [R] holds the draws and state is advanced by 2 R V words; 1: a row has a negative, infinite or NaN
-   p, or no positive one (torch.multinomial raises for it: nothing is drawn, state unchanged).
+   p, or no positive one (torch.multinomial raises for it), or a subnormal p under flushing: nothing is drawn,
+   state unchanged, torch's call.
    words: scratch for at least 2 R V + 2 * 624 uint32. */
 int draw_f32(const float *p, int64_t R, int64_t V, uint8_t *state, uint32_t *words, int64_t *out, int threads) {
     int bad = 0, flush = flushing();
@@ -205,8 +201,8 @@ int draw_f32(const float *p, int64_t R, int64_t V, uint8_t *state, uint32_t *wor
     for (int64_t r = 0; r < R; r++) {
         int any = 0;
         for (int64_t j = 0; j < V; j++) {
-            float x = flush1(p[r * V + j], flush);
-            if (!(x >= 0.0f) || x == INFINITY) bad = 1;
+            float x = p[r * V + j];
+            if (!(x >= 0.0f) || x == INFINITY || (flush && subnormal(x))) bad = 1;
             any |= x > 0.0f;
         }
         if (!any) bad = 1;
@@ -214,7 +210,7 @@ int draw_f32(const float *p, int64_t R, int64_t V, uint8_t *state, uint32_t *wor
     if (bad) return 1;
     stream(state, words, 2 * R * V);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < R; r++) out[r] = draw_row(p + r * V, words + 2 * r * V, V, flush);
+    for (int64_t r = 0; r < R; r++) out[r] = draw_row(p + r * V, words + 2 * r * V, V);
     return 0;
 }
 
@@ -278,7 +274,7 @@ int topk_mask_f32(const float *x, float *y, int64_t R, int64_t V, int64_t k, uin
             if (flush) refuse |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ) &
                               _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
         }
-        for (; j < V; j++) refuse |= row[j] != row[j] || (flush && row[j] != 0.0f && fabsf(row[j]) < FLT_MIN);
+        for (; j < V; j++) refuse |= row[j] != row[j] || (flush && subnormal(row[j]));
         if (refuse) bad = 1;
     }
     if (bad) return 1;
