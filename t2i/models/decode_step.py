@@ -12,7 +12,7 @@ the module path's arithmetic up to rounding; in bfloat16 the fused GEMMs round o
 rounds twice (both stay equally close to the float32 model: ``tests/test_transformer_decode.py``).
 
 Under CPU autocast to bfloat16 over float32 weights (``Pipeline(dtype="bf16")``) the step is built from
-bfloat16 copies of the weights, made once per cache, and computes what autocast computes: bfloat16 GEMMs,
+bfloat16 copies of the weights (made once: ``pack_linear`` keeps ``rows.c``'s copies with the model), and computes what autocast computes: bfloat16 GEMMs,
 LayerNorm and the residual stream in float32; without it autocast would cast every weight on every step.
 
 It covers the plain pre-LN block (no rotary positions, Sandwich-LN or PB-relax; those keep the module

@@ -258,6 +258,7 @@ def _draw_agrees() -> bool:
     """Does draw.c draw what this torch's ``multinomial`` draws, and leave the generator where it does?
     (Checked once per process, at stream positions odd and even, rows dense and sparse.)"""
     if "draw" not in _state:
+        # 5056 bytes: torch's CPU generator state as draw.c reads it (mt19937's words at 24, its position at 8 / 16)
         ok, why = _lib() is not None and len(torch.Generator().get_state()) == 5056, ""
         g = torch.Generator().manual_seed(20261207)
         for n, (R, V, k) in enumerate([(3, 1000, None), (2, 16384, 64), (1, 13, None)]):
