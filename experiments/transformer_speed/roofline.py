@@ -305,7 +305,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", default=BASELINE)
     ap.add_argument("--previous", default=PREVIOUS)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true")
@@ -401,13 +401,15 @@ def write(args, machine, runs, outside, loads):
                                                compute_floor_s=compute, roofline_s=max(memory, compute),
                                                ratio_before=ratio(o, peak), ratio_previous=ratio(p, peak),
                                                ratio_after=ratio(a, peak))
+            spread = sorted(ratio(r[b], peak) for r in runs[f"{key}/after"])
+            data["steps"][f"{key}/{b}"]["ratios_after"] = spread
             b = int(b)
             rows.append(f"| {geom} | {dtype} | {b} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | "
                         f"{memory * 1e3:.2f} | {compute * 1e3:.2f} | " + (f"{over * 1e3:.2f} | " if over else "| ")
                         + f"{o['step_s'] * 1e3:.2f} | {p['step_s'] * 1e3:.2f} | "
                         f"{a['step_s'] * 1e3:.2f} | {ratio(o, peak):.2f}x | {ratio(p, peak):.2f}x | "
-                        f"**{ratio(a, peak):.2f}x** | {a['step_s'] / memory:.2f}x | "
-                        f"{a['bytes'] / a['step_s'] / 1e9:.1f} | "
+                        f"**{ratio(a, peak):.2f}x** | {spread[0]:.2f} - {spread[-1]:.2f} | "
+                        f"{a['step_s'] / memory:.2f}x | {a['bytes'] / a['step_s'] / 1e9:.1f} | "
                         + (f"{lin * 1e3:.2f} ({a['linear_bytes'] / lin / 1e9:.1f} GB/s) | " if lin else "| ")
                         + f"{b / o['step_s']:.0f} / {b / a['step_s']:.0f} | {o['step_s'] / a['step_s']:.2f}x |")
     out_rows = []
@@ -419,19 +421,21 @@ def write(args, machine, runs, outside, loads):
                    outside.get(f"{dtype}/previous", []) + outside[f"{dtype}/after"])
         o, a = (median_round(outside[f"{dtype}/{impl}"], peak) for impl in ("before", "after"))
         p = median_round(outside[f"{dtype}/previous"], peak) if f"{dtype}/previous" in outside else None
+        spread = sorted(ratio(r, peak) for r in outside[f"{dtype}/after"])
         memory = a["bytes"] / (a["bandwidth_GBps"] * 1e9)
         compute = a["flops"] / peak
         data["outside"][dtype] = dict(before={k: v for k, v in o.items() if k != "codes"},
                                       previous={k: v for k, v in (p or {}).items() if k != "codes"},
                                       after={k: v for k, v in a.items() if k != "codes"}, memory_floor_s=memory,
-                                      compute_floor_s=compute, roofline_s=max(memory, compute), same_codes=same)
+                                      compute_floor_s=compute, roofline_s=max(memory, compute), same_codes=same,
+                                      ratios_after=spread)
         o = dict(o, flops=o.get("flops", a["flops"]))
         label = "float32 weights, bfloat16 autocast" if dtype == "autocast" else dtype
         out_rows.append(f"| {label} | {a['bytes'] / 1e6:.0f} | {a['bandwidth_GBps']:.1f} | {memory * 1e3:.2f} | "
                         f"{compute * 1e3:.2f} | {o['step_s'] * 1e3:.2f} | "
                         + (f"{p['step_s'] * 1e3:.2f} | " if p else "- | ") + f"{a['step_s'] * 1e3:.2f} | "
                         f"{ratio(o, peak):.2f}x | " + (f"{ratio(p, peak):.2f}x | " if p else "- | ")
-                        + f"**{ratio(a, peak):.2f}x** | {a['step_s'] / memory:.2f}x | "
+                        + f"**{ratio(a, peak):.2f}x** | {spread[0]:.2f} - {spread[-1]:.2f} | {a['step_s'] / memory:.2f}x | "
                         f"{8 / a['step_s']:.0f} | {o['cache_first_s'] * 1e3:.0f} / {o['cache_next_s'] * 1e3:.0f} | "
                         + (f"{p['cache_first_s'] * 1e3:.0f} / {p['cache_next_s'] * 1e3:.0f} | " if p else "- | ") +
                         f"{a['cache_first_s'] * 1e3:.0f} / {a['cache_next_s'] * 1e3:.0f} | {'yes' if same else 'no'} |")
@@ -455,7 +459,8 @@ def write(args, machine, runs, outside, loads):
         "",
         "The roofline of a step is the larger of its memory floor (bytes over the bandwidth probed right before "
         "that step was timed) and its compute floor (FLOPs over the matmul peak above); `x roofline` is the "
-        "step over it (the median round of `--rounds`), `x memory` the after step over the memory floor alone. "
+        "step over it (the median round of `--rounds`; `after, every round`: the lowest and highest of the after "
+        "rounds' ratios, each against its own probe), `x memory` the after step over the memory floor alone. "
         "`bandwidth` and the floors are the after run's. `overhead floor`: the same model at `d_model = 4 x "
         "n_head` (every operation, almost no bytes), timed the same way: what the operations cost by themselves. "
         "`linears alone`: the step's packed linear layers back to back, nothing else (the GEMM library's floor "
@@ -463,9 +468,9 @@ def write(args, machine, runs, outside, loads):
         "",
         "| geometry | dtype | batch | bytes/step MB | bandwidth GB/s | memory floor ms | compute floor ms | "
         "overhead floor ms | before ms | previous ms | after ms | before x roofline | previous x roofline | "
-        "after x roofline | after x memory | after GB/s | linears alone ms | image tokens/s before / after | "
-        "speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "after x roofline | after, every round | after x memory | after GB/s | linears alone ms | image tokens/s "
+        "before / after | speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ]
     if out_rows:
@@ -478,9 +483,9 @@ def write(args, machine, runs, outside, loads):
                  "every round of before and after drew the same codes.",
                  "", "| dtype | bytes/step MB | bandwidth GB/s | memory floor ms | compute floor ms | before ms/step | "
                  "previous ms/step | after ms/step | before x roofline | previous x roofline | after x roofline | "
-                 "after x memory | image tokens/s after | before new_cache ms first / next | previous new_cache ms "
+                 "after, every round | after x memory | image tokens/s after | before new_cache ms first / next | previous new_cache ms "
                  "first / next | after new_cache ms first / next | same codes before / previous / after |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *out_rows]
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *out_rows]
     Path(args.out + ".md").write_text("\n".join(text) + "\n")
     Path(args.out + ".json").write_text(json.dumps(data, indent=1) + "\n")
     print("\n".join(text))
