@@ -9,7 +9,9 @@
    per step), so at 8 rows the weight streams at close to the speed of memory where a dot-product kernel
    would read four times its bytes of x from cache. float32: AVX-512 FMA; bfloat16: AVX512-BF16 dot products
    (pairs of products summed in float32), each output rounded to bfloat16 once. Threads split the panels
-   (OpenMP: the runtime torch loaded). Every pointer is contiguous; rows.py checks shapes and dtypes. */
+   (OpenMP: the runtime torch loaded). No software prefetch: the hardware's alone streamed the 49 linears of a
+   muge step faster (alternated in one process: float32 29.1 against 27.0 GB/s with one line prefetched 8 steps
+   of k ahead, bfloat16 30.3 against 24.7). Every pointer is contiguous; rows.py checks shapes and dtypes. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -73,7 +75,6 @@ static inline __attribute__((always_inline)) void panel_f32(const float *x, cons
         for (int j = 0; j < NV; j++) acc[m][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
         const float *w = wp + k * PANEL;
-        _mm_prefetch((const char *)(w + 8 * PANEL), _MM_HINT_T0);
         __m512 a[NV];
         for (int j = 0; j < NV; j++) a[j] = _mm512_loadu_ps(w + 16 * j);
 #pragma GCC unroll 8
@@ -210,7 +211,6 @@ static inline __attribute__((always_inline)) void panel_bf16(const uint16_t *x, 
     int64_t pairs = K / 2;
     for (int64_t k2 = 0; k2 < pairs; k2++) {
         const uint16_t *w = wp + k2 * PANEL * 2;
-        _mm_prefetch((const char *)(w + 8 * PANEL * 2), _MM_HINT_T0);
         __m512i a[NV];
         for (int j = 0; j < NV; j++) a[j] = _mm512_loadu_si512((const void *)(w + 32 * j));
 #pragma GCC unroll 8
