@@ -252,6 +252,7 @@ def test_top_k_filter_leaves_what_it_cannot_rank_to_torch(flush):
     tiny = torch.randint(1, 1 << 23, (2, 40), dtype=torch.int32).view(torch.float32)  # subnormal, made bitwise
     assert (rows.top_k_filter(tiny, 4) is None) == flush
     assert rows.top_k_filter(torch.randn(3, 40).double(), 4) is None and rows.top_k_filter(torch.randn(40), 4) is None
+    assert rows.top_k_filter(torch.randn(3, 40, requires_grad=True), 4) is None  # torch keeps the graph
     from t2i.sampling import filter_logits
 
     for logits in (x, tiny, torch.randn(2, 3, 50)):               # filter_logits: the same result either way

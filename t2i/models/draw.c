@@ -1,6 +1,7 @@
-/* One draw per row from probabilities p [R, V] (float32, contiguous), the very draw torch.multinomial(p, 1,
-   generator=g) makes on the CPU, and g left in the state torch leaves it in (loaded by t2i/models/rows.py,
-   which checks the two agree before it uses this).
+/* The sampler's kernels (loaded by t2i/models/rows.py with rows.c): draw_f32, one draw per row from
+   probabilities p [R, V] (float32, contiguous), the very draw torch.multinomial(p, 1, generator=g) makes on the
+   CPU, and g left in the state torch leaves it in (rows.py checks the two agree before it uses this);
+   topk_mask_f32, top-k's filter (further down).
 
    torch draws the sample as argmax(p / q) over one exponential variate q per element, in memory order:
    q = (float)(-log1p(-u)) in double, u = the low 53 bits of two 32-bit outputs of the generator's mt19937

@@ -298,9 +298,10 @@ def multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor | None:
     """``logits.masked_fill(logits < logits.topk(k, -1).values[..., -1:], -inf)`` for a float32 CPU matrix
     ``[R, V]``, ``0 < k < V`` (draw.c: a radix select finds the same k-th value, a fifth of topk's time at 8 x
-    16,384); None where it cannot (no kernels, another dtype or shape, a NaN in a row: torch then)."""
+    16,384); None where it cannot (no kernels, another dtype or shape, a gradient to keep, a NaN in a row:
+    torch then)."""
     if not (_draw_agrees() and logits.dim() == 2 and logits.dtype == torch.float32 and logits.device.type == "cpu"
-            and 0 < k < logits.shape[1]):
+            and 0 < k < logits.shape[1] and not logits.requires_grad):
         return None
     x = logits.contiguous()
     R, V = x.shape
